@@ -1,0 +1,4 @@
+//! `ember` command-line interface.
+fn main() {
+    println!("ember {}", ember::VERSION);
+}

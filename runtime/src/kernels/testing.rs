@@ -1,0 +1,36 @@
+//! Shared helpers for kernel tests: one context per test process, tolerances.
+
+use std::sync::OnceLock;
+
+use crate::gpu::{Context, ContextOptions};
+
+/// The context every kernel test uses (chosen by `EMBER_BACKEND` / `EMBER_ADAPTER`).
+pub(crate) fn ctx() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let opts = ContextOptions::from_env().expect("EMBER_* environment");
+        Context::with_options(opts).expect("a GPU adapter for tests (install mesa-vulkan-drivers)")
+    })
+}
+
+/// Asserts `got` is within `atol + rtol * |want|` of `want`, element-wise, with a readable
+/// report of the worst element.
+#[track_caller]
+pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let r = (g - w).abs() / (atol + rtol * w.abs());
+        if !(r <= 1.0) && (r > worst.1 || r.is_nan()) {
+            worst = (i, if r.is_nan() { f32::INFINITY } else { r });
+        }
+    }
+    assert!(
+        worst.1 == 0.0,
+        "{what}: element {} is {} but the reference is {} ({}x the tolerance)",
+        worst.0,
+        got[worst.0],
+        want[worst.0],
+        worst.1
+    );
+}

@@ -1,0 +1,23 @@
+//! # Ember
+//!
+//! An embeddable runtime for running and teaching language models on whatever GPU a device
+//! has (Vulkan, Metal, DX12, GL and WebGPU through wgpu), with every kernel written in WGSL.
+//!
+//! The module tree is the architecture: [`gpu`] (device, buffers, pipelines) carries the
+//! [`kernels`] (one module per WGSL family, each with a CPU reference), [`quant`] holds the
+//! GGUF block formats and their GPU repacking.
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod quant;
+pub mod shaders;
+pub mod util;
+
+pub use error::{Error, ErrorKind, Result};
+pub use gpu::{Context, ContextOptions, Tensor};
+
+/// Ember's version (the crate version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
