@@ -4,6 +4,7 @@
 /// (name, source) of every shader file.
 pub const ALL: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("quant", include_str!("../../shaders/quant.wgsl")),
 ];
 
 /// The source of shader `name`.

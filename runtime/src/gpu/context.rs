@@ -202,19 +202,26 @@ impl Context {
 
     /// Async form of [`Context::with_options`].
     pub async fn with_options_async(opts: ContextOptions) -> Result<Self> {
-        let instance = make_instance(opts.backend);
-        let mut adapters = instance.enumerate_adapters(opts.backend.backends()).await;
-        if opts.backend == BackendChoice::Any && opts.adapter == AdapterSelector::Best {
-            // Prefer the primary APIs; GL is the fallback (its probing is slow and noisy).
-            let primary: Vec<wgpu::Adapter> = adapters
-                .iter()
-                .filter(|a| a.get_info().backend != wgpu::Backend::Gl)
-                .cloned()
-                .collect();
-            if !primary.is_empty() {
-                adapters = primary;
+        // With no backend named, try the primary APIs first and fall back to GL only when
+        // they find nothing (GL probing is slow, and noisy on machines without a display).
+        let (instance, adapters) = if opts.backend == BackendChoice::Any {
+            let primary = wgpu::Instance::new(wgpu::InstanceDescriptor {
+                backends: wgpu::Backends::all() - wgpu::Backends::GL,
+                ..wgpu::InstanceDescriptor::new_without_display_handle()
+            });
+            let found = primary.enumerate_adapters(wgpu::Backends::all()).await;
+            if found.is_empty() {
+                let gl = make_instance(BackendChoice::Gl);
+                let found = gl.enumerate_adapters(wgpu::Backends::GL).await;
+                (gl, found)
+            } else {
+                (primary, found)
             }
-        }
+        } else {
+            let inst = make_instance(opts.backend);
+            let found = inst.enumerate_adapters(opts.backend.backends()).await;
+            (inst, found)
+        };
         let adapter = select::pick(adapters, opts.backend, &opts.adapter)?;
         let ainfo = adapter.get_info();
         let afeatures = adapter.features();

@@ -58,6 +58,8 @@ pub enum Bind<'a> {
     T(&'a Tensor),
     /// A uniform buffer.
     U(&'a wgpu::Buffer),
+    /// Nothing at this binding index (the entry point does not use it).
+    Skip,
 }
 
 /// Splits `n` workgroups into an (x, y) grid within the per-dimension limit; shaders
@@ -121,12 +123,16 @@ impl Context {
         let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: match b {
+            .filter_map(|(i, b)| {
+                let resource = match b {
                     Bind::T(t) => t.binding(),
                     Bind::U(u) => u.as_entire_binding(),
-                },
+                    Bind::Skip => return None,
+                };
+                Some(wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource,
+                })
             })
             .collect();
         let scope = self.device().push_error_scope(wgpu::ErrorFilter::Validation);

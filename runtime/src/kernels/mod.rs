@@ -3,6 +3,7 @@
 //! and carries a plain Rust CPU reference that its tests compare the GPU against.
 
 pub mod matmul;
+pub mod quant;
 
 #[cfg(test)]
 pub(crate) mod testing;

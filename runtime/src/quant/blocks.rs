@@ -220,6 +220,38 @@ mod tests {
         assert_eq!(scale_min_k4(4, &q), (0x1 | (3 << 4), 0x2));
     }
 
+    /// Blocks and values from the `gguf` Python package's dequantizer
+    /// (scripts/make-quant-fixture.py).
+    #[test]
+    fn matches_gguf_python_dequantizer() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/fixtures/quant_blocks.json")).unwrap();
+        for ty in QuantType::ALL {
+            let case = &fixture[ty.name()];
+            let hex = case["hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let want: Vec<f32> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let got = dequantize(ty, &bytes).unwrap();
+            assert_eq!(got.len(), want.len(), "{}", ty.name());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // numpy may order the scale products differently: allow 2 ulp.
+                assert!(
+                    (g - w).abs() <= 2.0 * f32::EPSILON * w.abs().max(1e-30),
+                    "{} element {i}: {g} vs gguf {w}",
+                    ty.name()
+                );
+            }
+        }
+    }
+
     #[test]
     fn rejects_partial_blocks() {
         assert!(dequantize(QuantType::Q4_K, &[0u8; 100]).is_err());

@@ -5,8 +5,9 @@
 //! ## GPU layout
 //! A quantized matrix of `rows x cols` (cols a multiple of the block size) is split into two
 //! arrays of 32-bit words, structure-of-arrays, row-major over blocks:
-//! `q[row][block][q_words]` holds the quant bits in ggml's own order inside the block, and
-//! `s[row][block][s_words]` the scales. ggml's packed 6-bit K-quant scales are unpacked to
+//! `q[row][block][q_words]` holds the quant bits in ggml's own order inside the block (a
+//! whole number of `vec4<u32>`), and `s[row][block][s_words]` the scales (and Q5's fifth
+//! bits). ggml's packed 6-bit K-quant scales are unpacked to
 //! bytes at load so shaders read them with plain shifts; every f16 stays an f16 (converted
 //! with `unpack2x16float`, exact), so the GPU sees bit-for-bit ggml's values.
 
@@ -120,18 +121,19 @@ impl QuantType {
     pub fn q_words(self) -> usize {
         match self {
             QuantType::Q8_0 => 8,
-            QuantType::Q4_0 | QuantType::Q4_1 => 4,
-            QuantType::Q5_0 | QuantType::Q5_1 => 5,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => 4,
             QuantType::Q4_K => 32,
             QuantType::Q5_K => 40,
             QuantType::Q6_K => 48,
         }
     }
 
-    /// 32-bit words of scale data per block in the GPU layout.
+    /// 32-bit words of scale data per block in the GPU layout (Q5_0/Q5_1 keep their 32
+    /// fifth bits here, so that every format's quant words are whole `vec4<u32>`s).
     pub fn s_words(self) -> usize {
         match self {
             QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => 5,
+            QuantType::Q5_0 | QuantType::Q5_1 => 2,
             _ => 1,
         }
     }

@@ -49,13 +49,13 @@ fn repack_block(ty: QuantType, b: &[u8], q: &mut Vec<u32>, s: &mut Vec<u32>) {
         }
         QuantType::Q5_0 => {
             s.push(half_word(b, 0));
+            s.push(word(b, 2));
             bytes_to_words(&b[6..22], q);
-            q.push(word(b, 2));
         }
         QuantType::Q5_1 => {
             s.push(word(b, 0));
+            s.push(word(b, 4));
             bytes_to_words(&b[8..24], q);
-            q.push(word(b, 4));
         }
         QuantType::Q4_K | QuantType::Q5_K => {
             s.push(word(b, 0));

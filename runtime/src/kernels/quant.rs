@@ -1,0 +1,414 @@
+//! Products with GGUF-quantized weights and the quantized embedding gather
+//! (`shaders/quant.wgsl`). Weights stay quantized on the GPU, in the repacked layout of
+//! [`crate::quant`], and are dequantized inside the kernels.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, Context, DType, Dispatch, PipelineKey, Tensor};
+use crate::kernels::Variant;
+use crate::quant::{QuantType, Repacked};
+use crate::uniform;
+
+uniform! {
+    /// Uniform of `shaders/quant.wgsl`.
+    pub struct QuantParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        ldx: u32,
+        ldy: u32,
+        y_offset: u32,
+        row_start: u32,
+        n_ids: u32,
+    }
+}
+
+/// Rows `row_start .. row_start + rows` of a quantized matrix, in buffers that each fit one
+/// storage binding.
+#[derive(Debug, Clone)]
+pub struct QChunk {
+    /// First row held.
+    pub row_start: usize,
+    /// Rows held.
+    pub rows: usize,
+    /// Quant words, `[rows][blocks][q_words]` u32.
+    pub q: Tensor,
+    /// Scale words, `[rows][blocks][s_words]` u32.
+    pub s: Tensor,
+}
+
+/// A `rows x cols` quantized matrix on the GPU, split by rows into chunks that fit the
+/// device's largest storage binding.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    /// Format.
+    pub ty: QuantType,
+    /// Rows (output features, or vocabulary entries for an embedding table).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Row chunks, in order.
+    pub chunks: Vec<QChunk>,
+}
+
+impl QMatrix {
+    /// Uploads a repacked matrix, splitting it by rows where one binding cannot hold it.
+    pub fn upload(ctx: &Context, r: &Repacked) -> Result<QMatrix> {
+        let blocks = r.cols / r.ty.block_elems();
+        let row_q = blocks * r.ty.q_words();
+        let row_s = blocks * r.ty.s_words();
+        let max_words = (ctx.caps().max_binding / 4) as usize;
+        let per_chunk = (max_words / row_q.max(row_s)).min(r.rows);
+        if per_chunk == 0 {
+            return Err(Error::Limit {
+                what: format!("one {} row of {} columns", r.ty.name(), r.cols),
+                needed: (row_q * 4) as u64,
+                limit: ctx.caps().max_binding,
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < r.rows {
+            let rows = per_chunk.min(r.rows - start);
+            let q = &r.q[start * row_q..(start + rows) * row_q];
+            let s = &r.s[start * row_s..(start + rows) * row_s];
+            chunks.push(QChunk {
+                row_start: start,
+                rows,
+                q: Tensor::from_slice(ctx, &[q.len()], DType::U32, q)?,
+                s: Tensor::from_slice(ctx, &[s.len()], DType::U32, s)?,
+            });
+            start += rows;
+        }
+        Ok(QMatrix {
+            ty: r.ty,
+            rows: r.rows,
+            cols: r.cols,
+            chunks,
+        })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.q.bytes() + c.s.bytes()).sum()
+    }
+}
+
+/// Which kernel shape to run: one activation row at a time (decode) or tiles of rows
+/// (prefill). `Auto` picks by the number of rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QShape {
+    /// By row count.
+    #[default]
+    Auto,
+    /// Matrix-vector kernel, one dispatch row per activation row.
+    Vector,
+    /// Matrix-matrix kernel.
+    Matrix,
+}
+
+/// `Y[m][y_offset + j] (+)= sum_k X[m][k] * W[j][k]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QMatmulDesc {
+    /// Activation rows.
+    pub m: usize,
+    /// Row stride of X (elements, a multiple of 4).
+    pub ldx: usize,
+    /// Row stride of Y.
+    pub ldy: usize,
+    /// First column of Y written.
+    pub y_offset: usize,
+    /// Add to Y instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl QMatmulDesc {
+    /// Packed `Y[m][n] = X[m][k] . W^T`.
+    pub fn new(m: usize, w: &QMatrix) -> Self {
+        QMatmulDesc {
+            m,
+            ldx: w.cols,
+            ldy: w.rows,
+            y_offset: 0,
+            accumulate: false,
+        }
+    }
+}
+
+fn base_key(entry: &'static str, ty: QuantType, sg: bool, accumulate: bool) -> PipelineKey {
+    PipelineKey::new("quant", entry)
+        .def("SUBGROUP", sg)
+        .constant("QTYPE", ty.shader_id() as f64)
+        .constant("ACCUMULATE", accumulate as u32 as f64)
+}
+
+fn to_u32(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::shape("quant", format!("{what} = {v} exceeds 32 bits")))
+}
+
+/// Builds the dispatches (one per row chunk of `w`) of `Y = X . W^T`.
+pub fn qmatmul(
+    ctx: &Context,
+    y: &Tensor,
+    x: &Tensor,
+    w: &QMatrix,
+    d: &QMatmulDesc,
+    variant: Variant,
+    shape: QShape,
+) -> Result<Vec<Dispatch>> {
+    let op = "qmatmul";
+    if d.m == 0 || d.ldx < w.cols || d.ldx % 4 != 0 || d.ldy < d.y_offset + w.rows {
+        return Err(Error::shape(
+            op,
+            format!(
+                "m={} ldx={} ldy={} y_offset={} for a {}x{} {} matrix",
+                d.m,
+                d.ldx,
+                d.ldy,
+                d.y_offset,
+                w.rows,
+                w.cols,
+                w.ty.name()
+            ),
+        ));
+    }
+    let need_x = (d.m - 1) * d.ldx + w.cols;
+    let need_y = (d.m - 1) * d.ldy + d.y_offset + w.rows;
+    if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
+        return Err(Error::shape(
+            op,
+            format!("X is {:?} {:?}, needs {need_x} f32", x.dtype(), x.shape()),
+        ));
+    }
+    if y.dtype() != DType::F32 || y.numel() < need_y {
+        return Err(Error::shape(
+            op,
+            format!("Y is {:?} {:?}, needs {need_y} f32", y.dtype(), y.shape()),
+        ));
+    }
+    let variant = variant.resolve(ctx);
+    let sg = variant == Variant::Subgroup;
+    if sg && !Variant::subgroup_available(ctx) {
+        return Err(Error::Unsupported(format!("{op}: no 8-wide subgroups")));
+    }
+    let vector = match shape {
+        QShape::Vector => true,
+        QShape::Matrix => false,
+        QShape::Auto => d.m <= if sg { 2 } else { 4 },
+    };
+    let entry = match (sg, vector) {
+        (true, true) => "qmv_sg",
+        (true, false) => "qmm_sg",
+        (false, true) => "qmv_tiled",
+        (false, false) => "qmm_tiled",
+    };
+    let key = base_key(entry, w.ty, sg, d.accumulate);
+    let mut ops = Vec::with_capacity(w.chunks.len());
+    for c in &w.chunks {
+        let params = QuantParams {
+            m: to_u32(d.m, "m")?,
+            n: to_u32(c.rows, "rows")?,
+            k: to_u32(w.cols, "cols")?,
+            ldx: to_u32(d.ldx, "ldx")?,
+            ldy: to_u32(d.ldy, "ldy")?,
+            y_offset: to_u32(d.y_offset + c.row_start, "y_offset")?,
+            row_start: 0,
+            n_ids: 0,
+        };
+        let groups = match entry {
+            "qmv_sg" => [c.rows.div_ceil(64), d.m, 1],
+            "qmm_sg" => [c.rows.div_ceil(64), d.m.div_ceil(8), 1],
+            "qmv_tiled" => [c.rows.div_ceil(4), d.m, 1],
+            _ => [c.rows.div_ceil(64), d.m.div_ceil(64), 1],
+        };
+        let u = ctx.uniform(&params);
+        ops.push(ctx.dispatch(
+            "qmatmul",
+            &key,
+            &[Bind::U(&u), Bind::T(x), Bind::T(&c.q), Bind::T(&c.s), Bind::T(y)],
+            [groups[0] as u32, groups[1] as u32, 1],
+        )?);
+    }
+    Ok(ops)
+}
+
+/// Builds the dispatches that write `out[t][..] = dequantized row ids[t]` (`out` is
+/// `[n_ids][w.cols]` f32; `ids` are u32 row indices below `w.rows`, checked by the caller
+/// when written — rows out of range are left untouched).
+pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<Vec<Dispatch>> {
+    let n_ids = ids.numel();
+    if ids.dtype() != DType::U32 || out.dtype() != DType::F32 || out.numel() < n_ids * w.cols {
+        return Err(Error::shape(
+            "gather",
+            format!(
+                "{n_ids} ids into {:?} {:?} from a {}x{} table",
+                out.dtype(),
+                out.shape(),
+                w.rows,
+                w.cols
+            ),
+        ));
+    }
+    let key = base_key("gather", w.ty, false, false);
+    let mut ops = Vec::new();
+    for c in &w.chunks {
+        let params = QuantParams {
+            m: 0,
+            n: to_u32(c.rows, "rows")?,
+            k: to_u32(w.cols, "cols")?,
+            ldx: 0,
+            ldy: to_u32(w.cols, "cols")?,
+            y_offset: 0,
+            row_start: to_u32(c.row_start, "row_start")?,
+            n_ids: to_u32(n_ids, "ids")?,
+        };
+        let u = ctx.uniform(&params);
+        ops.push(ctx.dispatch(
+            "gather",
+            &key,
+            &[
+                Bind::U(&u),
+                Bind::Skip,
+                Bind::T(&c.q),
+                Bind::T(&c.s),
+                Bind::T(out),
+                Bind::T(ids),
+            ],
+            [(w.cols / 32).div_ceil(64) as u32, n_ids as u32, 1],
+        )?);
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matmul::{matmul_ref, MatmulDesc};
+    use crate::kernels::testing::{assert_close, ctx};
+    use crate::quant::{dequantize, random_blocks, repack};
+    use crate::util::Rng;
+
+    fn random_matrix(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Repacked, Vec<f32>) {
+        let mut rng = Rng::new(seed);
+        let raw = random_blocks(ty, &mut rng, rows * cols / ty.block_elems());
+        (repack(ty, rows, cols, &raw).unwrap(), dequantize(ty, &raw).unwrap())
+    }
+
+    fn check(ty: QuantType, m: usize, n: usize, k: usize, variant: Variant, shape: QShape) {
+        let ctx = ctx();
+        let seed = (m * 7919 + n * 31 + k) as u64 ^ ty.ggml_id() as u64;
+        let (r, wf) = random_matrix(ty, n, k, seed);
+        let w = QMatrix::upload(ctx, &r).unwrap();
+        let mut rng = Rng::new(seed + 1);
+        let xv = rng.vec(m * k, -1.0, 1.0);
+        let x = Tensor::from_f32(ctx, &[m, k], &xv).unwrap();
+        let y0 = rng.vec(m * n, -1.0, 1.0);
+        let y = Tensor::from_f32(ctx, &[m, n], &y0).unwrap();
+        let mut d = QMatmulDesc::new(m, &w);
+        d.accumulate = m % 2 == 1;
+        let ops = qmatmul(ctx, &y, &x, &w, &d, variant, shape).unwrap();
+        ctx.run(&ops).unwrap();
+        let got = y.read_f32(ctx).unwrap();
+        let mut want = y0.clone();
+        let mut md = MatmulDesc::new(m, n, k);
+        md.accumulate = d.accumulate;
+        matmul_ref(&xv, &wf, &mut want, &md);
+        let wmax = wf.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        assert_close(
+            &format!("{} {variant:?} {shape:?} m={m} n={n} k={k}", ty.name()),
+            &got,
+            &want,
+            3e-6 * wmax * (k as f32).sqrt(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn matmul_all_formats_variants_and_shapes() {
+        for ty in QuantType::ALL {
+            let be = ty.block_elems();
+            for variant in Variant::all(ctx()) {
+                for shape in [QShape::Vector, QShape::Matrix] {
+                    for &(m, n, kb) in &[(1, 3, 1), (2, 65, 3), (9, 17, 2), (3, 1030, 1), (17, 63, 1)] {
+                        check(ty, m, n, kb * be, variant, shape);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_bindings_give_the_same_result() {
+        // A 1 KiB binding limit forces the weights into many row chunks (activations are
+        // kept under it too).
+        let ctx = crate::gpu::Context::with_options(crate::gpu::ContextOptions {
+            max_binding_override: Some(1024),
+            ..crate::gpu::ContextOptions::from_env().unwrap()
+        })
+        .unwrap();
+        // (type, m, n, k, ids): 32-byte Q4_1 rows and 192-byte Q6_K rows.
+        let cases: [(QuantType, usize, usize, usize, &[u32]); 2] = [
+            (QuantType::Q4_1, 2, 100, 64, &[99, 0, 40]),
+            (QuantType::Q6_K, 1, 37, 256, &[36]),
+        ];
+        for (ty, m, n, k, ids) in cases {
+            let (r, wf) = random_matrix(ty, n, k, 99);
+            let w = QMatrix::upload(&ctx, &r).unwrap();
+            assert!(w.chunks.len() > 2, "{} chunks", w.chunks.len());
+            let xv = Rng::new(5).vec(m * k, -1.0, 1.0);
+            let x = Tensor::from_f32(&ctx, &[m, k], &xv).unwrap();
+            let y = Tensor::zeros(&ctx, &[m, n], DType::F32).unwrap();
+            let mut want = vec![0.0; m * n];
+            matmul_ref(&xv, &wf, &mut want, &MatmulDesc::new(m, n, k));
+            for variant in Variant::all(&ctx) {
+                for shape in [QShape::Vector, QShape::Matrix] {
+                    let d = QMatmulDesc::new(m, &w);
+                    let ops = qmatmul(&ctx, &y, &x, &w, &d, variant, shape).unwrap();
+                    assert_eq!(ops.len(), w.chunks.len());
+                    ctx.run(&ops).unwrap();
+                    assert_close("split qmatmul", &y.read_f32(&ctx).unwrap(), &want, 1e-4, 1e-5);
+                }
+            }
+            // The gather reads each row from whichever chunk holds it.
+            let idt = Tensor::from_slice(&ctx, &[ids.len()], DType::U32, ids).unwrap();
+            let out = Tensor::zeros(&ctx, &[ids.len(), k], DType::F32).unwrap();
+            ctx.run(&gather(&ctx, &out, &idt, &w).unwrap()).unwrap();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| wf[i as usize * k..(i as usize + 1) * k].to_vec())
+                .collect();
+            assert_close("split gather", &out.read_f32(&ctx).unwrap(), &want, 1e-30, 2.5e-7);
+        }
+    }
+
+    #[test]
+    fn gather_dequantizes_rows_exactly() {
+        let ctx = ctx();
+        for ty in QuantType::ALL {
+            let (n, k) = (19, 2 * ty.block_elems());
+            let (r, wf) = random_matrix(ty, n, k, 3);
+            let w = QMatrix::upload(ctx, &r).unwrap();
+            let ids: Vec<u32> = vec![18, 0, 7, 7, 3];
+            let idt = Tensor::from_slice(ctx, &[ids.len()], DType::U32, &ids).unwrap();
+            let out = Tensor::zeros(ctx, &[ids.len(), k], DType::F32).unwrap();
+            ctx.run(&gather(ctx, &out, &idt, &w).unwrap()).unwrap();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| wf[i as usize * k..(i as usize + 1) * k].to_vec())
+                .collect();
+            // One rounding of a*q+b against ggml's: within an ulp.
+            assert_close(ty.name(), &out.read_f32(ctx).unwrap(), &want, 1e-30, 2.5e-7);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let ctx = ctx();
+        let (r, _) = random_matrix(QuantType::Q8_0, 4, 64, 1);
+        let w = QMatrix::upload(ctx, &r).unwrap();
+        let x = Tensor::zeros(ctx, &[2, 32], DType::F32).unwrap();
+        let y = Tensor::zeros(ctx, &[2, 4], DType::F32).unwrap();
+        let e = qmatmul(ctx, &y, &x, &w, &QMatmulDesc::new(2, &w), Variant::Auto, QShape::Auto)
+            .unwrap_err();
+        assert!(e.to_string().contains("X is"), "{e}");
+    }
+}
