@@ -3,8 +3,13 @@
 
 /// (name, source) of every shader file.
 pub const ALL: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("embed", include_str!("../../shaders/embed.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 
 /// The source of shader `name`.

@@ -1,4 +1,33 @@
-//! `ember` command-line interface.
+//! `ember`: the command-line interface of the Ember runtime.
+
+mod bench_kernels;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "Run and teach language models on any GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the GPU adapter, backend, driver, features and limits Ember would use.
+    Info(info::InfoArgs),
+    /// Measure kernel throughput (GFLOP/s, GB/s) on this device.
+    BenchKernels(bench_kernels::BenchArgs),
+}
+
 fn main() {
-    println!("ember {}", ember::VERSION);
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::run_info(a),
+        Command::BenchKernels(a) => bench_kernels::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("ember: {e}");
+        std::process::exit(1);
+    }
 }

@@ -2,8 +2,13 @@
 //! builds [`Dispatch`](crate::gpu::Dispatch)es (pipelines come from the context's cache),
 //! and carries a plain Rust CPU reference that its tests compare the GPU against.
 
+pub mod elementwise;
+pub mod embed;
 pub mod matmul;
+pub mod norm;
 pub mod quant;
+pub mod rope;
+pub mod softmax;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -20,9 +20,14 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rto
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0.0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let r = (g - w).abs() / (atol + rtol * w.abs());
-        if !(r <= 1.0) && (r > worst.1 || r.is_nan()) {
-            worst = (i, if r.is_nan() { f32::INFINITY } else { r });
+        let err = (g - w).abs();
+        let tol = atol + rtol * w.abs();
+        if err <= tol {
+            continue;
+        }
+        let r = if err.is_nan() || tol == 0.0 { f32::INFINITY } else { err / tol };
+        if r > worst.1 {
+            worst = (i, r);
         }
     }
     assert!(

@@ -1,0 +1,174 @@
+//! RMSNorm and LayerNorm over rows (`shaders/norm.wgsl`).
+
+use crate::error::{Error, Result};
+use crate::gpu::{grid, Bind, Context, DType, Dispatch, PipelineKey, Tensor};
+use crate::uniform;
+
+uniform! {
+    /// Uniform of `shaders/norm.wgsl`.
+    pub struct NormParams {
+        rows: u32,
+        cols: u32,
+        ld_x: u32,
+        ld_out: u32,
+        eps: f32,
+    }
+}
+
+/// Which normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / sqrt(mean(x^2) + eps) * w` (Llama family).
+    Rms,
+    /// `(x - mean) / sqrt(var + eps) * w + b`.
+    Layer,
+}
+
+/// Normalizes each of `rows` rows of `x` (`[rows][cols]`) into `out`, scaled by `weight`
+/// (`[cols]`, optional) and shifted by `bias` (`[cols]`, LayerNorm only).
+pub fn norm(
+    ctx: &Context,
+    kind: NormKind,
+    out: &Tensor,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<Dispatch> {
+    let fits = |t: &Tensor, n: usize| t.dtype() == DType::F32 && t.numel() >= n;
+    if rows == 0 || cols == 0 || !fits(x, rows * cols) || !fits(out, rows * cols) {
+        return Err(Error::shape(
+            "norm",
+            format!("x {:?} / out {:?} for {rows}x{cols}", x.shape(), out.shape()),
+        ));
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if let Some(t) = t {
+            if !fits(t, cols) {
+                return Err(Error::shape(
+                    "norm",
+                    format!("{name} {:?} for {cols} columns", t.shape()),
+                ));
+            }
+        }
+    }
+    if bias.is_some() && kind == NormKind::Rms {
+        return Err(Error::InvalidArgument("RMSNorm takes no bias".into()));
+    }
+    let wg = if cols >= 1024 { 256 } else { 64 };
+    let key = PipelineKey::new("norm", "norm")
+        .constant("LAYER", (kind == NormKind::Layer) as u32 as f64)
+        .constant("HAS_WEIGHT", weight.is_some() as u32 as f64)
+        .constant("HAS_BIAS", bias.is_some() as u32 as f64)
+        .constant("WG", wg as f64);
+    let u = ctx.uniform(&NormParams {
+        rows: rows as u32,
+        cols: cols as u32,
+        ld_x: cols as u32,
+        ld_out: cols as u32,
+        eps,
+    });
+    ctx.dispatch(
+        "norm",
+        &key,
+        &[
+            Bind::U(&u),
+            Bind::T(x),
+            // Unused slots still exist in the layout: bind x there (read-only aliasing).
+            Bind::T(weight.unwrap_or(x)),
+            Bind::T(bias.unwrap_or(x)),
+            Bind::T(out),
+        ],
+        grid(ctx, rows as u32)?,
+    )
+}
+
+/// CPU reference (f64 statistics).
+pub fn norm_ref(
+    kind: NormKind,
+    x: &[f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    cols: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(cols) {
+        let n = cols as f64;
+        let mean = if kind == NormKind::Layer {
+            row.iter().map(|&v| v as f64).sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let scale = 1.0 / (var + eps as f64).sqrt();
+        for (c, &v) in row.iter().enumerate() {
+            let mut y = (v as f64 - mean) * scale;
+            if let Some(w) = weight {
+                y *= w[c] as f64;
+            }
+            if let Some(b) = bias {
+                y += b[c] as f64;
+            }
+            out.push(y as f32);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{assert_close, ctx};
+    use crate::util::Rng;
+
+    #[test]
+    fn rms_and_layer_norm_match_reference() {
+        let ctx = ctx();
+        let mut rng = Rng::new(11);
+        for &(rows, cols) in &[(1, 1), (3, 17), (5, 63), (2, 65), (4, 1000), (17, 576), (1, 2049)] {
+            for kind in [NormKind::Rms, NormKind::Layer] {
+                for with_weight in [true, false] {
+                    let xv: Vec<f32> = (0..rows * cols).map(|_| rng.range(-3.0, 3.0) + 0.5).collect();
+                    let wv = rng.vec(cols, 0.5, 1.5);
+                    let bv = rng.vec(cols, -1.0, 1.0);
+                    let x = Tensor::from_f32(ctx, &[rows, cols], &xv).unwrap();
+                    let w = Tensor::from_f32(ctx, &[cols], &wv).unwrap();
+                    let b = Tensor::from_f32(ctx, &[cols], &bv).unwrap();
+                    let out = Tensor::zeros(ctx, &[rows, cols], DType::F32).unwrap();
+                    let bias = (kind == NormKind::Layer && with_weight).then_some(&b);
+                    let op = norm(ctx, kind, &out, &x, with_weight.then_some(&w), bias, rows, cols, 1e-5)
+                        .unwrap();
+                    ctx.run(&[op]).unwrap();
+                    let want = norm_ref(
+                        kind,
+                        &xv,
+                        with_weight.then_some(&wv[..]),
+                        bias.map(|_| &bv[..]),
+                        cols,
+                        1e-5,
+                    );
+                    assert_close(
+                        &format!("{kind:?} {rows}x{cols} w={with_weight}"),
+                        &out.read_f32(ctx).unwrap(),
+                        &want,
+                        2e-6,
+                        2e-6,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let ctx = ctx();
+        let x = Tensor::zeros(ctx, &[2, 8], DType::F32).unwrap();
+        let w = Tensor::zeros(ctx, &[4], DType::F32).unwrap();
+        let e = norm(ctx, NormKind::Rms, &x, &x, Some(&w), None, 2, 8, 1e-5).unwrap_err();
+        assert!(e.to_string().contains("weight"), "{e}");
+        assert!(norm(ctx, NormKind::Rms, &x, &x, None, None, 3, 8, 1e-5).is_err());
+    }
+}
