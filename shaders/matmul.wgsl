@@ -3,6 +3,8 @@
 //   A: [batch][M][K] (default) or [batch][K][M] when A_KM
 //   B: [batch][N][K] (default: the weight layout, rows = output features) or [batch][K][N] when B_KN
 //   C: [batch][M][ldc], written at columns c_offset .. c_offset + N
+// Each operand starts at an element offset (off_a, off_b, off_c); batch z reads B's batch
+// z / b_div (grouped-query attention: several query heads share one key/value head).
 // Elements are f32; B may be f16 (B_F16), read natively with SHADER_F16 (F16) or unpacked
 // from 32-bit words otherwise. A_VEC4 / B_VEC4 declare the arrays as vec4 (the leading
 // dimension and offsets are then multiples of 4) for 4x fewer load instructions.
@@ -31,6 +33,10 @@ struct MatmulParams {
     stride_b: u32,
     stride_c: u32,
     alpha: f32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    b_div: u32,
 }
 
 override A_KM: bool = false;
@@ -183,9 +189,9 @@ fn matmul_sg(@builtin(workgroup_id) wg: vec3<u32>,
              @builtin(subgroup_invocation_id) sl: u32) {
     let row0 = wg.y * 8u;
     let col = wg.x * 256u + lid.x * 4u;
-    let ab = wg.z * p.stride_a;
-    let bb = wg.z * p.stride_b;
-    let cb = wg.z * p.stride_c;
+    let ab = p.off_a + wg.z * p.stride_a;
+    let bb = p.off_b + (wg.z / p.b_div) * p.stride_b;
+    let cb = p.off_c + wg.z * p.stride_c;
     let my_row = min(row0 + sl, p.m - 1u);
     let z = vec4<f32>(0.0);
     var acc = Acc8(z, z, z, z, z, z, z, z);
@@ -220,9 +226,9 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
     let m0 = wg.y * TILE;
     let n0 = wg.x * TILE;
-    let ab = wg.z * p.stride_a;
-    let bb = wg.z * p.stride_b;
-    let cb = wg.z * p.stride_c;
+    let ab = p.off_a + wg.z * p.stride_a;
+    let bb = p.off_b + (wg.z / p.b_div) * p.stride_b;
+    let cb = p.off_c + wg.z * p.stride_c;
     var acc: array<vec4<f32>, 16>;
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
     for (var k0 = 0u; k0 < p.k; k0 += TK) {

@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT_DIR = os.path.join(ROOT, "tests", "fixtures", "text")
 FALLBACK_MODEL = "/tmp/peers/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,9 +116,14 @@ def load_hf(model):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from _exact import make_float64_exact
+
     d, f = os.path.split(os.path.abspath(model))
     m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
-                                             attn_implementation="eager")
+                                             attn_implementation="sdpa")
+    # Patch RMSNorm/RoPE so that the float64 run really is float64 (see _exact.py); the
+    # patched forwards fall back to transformers' own code for float32 inputs.
+    make_float64_exact(m)
     return m.eval()
 
 
@@ -203,8 +210,8 @@ def main():
 
     out = {
         "model": os.path.basename(model),
-        "method": "transformers GGUF load (gguf-package dequantization), eager attention, float64 "
-                  "forward; llama.cpp tokenizer ids (no BOS, special=False); non-overlapping windows "
+        "method": "transformers GGUF load (gguf-package dequantization), float64 forward "
+                  "(sdpa attention, RMSNorm and RoPE kept in float64); llama.cpp tokenizer ids (no BOS, special=False); non-overlapping windows "
                   "of ctx tokens (last partial window kept if >= 2 tokens), positions restart at 0 "
                   "per window, every token but the window's first scored; ppl = exp(mean NLL). "
                   "top1 = argmax of the predicting logits per scored token. llamacpp_* = "

@@ -29,6 +29,10 @@ uniform! {
         stride_b: u32,
         stride_c: u32,
         alpha: f32,
+        off_a: u32,
+        off_b: u32,
+        off_c: u32,
+        b_div: u32,
     }
 }
 
@@ -61,6 +65,14 @@ pub struct MatmulDesc {
     pub stride_b: usize,
     /// See `stride_a`.
     pub stride_c: usize,
+    /// Element offsets of A, B and C in their tensors.
+    pub off_a: usize,
+    /// See `off_a`.
+    pub off_b: usize,
+    /// See `off_a`.
+    pub off_c: usize,
+    /// Batch `z` uses B's batch `z / b_div` (query heads sharing a key/value head).
+    pub b_div: usize,
     /// Scale applied to the product.
     pub alpha: f32,
     /// Add to C instead of overwriting it (fuses a residual add).
@@ -84,6 +96,10 @@ impl MatmulDesc {
             stride_a: m * k,
             stride_b: n * k,
             stride_c: m * n,
+            off_a: 0,
+            off_b: 0,
+            off_c: 0,
+            b_div: 1,
             alpha: 1.0,
             accumulate: false,
         }
@@ -120,16 +136,20 @@ impl MatmulDesc {
                 .checked_add((rows - 1).checked_mul(ld)?)?
                 .checked_add(cols)
         };
+        let b_batches = (last_batch / self.b_div.max(1)) * self.stride_b;
+        let b_end = b_batches
+            .checked_add((b_rows - 1).checked_mul(self.ldb)?)?
+            .checked_add(b_cols)?;
         Some((
-            end(self.stride_a, a_rows, self.lda, a_cols)?,
-            end(self.stride_b, b_rows, self.ldb, b_cols)?,
-            end(self.stride_c, self.m, self.ldc, self.c_offset + self.n)?,
+            self.off_a.checked_add(end(self.stride_a, a_rows, self.lda, a_cols)?)?,
+            self.off_b.checked_add(b_end)?,
+            self.off_c.checked_add(end(self.stride_c, self.m, self.ldc, self.c_offset + self.n)?)?,
         ))
     }
 
     fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
         let d = self;
-        if d.m == 0 || d.n == 0 || d.k == 0 || d.batch == 0 {
+        if d.m == 0 || d.n == 0 || d.k == 0 || d.batch == 0 || d.b_div == 0 {
             return Err(Error::shape("matmul", format!("empty product {d:?}")));
         }
         let lda_min = if d.a_km { d.m } else { d.k };
@@ -201,9 +221,11 @@ pub fn matmul(
     let b_f16 = b.dtype() == DType::F16;
     let d = desc;
     // vec4 views need 4-aligned leading dimensions, strides and byte offsets.
-    let a_vec4 = !d.a_km && d.lda % 4 == 0 && d.stride_a % 4 == 0 && a.offset() % 16 == 0;
+    let a_vec4 =
+        !d.a_km && d.lda % 4 == 0 && d.stride_a % 4 == 0 && d.off_a % 4 == 0 && a.offset() % 16 == 0;
     let b_align = if b_f16 { 8 } else { 16 };
-    let b_vec4 = d.ldb % 4 == 0 && d.stride_b % 4 == 0 && b.offset() % b_align == 0;
+    let b_vec4 =
+        d.ldb % 4 == 0 && d.stride_b % 4 == 0 && d.off_b % 4 == 0 && b.offset() % b_align == 0;
     let (entry, groups) = match variant {
         Variant::Subgroup => ("matmul_sg", [d.n.div_ceil(256), d.m.div_ceil(8), d.batch]),
         _ => ("matmul_tiled", [d.n.div_ceil(64), d.m.div_ceil(64), d.batch]),
@@ -230,6 +252,10 @@ pub fn matmul(
         stride_b: d.stride_b as u32,
         stride_c: d.stride_c as u32,
         alpha: d.alpha,
+        off_a: d.off_a as u32,
+        off_b: d.off_b as u32,
+        off_c: d.off_c as u32,
+        b_div: d.b_div as u32,
     };
     let u = ctx.uniform(&params);
     let groups = [groups[0] as u32, groups[1] as u32, groups[2] as u32];
@@ -248,19 +274,21 @@ pub fn matmul_ref(a: &[f32], b: &[f32], c: &mut [f32], d: &MatmulDesc) {
             for j in 0..d.n {
                 let mut s = 0.0f64;
                 for kk in 0..d.k {
+                    let ab = d.off_a + z * d.stride_a;
+                    let bb = d.off_b + (z / d.b_div) * d.stride_b;
                     let av = if d.a_km {
-                        a[z * d.stride_a + kk * d.lda + i]
+                        a[ab + kk * d.lda + i]
                     } else {
-                        a[z * d.stride_a + i * d.lda + kk]
+                        a[ab + i * d.lda + kk]
                     };
                     let bv = if d.b_kn {
-                        b[z * d.stride_b + kk * d.ldb + j]
+                        b[bb + kk * d.ldb + j]
                     } else {
-                        b[z * d.stride_b + j * d.ldb + kk]
+                        b[bb + j * d.ldb + kk]
                     };
                     s += av as f64 * bv as f64;
                 }
-                let o = &mut c[z * d.stride_c + i * d.ldc + d.c_offset + j];
+                let o = &mut c[d.off_c + z * d.stride_c + i * d.ldc + d.c_offset + j];
                 let v = d.alpha as f64 * s;
                 *o = if d.accumulate { (*o as f64 + v) as f32 } else { v as f32 };
             }
@@ -356,6 +384,26 @@ mod tests {
             run_case(d, false, variant, 7);
             let d = MatmulDesc::new(5, 6, 4).layout(true, true).batched(2);
             run_case(d, false, variant, 8);
+            // Offsets and grouped B batches, as attention uses them: 6 query heads over 2
+            // key heads, interleaved [token][head][dim] rows.
+            let (t, hd, l) = (5, 8, 7);
+            let mut d = MatmulDesc::new(t, l, hd).batched(6);
+            d.lda = 6 * hd;
+            d.stride_a = hd;
+            d.ldb = 2 * hd;
+            d.stride_b = hd;
+            d.b_div = 3;
+            d.off_a = 4;
+            d.off_b = 8;
+            d.off_c = 3;
+            d.alpha = 0.25;
+            for vec4_offsets in [true, false] {
+                if !vec4_offsets {
+                    d.off_a = 1;
+                    d.off_b = 2;
+                }
+                run_case(d, false, variant, 9);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! builds [`Dispatch`](crate::gpu::Dispatch)es (pipelines come from the context's cache),
 //! and carries a plain Rust CPU reference that its tests compare the GPU against.
 
+pub mod attention;
 pub mod elementwise;
 pub mod embed;
 pub mod matmul;
