@@ -10,6 +10,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("sample", include_str!("../../shaders/sample.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 

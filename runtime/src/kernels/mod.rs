@@ -9,6 +9,7 @@ pub mod matmul;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod sample;
 pub mod softmax;
 
 #[cfg(test)]
