@@ -121,9 +121,7 @@ pub fn attention_decode(
             format!("{tokens} tokens with meta {:?}", meta.shape()),
         ));
     }
-    let key = PipelineKey::new("attention", "attn_decode")
-        .constant("HD", l.head_dim as f64)
-        .constant("GROUP", l.group() as f64);
+    let key = decode_key(l.head_dim, l.group());
     let u = ctx.uniform(&AttnParams {
         n_tokens: tokens as u32,
         n_heads: l.n_heads as u32,
@@ -140,6 +138,23 @@ pub fn attention_decode(
         &[Bind::U(&u), Bind::T(q), Bind::T(k), Bind::T(v), Bind::T(meta), Bind::T(o)],
         [l.n_kv as u32, tokens as u32, 1],
     )
+}
+
+fn decode_key(head_dim: usize, group: usize) -> PipelineKey {
+    PipelineKey::new("attention", "attn_decode")
+        .constant("HD", head_dim as f64)
+        .constant("GROUP", group as f64)
+}
+
+/// Specializations for common head sizes and groups (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    let mut v = vec![PipelineKey::new("attention", "softmax_masked")];
+    for hd in [4, 32, 64, 80, 128, 256] {
+        for g in [1, 2, 3, 4, 8] {
+            v.push(decode_key(hd, g));
+        }
+    }
+    v
 }
 
 /// Attention for `q_tokens` consecutive query tokens of one sequence through two batched

@@ -101,6 +101,25 @@ fn erf(x: f64) -> f64 {
     }
 }
 
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    let mut v = Vec::new();
+    for op in 0..3 {
+        for e in ["binary", "binary_inplace"] {
+            v.push(PipelineKey::new("elementwise", e).constant("OP", op as f64));
+        }
+    }
+    for f in 0..5 {
+        for e in ["unary", "unary_inplace"] {
+            v.push(PipelineKey::new("elementwise", e).constant("F", f as f64));
+        }
+    }
+    for sep in [0.0, 1.0] {
+        v.push(PipelineKey::new("elementwise", "swiglu").constant("SEPARATE", sep));
+    }
+    v
+}
+
 fn n_u32(n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::shape("elementwise", format!("{n} elements exceed 32 bits")))
 }

@@ -116,6 +116,14 @@ pub fn embed(ctx: &Context, out: &Tensor, ids: &Tensor, table: &DenseMatrix) -> 
         .collect()
 }
 
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    vec![
+        PipelineKey::new("embed", "embed").constant("HALF", 0.0),
+        PipelineKey::new("embed", "embed").constant("HALF", 1.0),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

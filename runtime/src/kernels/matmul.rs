@@ -202,6 +202,37 @@ impl MatmulDesc {
     }
 }
 
+/// Pipeline of one specialization: defines `[A_VEC4, B_VEC4, B_F16, F16]`, overrides
+/// `[A_KM, B_KN, ACCUMULATE]`.
+fn key(entry: &'static str, defs: [bool; 4], overrides: [bool; 3]) -> PipelineKey {
+    PipelineKey::new("matmul", entry)
+        .def("A_VEC4", defs[0])
+        .def("B_VEC4", defs[1])
+        .def("B_F16", defs[2])
+        .def("F16", defs[3])
+        .def("SUBGROUP", entry == "matmul_sg")
+        .constant("A_KM", overrides[0] as u32 as f64)
+        .constant("B_KN", overrides[1] as u32 as f64)
+        .constant("ACCUMULATE", overrides[2] as u32 as f64)
+}
+
+/// Every specialization [`matmul`] can build (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    let mut v = Vec::new();
+    for entry in ["matmul_sg", "matmul_tiled"] {
+        for bits in 0..16u32 {
+            let defs = [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0];
+            if defs[3] && !defs[2] {
+                continue; // native f16 loads only for f16 weights
+            }
+            for o in 0..8u32 {
+                v.push(key(entry, defs, [o & 1 != 0, o & 2 != 0, o & 4 != 0]));
+            }
+        }
+    }
+    v
+}
+
 /// Builds the dispatch for `desc` over `a`, `b` into `c`.
 pub fn matmul(
     ctx: &Context,
@@ -230,15 +261,11 @@ pub fn matmul(
         Variant::Subgroup => ("matmul_sg", [d.n.div_ceil(256), d.m.div_ceil(8), d.batch]),
         _ => ("matmul_tiled", [d.n.div_ceil(64), d.m.div_ceil(64), d.batch]),
     };
-    let key = PipelineKey::new("matmul", entry)
-        .def("A_VEC4", a_vec4)
-        .def("B_VEC4", b_vec4)
-        .def("B_F16", b_f16)
-        .def("F16", b_f16 && ctx.caps().f16)
-        .def("SUBGROUP", variant == Variant::Subgroup)
-        .constant("A_KM", d.a_km as u32 as f64)
-        .constant("B_KN", d.b_kn as u32 as f64)
-        .constant("ACCUMULATE", d.accumulate as u32 as f64);
+    let key = key(
+        entry,
+        [a_vec4, b_vec4, b_f16, b_f16 && ctx.caps().f16],
+        [d.a_km, d.b_kn, d.accumulate],
+    );
     let params = MatmulParams {
         m: d.m as u32,
         n: d.n as u32,
@@ -299,11 +326,10 @@ pub fn matmul_ref(a: &[f32], b: &[f32], c: &mut [f32], d: &MatmulDesc) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{assert_close, ctx};
+    use crate::kernels::testing::{assert_close, contexts, ctx};
     use crate::util::Rng;
 
-    fn run_case(desc: MatmulDesc, b_f16: bool, variant: Variant, seed: u64) {
-        let ctx = ctx();
+    fn run_case(ctx: &Context, desc: MatmulDesc, b_f16: bool, variant: Variant, seed: u64) {
         let mut rng = Rng::new(seed);
         let (ea, eb, ec) = desc.extents().unwrap();
         let av = rng.vec(ea, -1.0, 1.0);
@@ -350,11 +376,13 @@ mod tests {
 
     #[test]
     fn matches_reference_all_layouts_and_variants() {
-        for variant in Variant::all(ctx()) {
-            for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
-                for (a_km, b_kn) in [(false, false), (false, true), (true, false), (true, true)] {
-                    let d = MatmulDesc::new(m, n, k).layout(a_km, b_kn);
-                    run_case(d, false, variant, i as u64);
+        for ctx in contexts() {
+            for variant in Variant::all(ctx) {
+                for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
+                    for (a_km, b_kn) in [(false, false), (false, true), (true, false), (true, true)] {
+                        let d = MatmulDesc::new(m, n, k).layout(a_km, b_kn);
+                        run_case(ctx, d, false, variant, i as u64);
+                    }
                 }
             }
         }
@@ -362,11 +390,14 @@ mod tests {
 
     #[test]
     fn f16_weights() {
-        for variant in Variant::all(ctx()) {
-            for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
-                for b_kn in [false, true] {
-                    let d = MatmulDesc::new(m, n, k).layout(false, b_kn);
-                    run_case(d, true, variant, 100 + i as u64);
+        // Native f16 loads (SHADER_F16) and the unpack2x16float fallback, same inputs.
+        for ctx in contexts() {
+            for variant in Variant::all(ctx) {
+                for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
+                    for b_kn in [false, true] {
+                        let d = MatmulDesc::new(m, n, k).layout(false, b_kn);
+                        run_case(ctx, d, true, variant, 100 + i as u64);
+                    }
                 }
             }
         }
@@ -374,16 +405,17 @@ mod tests {
 
     #[test]
     fn batched_strided_accumulate() {
-        for variant in Variant::all(ctx()) {
+        let ctx = ctx();
+        for variant in Variant::all(ctx) {
             let mut d = MatmulDesc::new(9, 13, 20).batched(3);
             d.ldc = 20;
             d.c_offset = 5;
             d.stride_c = 9 * 20;
             d.alpha = 0.5;
             d.accumulate = true;
-            run_case(d, false, variant, 7);
+            run_case(ctx, d, false, variant, 7);
             let d = MatmulDesc::new(5, 6, 4).layout(true, true).batched(2);
-            run_case(d, false, variant, 8);
+            run_case(ctx, d, false, variant, 8);
             // Offsets and grouped B batches, as attention uses them: 6 query heads over 2
             // key heads, interleaved [token][head][dim] rows.
             let (t, hd, l) = (5, 8, 7);
@@ -402,7 +434,7 @@ mod tests {
                     d.off_a = 1;
                     d.off_b = 2;
                 }
-                run_case(d, false, variant, 9);
+                run_case(ctx, d, false, variant, 9);
             }
         }
     }

@@ -13,6 +13,8 @@ pub mod sample;
 pub mod softmax;
 
 #[cfg(test)]
+mod portability;
+#[cfg(test)]
 pub(crate) mod testing;
 
 use crate::gpu::Context;

@@ -58,11 +58,7 @@ pub fn norm(
         return Err(Error::InvalidArgument("RMSNorm takes no bias".into()));
     }
     let wg = if cols >= 1024 { 256 } else { 64 };
-    let key = PipelineKey::new("norm", "norm")
-        .constant("LAYER", (kind == NormKind::Layer) as u32 as f64)
-        .constant("HAS_WEIGHT", weight.is_some() as u32 as f64)
-        .constant("HAS_BIAS", bias.is_some() as u32 as f64)
-        .constant("WG", wg as f64);
+    let key = key(kind == NormKind::Layer, weight.is_some(), bias.is_some(), wg);
     let u = ctx.uniform(&NormParams {
         rows: rows as u32,
         cols: cols as u32,
@@ -83,6 +79,25 @@ pub fn norm(
         ],
         grid(ctx, rows as u32)?,
     )
+}
+
+fn key(layer: bool, weight: bool, bias: bool, wg: u32) -> PipelineKey {
+    PipelineKey::new("norm", "norm")
+        .constant("LAYER", layer as u32 as f64)
+        .constant("HAS_WEIGHT", weight as u32 as f64)
+        .constant("HAS_BIAS", bias as u32 as f64)
+        .constant("WG", wg as f64)
+}
+
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    let mut v = Vec::new();
+    for bits in 0..8u32 {
+        for wg in [64, 256] {
+            v.push(key(bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, wg));
+        }
+    }
+    v
 }
 
 /// CPU reference (f64 statistics).

@@ -141,6 +141,20 @@ fn base_key(entry: &'static str, ty: QuantType, sg: bool, accumulate: bool) -> P
         .constant("ACCUMULATE", accumulate as u32 as f64)
 }
 
+/// Every specialization of `shaders/quant.wgsl` (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    let mut v = Vec::new();
+    for ty in QuantType::ALL {
+        for acc in [false, true] {
+            for (entry, sg) in [("qmv_sg", true), ("qmm_sg", true), ("qmv_tiled", false), ("qmm_tiled", false)] {
+                v.push(base_key(entry, ty, sg, acc));
+            }
+        }
+        v.push(base_key("gather", ty, false, false));
+    }
+    v
+}
+
 fn to_u32(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::shape("quant", format!("{what} = {v} exceeds 32 bits")))
 }
@@ -283,7 +297,7 @@ pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<
 mod tests {
     use super::*;
     use crate::kernels::matmul::{matmul_ref, MatmulDesc};
-    use crate::kernels::testing::{assert_close, ctx};
+    use crate::kernels::testing::{assert_close, contexts, ctx};
     use crate::quant::{dequantize, random_blocks, repack};
     use crate::util::Rng;
 
@@ -293,8 +307,7 @@ mod tests {
         (repack(ty, rows, cols, &raw).unwrap(), dequantize(ty, &raw).unwrap())
     }
 
-    fn check(ty: QuantType, m: usize, n: usize, k: usize, variant: Variant, shape: QShape) {
-        let ctx = ctx();
+    fn check(ctx: &Context, ty: QuantType, m: usize, n: usize, k: usize, variant: Variant, shape: QShape) {
         let seed = (m * 7919 + n * 31 + k) as u64 ^ ty.ggml_id() as u64;
         let (r, wf) = random_matrix(ty, n, k, seed);
         let w = QMatrix::upload(ctx, &r).unwrap();
@@ -324,12 +337,14 @@ mod tests {
 
     #[test]
     fn matmul_all_formats_variants_and_shapes() {
-        for ty in QuantType::ALL {
-            let be = ty.block_elems();
-            for variant in Variant::all(ctx()) {
-                for shape in [QShape::Vector, QShape::Matrix] {
-                    for &(m, n, kb) in &[(1, 3, 1), (2, 65, 3), (9, 17, 2), (3, 1030, 1), (17, 63, 1)] {
-                        check(ty, m, n, kb * be, variant, shape);
+        for ctx in contexts() {
+            for ty in QuantType::ALL {
+                let be = ty.block_elems();
+                for variant in Variant::all(ctx) {
+                    for shape in [QShape::Vector, QShape::Matrix] {
+                        for &(m, n, kb) in &[(1, 3, 1), (2, 65, 3), (9, 17, 2), (3, 1030, 1), (17, 63, 1)] {
+                            check(ctx, ty, m, n, kb * be, variant, shape);
+                        }
                     }
                 }
             }

@@ -179,9 +179,7 @@ pub fn rope(
             format!("positions {:?} for {} tokens", pos.shape(), l.tokens),
         ));
     }
-    let key = PipelineKey::new("rope", "rope")
-        .constant("NEOX", table.config.neox as u32 as f64)
-        .constant("INVERSE", inverse as u32 as f64);
+    let key = key(table.config.neox, inverse);
     let u = ctx.uniform(&RopeParams {
         tokens: l.tokens as u32,
         heads: l.heads as u32,
@@ -199,6 +197,17 @@ pub fn rope(
         &[Bind::U(&u), Bind::T(x), Bind::T(pos), Bind::T(&table.table)],
         grid(ctx, n.div_ceil(64))?,
     )
+}
+
+fn key(neox: bool, inverse: bool) -> PipelineKey {
+    PipelineKey::new("rope", "rope")
+        .constant("NEOX", neox as u32 as f64)
+        .constant("INVERSE", inverse as u32 as f64)
+}
+
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    vec![key(false, false), key(false, true), key(true, false), key(true, true)]
 }
 
 /// CPU reference, in place.

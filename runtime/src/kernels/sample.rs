@@ -146,6 +146,14 @@ pub fn nll(
     )
 }
 
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    ["sample", "penalize", "argmax", "nll"]
+        .iter()
+        .map(|e| PipelineKey::new("sample", e))
+        .collect()
+}
+
 /// CPU reference of [`sample`] for one row (same candidate order and f32 sums).
 pub fn sample_ref(logits: &[f32], rp: &RowParams) -> u32 {
     let greedy = rp.temperature <= 0.0;

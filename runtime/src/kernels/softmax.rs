@@ -33,6 +33,14 @@ pub fn softmax(ctx: &Context, x: &Tensor, rows: usize, cols: usize, scale: f32) 
     ctx.dispatch("softmax", &key, &[Bind::U(&u), Bind::T(x)], grid(ctx, rows as u32)?)
 }
 
+/// Every specialization (for the portability test).
+pub(crate) fn keys() -> Vec<PipelineKey> {
+    [64, 256]
+        .iter()
+        .map(|&wg| PipelineKey::new("softmax", "softmax").constant("WG", wg as f64))
+        .collect()
+}
+
 /// CPU reference (f64).
 pub fn softmax_ref(x: &[f32], cols: usize, scale: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());

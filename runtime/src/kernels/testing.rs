@@ -13,6 +13,22 @@ pub(crate) fn ctx() -> &'static Context {
     })
 }
 
+/// The default context, and one with SHADER_F16 and subgroups turned off and WebGPU's
+/// default limits, so every fallback runs on the same inputs as the fast paths.
+pub(crate) fn contexts() -> [&'static Context; 2] {
+    static RESTRICTED: OnceLock<Context> = OnceLock::new();
+    let r = RESTRICTED.get_or_init(|| {
+        let opts = ContextOptions {
+            disable_f16: true,
+            disable_subgroups: true,
+            webgpu_default_limits: true,
+            ..ContextOptions::from_env().expect("EMBER_* environment")
+        };
+        Context::with_options(opts).expect("a GPU adapter for tests")
+    });
+    [ctx(), r]
+}
+
 /// Asserts `got` is within `atol + rtol * |want|` of `want`, element-wise, with a readable
 /// report of the worst element.
 #[track_caller]
