@@ -9,3 +9,12 @@ pub extern "C" fn ember_version() -> *const c_char {
     static V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
     V.as_ptr() as *const c_char
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_matches_the_crate() {
+        let v = unsafe { std::ffi::CStr::from_ptr(super::ember_version()) };
+        assert_eq!(v.to_str().unwrap(), ember::VERSION);
+    }
+}

@@ -4,7 +4,10 @@
 /// (name, source) of every shader file.
 pub const ALL: &[(&str, &str)] = &[
     ("attention", include_str!("../../shaders/attention.wgsl")),
-    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("embed", include_str!("../../shaders/embed.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),

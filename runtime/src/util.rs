@@ -79,8 +79,12 @@ pub fn tolerance_ratio(a: &[f32], b: &[f32], atol: f32, rtol: f32) -> f32 {
 
 /// Largest |a - b|.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(if a.len() == b.len() { 0.0 } else { f32::INFINITY }, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(
+        if a.len() == b.len() {
+            0.0
+        } else {
+            f32::INFINITY
+        },
+        f32::max,
+    )
 }

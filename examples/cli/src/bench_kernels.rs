@@ -30,9 +30,7 @@ fn time_ops(ctx: &Context, ops: &[Dispatch], reps: usize, rounds: usize) -> Resu
     ctx.run(ops)?; // warm-up: pipelines, first-touch
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let mut enc = ctx
-            .device()
-            .create_command_encoder(&Default::default());
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
         for _ in 0..reps {
             ctx.encode(&mut enc, ops);
         }
@@ -100,14 +98,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
         &[(1536, 576), (49152, 576)]
     };
     for &variant in &vs {
-        for ty in [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q4_0, QuantType::Q6_K] {
+        for ty in [
+            QuantType::Q4_1,
+            QuantType::Q8_0,
+            QuantType::Q4_K,
+            QuantType::Q4_0,
+            QuantType::Q6_K,
+        ] {
             for &(n, k) in mv_shapes {
                 let k = k.div_ceil(ty.block_elems()) * ty.block_elems();
                 let raw = random_blocks(ty, &mut rng, n * k / ty.block_elems());
                 let w = QMatrix::upload(&ctx, &repack(ty, n, k, &raw)?)?;
                 let x = Tensor::from_f32(&ctx, &[1, k], &rng.vec(k, -1.0, 1.0))?;
                 let y = Tensor::zeros(&ctx, &[1, n], DType::F32)?;
-                let ops = qmatmul(&ctx, &y, &x, &w, &QMatmulDesc::new(1, &w), variant, QShape::Vector)?;
+                let ops = qmatmul(
+                    &ctx,
+                    &y,
+                    &x,
+                    &w,
+                    &QMatmulDesc::new(1, &w),
+                    variant,
+                    QShape::Vector,
+                )?;
                 let s = time_ops(&ctx, &ops, reps * 4, rounds)?;
                 let bytes = raw.len() as f64;
                 let r = json!({"kernel": "qmatvec", "type": ty.name(), "variant": format!("{variant:?}").to_lowercase(),
@@ -125,7 +137,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let w = QMatrix::upload(&ctx, &repack(ty, n, k, &raw)?)?;
             let x = Tensor::from_f32(&ctx, &[m, k], &rng.vec(m * k, -1.0, 1.0))?;
             let y = Tensor::zeros(&ctx, &[m, n], DType::F32)?;
-            let ops = qmatmul(&ctx, &y, &x, &w, &QMatmulDesc::new(m, &w), variant, QShape::Matrix)?;
+            let ops = qmatmul(
+                &ctx,
+                &y,
+                &x,
+                &w,
+                &QMatmulDesc::new(m, &w),
+                variant,
+                QShape::Matrix,
+            )?;
             let s = time_ops(&ctx, &ops, reps, rounds)?;
             let r = json!({"kernel": "qmatmul", "type": ty.name(), "variant": format!("{variant:?}").to_lowercase(),
                 "m": m, "n": n, "k": k, "ms": s * 1e3, "gflops": 2.0 * (m * n * k) as f64 / s / 1e9});

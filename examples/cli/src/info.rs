@@ -14,6 +14,13 @@ pub struct InfoArgs {
     all: bool,
 }
 
+#[derive(Args)]
+pub struct SelfcheckArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 pub fn run_info(a: InfoArgs) -> Result<()> {
     let ctx = Context::new()?;
     let info = ctx.info();
@@ -66,3 +73,40 @@ pub fn run_info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+pub fn run_selfcheck(a: SelfcheckArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let report = ember::kernels::selfcheck::run(&ctx)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "self-check on {} ({}):",
+            ctx.info().name,
+            ctx.info().backend
+        );
+        for c in &report.checks {
+            println!(
+                "  {:<34} {:<9} max error {:.1e} (tolerance {:.0e})  {}",
+                c.kernel,
+                c.variant,
+                c.max_error,
+                c.tolerance,
+                if c.ok { "ok" } else { "FAILED" }
+            );
+        }
+    }
+    let failed = report.checks.iter().filter(|c| !c.ok).count();
+    if failed == 0 {
+        if !a.json {
+            println!("all {} checks passed", report.checks.len());
+        }
+        Ok(())
+    } else {
+        Err(ember::Error::Internal(format!(
+            "{failed} self-checks failed"
+        )))
+    }
+}

@@ -6,7 +6,11 @@ mod info;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "Run and teach language models on any GPU")]
+#[command(
+    name = "ember",
+    version,
+    about = "Run and teach language models on any GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +20,8 @@ struct Cli {
 enum Command {
     /// Show the GPU adapter, backend, driver, features and limits Ember would use.
     Info(info::InfoArgs),
+    /// Run every kernel family on random data against its CPU reference.
+    Selfcheck(info::SelfcheckArgs),
     /// Measure kernel throughput (GFLOP/s, GB/s) on this device.
     BenchKernels(bench_kernels::BenchArgs),
 }
@@ -24,6 +30,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info::run_info(a),
+        Command::Selfcheck(a) => info::run_selfcheck(a),
         Command::BenchKernels(a) => bench_kernels::run(a),
     };
     if let Err(e) = result {

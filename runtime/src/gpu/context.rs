@@ -37,7 +37,7 @@ impl ContextOptions {
     /// `EMBER_WEBGPU_LIMITS=1`, `EMBER_MAX_BINDING=<bytes>`.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let flag = |k: &str| var(k).is_some_and(|v| v != "0" && v.to_ascii_lowercase() != "false");
+        let flag = |k: &str| var(k).is_some_and(|v| v != "0" && !v.eq_ignore_ascii_case("false"));
         let backend = match var("EMBER_BACKEND") {
             Some(v) => BackendChoice::parse(&v)?,
             None => BackendChoice::Any,

@@ -135,7 +135,9 @@ impl Context {
                 })
             })
             .collect();
-        let scope = self.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = self
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = self.device().create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(name),
             layout: &layout,

@@ -16,3 +16,6 @@ pub use pipeline::PipelineKey;
 pub use preprocess::{preprocess, ShaderDefs};
 pub use select::{AdapterSelector, BackendChoice};
 pub use tensor::{numel, DType, DeviceBuffer, Tensor};
+
+#[cfg(test)]
+mod tests;

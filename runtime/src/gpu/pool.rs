@@ -4,10 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+/// Idle buffers by (usage bits, size class).
+type FreeLists = Mutex<HashMap<(u32, u64), Vec<wgpu::Buffer>>>;
+
 /// Free buffers by (usage bits, size class).
 #[derive(Default)]
 pub(crate) struct BufferPool {
-    free: Arc<Mutex<HashMap<(u32, u64), Vec<wgpu::Buffer>>>>,
+    free: Arc<FreeLists>,
 }
 
 /// Size class of a request: the next power of two at or above `size`, at least 256 bytes, so a
@@ -24,7 +27,7 @@ impl BufferPool {
     }
 
     /// Handle used by buffers to come back on drop.
-    pub(crate) fn handle(&self) -> Weak<Mutex<HashMap<(u32, u64), Vec<wgpu::Buffer>>>> {
+    pub(crate) fn handle(&self) -> PoolHandle {
         Arc::downgrade(&self.free)
     }
 
@@ -51,4 +54,4 @@ impl BufferPool {
 }
 
 /// Where a [`super::tensor::DeviceBuffer`] goes when dropped.
-pub(crate) type PoolHandle = Weak<Mutex<HashMap<(u32, u64), Vec<wgpu::Buffer>>>>;
+pub(crate) type PoolHandle = Weak<FreeLists>;

@@ -42,8 +42,9 @@ pub fn preprocess(name: &str, src: &str, defs: &ShaderDefs) -> Result<String> {
     // Stack of "this block's condition holds" flags.
     let mut stack: Vec<bool> = Vec::new();
     let mut out = String::with_capacity(src.len());
-    let err =
-        |line: usize, what: &str| Error::Internal(format!("shader {name}, line {}: {what}", line + 1));
+    let err = |line: usize, what: &str| {
+        Error::Internal(format!("shader {name}, line {}: {what}", line + 1))
+    };
     for (i, line) in src.lines().enumerate() {
         let t = line.trim();
         if let Some(rest) = t.strip_prefix("#if ") {
@@ -62,7 +63,9 @@ pub fn preprocess(name: &str, src: &str, defs: &ShaderDefs) -> Result<String> {
             stack.push(defs.has(flag) != neg);
             out.push('\n');
         } else if t == "#else" {
-            let top = stack.last_mut().ok_or_else(|| err(i, "#else without #if"))?;
+            let top = stack
+                .last_mut()
+                .ok_or_else(|| err(i, "#else without #if"))?;
             *top = !*top;
             out.push('\n');
         } else if t == "#endif" {
@@ -120,8 +123,14 @@ mod tests {
 
     #[test]
     fn defs_are_a_set() {
-        let a = ShaderDefs::none().with("B", true).with("A", true).with("A", true);
-        let b = ShaderDefs::none().with("A", true).with("B", true).with("C", false);
+        let a = ShaderDefs::none()
+            .with("B", true)
+            .with("A", true)
+            .with("A", true);
+        let b = ShaderDefs::none()
+            .with("A", true)
+            .with("B", true)
+            .with("C", false);
         assert_eq!(a, b);
         assert_eq!(a.names(), ["A", "B"]);
     }

@@ -183,7 +183,10 @@ mod tests {
 
     #[test]
     fn parses_backends() {
-        assert_eq!(BackendChoice::parse("Vulkan").unwrap(), BackendChoice::Vulkan);
+        assert_eq!(
+            BackendChoice::parse("Vulkan").unwrap(),
+            BackendChoice::Vulkan
+        );
         assert_eq!(BackendChoice::parse("any").unwrap(), BackendChoice::Any);
         assert_eq!(BackendChoice::parse("gl").unwrap(), BackendChoice::Gl);
         assert!(BackendChoice::parse("glide").is_err());

@@ -121,7 +121,9 @@ impl Context {
             }
         }
         self.reserve_bytes(size, what)?;
-        let scope = self.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let scope = self
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.device().create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size,
@@ -316,7 +318,12 @@ impl Tensor {
     }
 
     /// A tensor over an existing buffer region.
-    pub fn view(buf: Arc<DeviceBuffer>, offset: u64, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    pub fn view(
+        buf: Arc<DeviceBuffer>,
+        offset: u64,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
         let bytes = numel(shape)? as u64 * dtype.size();
         if offset % 4 != 0 || offset + bytes > buf.size() {
             return Err(Error::Internal(format!(
@@ -338,7 +345,12 @@ impl Tensor {
         if bytes.len() as u64 > self.bytes() || bytes.len() % 4 != 0 {
             return Err(Error::shape(
                 "write",
-                format!("{} bytes into {:?} {:?}", bytes.len(), self.dtype, self.shape),
+                format!(
+                    "{} bytes into {:?} {:?}",
+                    bytes.len(),
+                    self.dtype,
+                    self.shape
+                ),
             ));
         }
         ctx.queue().write_buffer(self.buf.raw(), self.offset, bytes);

@@ -63,7 +63,15 @@ impl AttnLayout {
         self.n_heads / self.n_kv.max(1)
     }
 
-    fn check(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, tokens: usize, slots: usize) -> Result<()> {
+    fn check(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        tokens: usize,
+        slots: usize,
+    ) -> Result<()> {
         let l = self;
         let bad = |d: String| Err(Error::shape("attention", d));
         if l.n_kv == 0 || l.n_heads % l.n_kv != 0 || l.group() > 8 {
@@ -73,7 +81,10 @@ impl AttnLayout {
             ));
         }
         if l.head_dim == 0 || l.head_dim % 4 != 0 || l.head_dim > 256 {
-            return bad(format!("head_dim {} (a multiple of 4 up to 256)", l.head_dim));
+            return bad(format!(
+                "head_dim {} (a multiple of 4 up to 256)",
+                l.head_dim
+            ));
         }
         if l.q_ld % 4 != 0 || l.q_off % 4 != 0 || l.kv_ld % 4 != 0 || l.o_ld % 4 != 0 {
             return bad(format!("strides must be multiples of 4: {l:?}"));
@@ -91,7 +102,11 @@ impl AttnLayout {
             ("v", v, slots * l.kv_ld),
         ] {
             if t.dtype() != DType::F32 || t.numel() < need {
-                return bad(format!("{name} is {:?} {:?}, needs {need} f32", t.dtype(), t.shape()));
+                return bad(format!(
+                    "{name} is {:?} {:?}, needs {need} f32",
+                    t.dtype(),
+                    t.shape()
+                ));
             }
         }
         Ok(())
@@ -135,7 +150,14 @@ pub fn attention_decode(
     ctx.dispatch(
         "attn_decode",
         &key,
-        &[Bind::U(&u), Bind::T(q), Bind::T(k), Bind::T(v), Bind::T(meta), Bind::T(o)],
+        &[
+            Bind::U(&u),
+            Bind::T(q),
+            Bind::T(k),
+            Bind::T(v),
+            Bind::T(meta),
+            Bind::T(o),
+        ],
         [l.n_kv as u32, tokens as u32, 1],
     )
 }
@@ -147,6 +169,7 @@ fn decode_key(head_dim: usize, group: usize) -> PipelineKey {
 }
 
 /// Specializations for common head sizes and groups (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     let mut v = vec![PipelineKey::new("attention", "softmax_masked")];
     for hd in [4, 32, 64, 80, 128, 256] {
@@ -183,11 +206,18 @@ pub fn attention_prefill(
     if q_tokens == 0 || kv_len == 0 || scores.dtype() != DType::F32 || scores.numel() < s_len {
         return Err(Error::shape(
             "attention",
-            format!("scores {:?} for {} heads x {q_tokens} x {kv_len}", scores.shape(), l.n_heads),
+            format!(
+                "scores {:?} for {} heads x {q_tokens} x {kv_len}",
+                scores.shape(),
+                l.n_heads
+            ),
         ));
     }
     if lens.dtype() != DType::U32 || lens.numel() < q_tokens {
-        return Err(Error::shape("attention", format!("lens {:?} for {q_tokens} tokens", lens.shape())));
+        return Err(Error::shape(
+            "attention",
+            format!("lens {:?} for {q_tokens} tokens", lens.shape()),
+        ));
     }
     let hd = l.head_dim;
     let g = l.group();
@@ -202,7 +232,9 @@ pub fn attention_prefill(
     qk.b_div = g;
     qk.alpha = scale;
     // O[t][h] = P[h][t] . V[first ..][h / g]
-    let mut pv = MatmulDesc::new(q_tokens, hd, kv_len).layout(false, true).batched(l.n_heads);
+    let mut pv = MatmulDesc::new(q_tokens, hd, kv_len)
+        .layout(false, true)
+        .batched(l.n_heads);
     pv.ldb = l.kv_ld;
     pv.stride_b = hd;
     pv.off_b = first * l.kv_ld;
@@ -258,7 +290,11 @@ pub fn attention_ref(
             let s: Vec<f64> = (0..len)
                 .map(|j| {
                     let kr = &k[(base + j) * l.kv_ld + g * hd..][..hd];
-                    scale as f64 * qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                    scale as f64
+                        * qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
                 })
                 .collect();
             let m = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -306,7 +342,10 @@ mod tests {
         let q = Tensor::from_f32(ctx, &[c.q.len()], &c.q).unwrap();
         let k = Tensor::from_f32(ctx, &[c.slots * c.l.kv_ld], &c.k).unwrap();
         let v = Tensor::from_f32(ctx, &[c.slots * c.l.kv_ld], &c.v).unwrap();
-        let mv: Vec<u32> = meta.iter().flat_map(|&(b, n)| [b as u32, n as u32]).collect();
+        let mv: Vec<u32> = meta
+            .iter()
+            .flat_map(|&(b, n)| [b as u32, n as u32])
+            .collect();
         let mt = Tensor::from_slice(ctx, &[tokens, 2], DType::U32, &mv).unwrap();
         let o = Tensor::zeros(ctx, &[tokens * c.l.o_ld], DType::F32).unwrap();
         let op = attention_decode(ctx, &o, &q, &k, &v, &mt, tokens, &c.l, scale).unwrap();
@@ -317,9 +356,16 @@ mod tests {
     #[test]
     fn decode_matches_reference() {
         // (heads, kv heads, head_dim): MHA, GQA 3:1 (SmolLM2), 4:1, 8:1, wide heads.
-        for (i, &(nh, nkv, hd)) in [(2, 2, 64), (9, 3, 64), (8, 2, 128), (8, 1, 32), (2, 1, 256), (4, 4, 4)]
-            .iter()
-            .enumerate()
+        for (i, &(nh, nkv, hd)) in [
+            (2, 2, 64),
+            (9, 3, 64),
+            (8, 2, 128),
+            (8, 1, 32),
+            (2, 1, 256),
+            (4, 4, 4),
+        ]
+        .iter()
+        .enumerate()
         {
             let l = AttnLayout::packed(nh, nkv, hd);
             let slots = 300;
@@ -356,7 +402,9 @@ mod tests {
     fn prefill_matches_reference_and_decode() {
         let ctx = ctx();
         for variant in Variant::all(ctx) {
-            for &(nh, nkv, hd, t_q, first) in &[(9, 3, 64, 17, 5), (4, 4, 32, 1, 0), (8, 2, 128, 70, 3)] {
+            for &(nh, nkv, hd, t_q, first) in
+                &[(9, 3, 64, 17, 5), (4, 4, 32, 1, 0), (8, 2, 128, 70, 3)]
+            {
                 let l = AttnLayout::packed(nh, nkv, hd);
                 let kv_len = first + t_q;
                 let c = case(l, t_q, kv_len + 4, (nh * hd + t_q) as u64);
@@ -369,15 +417,28 @@ mod tests {
                 let lt = Tensor::from_slice(ctx, &[t_q], DType::U32, &lens).unwrap();
                 let s = Tensor::zeros(ctx, &[nh * t_q * kv_len], DType::F32).unwrap();
                 let o = Tensor::zeros(ctx, &[t_q * l.o_ld], DType::F32).unwrap();
-                let ops =
-                    attention_prefill(ctx, &o, &q, &k, &v, &s, &lt, t_q, 0, kv_len, &l, scale, variant)
-                        .unwrap();
+                let ops = attention_prefill(
+                    ctx, &o, &q, &k, &v, &s, &lt, t_q, 0, kv_len, &l, scale, variant,
+                )
+                .unwrap();
                 ctx.run(&ops).unwrap();
                 let got = o.read_f32(ctx).unwrap();
                 let mut want = vec![0.0; t_q * l.o_ld];
                 attention_ref(&mut want, &c.q, &c.k, &c.v, &meta, &l, scale);
-                assert_close(&format!("prefill {variant:?} {l:?}"), &got, &want, 2e-6, 1e-5);
-                assert_close("prefill vs decode", &got, &run_decode(&c, &meta, scale), 2e-6, 1e-5);
+                assert_close(
+                    &format!("prefill {variant:?} {l:?}"),
+                    &got,
+                    &want,
+                    2e-6,
+                    1e-5,
+                );
+                assert_close(
+                    "prefill vs decode",
+                    &got,
+                    &run_decode(&c, &meta, scale),
+                    2e-6,
+                    1e-5,
+                );
             }
         }
     }
@@ -387,8 +448,15 @@ mod tests {
         let ctx = ctx();
         let t = Tensor::zeros(ctx, &[4096], DType::F32).unwrap();
         let m = Tensor::zeros(ctx, &[2], DType::U32).unwrap();
-        for l in [AttnLayout::packed(9, 2, 64), AttnLayout::packed(2, 2, 6), AttnLayout::packed(18, 1, 64)] {
-            assert!(attention_decode(ctx, &t, &t, &t, &t, &m, 1, &l, 1.0).is_err(), "{l:?}");
+        for l in [
+            AttnLayout::packed(9, 2, 64),
+            AttnLayout::packed(2, 2, 6),
+            AttnLayout::packed(18, 1, 64),
+        ] {
+            assert!(
+                attention_decode(ctx, &t, &t, &t, &t, &m, 1, &l, 1.0).is_err(),
+                "{l:?}"
+            );
         }
     }
 }

@@ -102,6 +102,7 @@ fn erf(x: f64) -> f64 {
 }
 
 /// Every specialization (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     let mut v = Vec::new();
     for op in 0..3 {
@@ -121,7 +122,8 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
 }
 
 fn n_u32(n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::shape("elementwise", format!("{n} elements exceed 32 bits")))
+    u32::try_from(n)
+        .map_err(|_| Error::shape("elementwise", format!("{n} elements exceed 32 bits")))
 }
 
 fn check_f32(op: &'static str, t: &Tensor, n: usize, name: &str) -> Result<()> {
@@ -153,7 +155,11 @@ pub fn binary(
     if let Some(a) = a {
         check_f32("binary", a, n, "a")?;
     }
-    let entry = if a.is_some() { "binary" } else { "binary_inplace" };
+    let entry = if a.is_some() {
+        "binary"
+    } else {
+        "binary_inplace"
+    };
     let key = PipelineKey::new("elementwise", entry).constant("OP", op as u32 as f64);
     let u = ctx.uniform(&EltParams {
         n: n_u32(n)?,
@@ -164,13 +170,24 @@ pub fn binary(
     ctx.dispatch(
         "binary",
         &key,
-        &[Bind::U(&u), a.map(Bind::T).unwrap_or(Bind::Skip), Bind::T(b), Bind::T(out)],
+        &[
+            Bind::U(&u),
+            a.map(Bind::T).unwrap_or(Bind::Skip),
+            Bind::T(b),
+            Bind::T(out),
+        ],
         grid(ctx, n_u32(n)?.div_ceil(64))?,
     )
 }
 
 /// `out[i] = f(a[i])`, or in place when `a` is `None`.
-pub fn unary(ctx: &Context, f: UnaryOp, out: &Tensor, a: Option<&Tensor>, n: usize) -> Result<Dispatch> {
+pub fn unary(
+    ctx: &Context,
+    f: UnaryOp,
+    out: &Tensor,
+    a: Option<&Tensor>,
+    n: usize,
+) -> Result<Dispatch> {
     if n == 0 {
         return Err(Error::shape("unary", "no elements"));
     }
@@ -179,7 +196,11 @@ pub fn unary(ctx: &Context, f: UnaryOp, out: &Tensor, a: Option<&Tensor>, n: usi
         check_f32("unary", a, n, "a")?;
     }
     let (code, scale) = f.code();
-    let entry = if a.is_some() { "unary" } else { "unary_inplace" };
+    let entry = if a.is_some() {
+        "unary"
+    } else {
+        "unary_inplace"
+    };
     let key = PipelineKey::new("elementwise", entry).constant("F", code as f64);
     let u = ctx.uniform(&EltParams {
         n: n_u32(n)?,
@@ -190,7 +211,12 @@ pub fn unary(ctx: &Context, f: UnaryOp, out: &Tensor, a: Option<&Tensor>, n: usi
     ctx.dispatch(
         "unary",
         &key,
-        &[Bind::U(&u), a.map(Bind::T).unwrap_or(Bind::Skip), Bind::Skip, Bind::T(out)],
+        &[
+            Bind::U(&u),
+            a.map(Bind::T).unwrap_or(Bind::Skip),
+            Bind::Skip,
+            Bind::T(out),
+        ],
         grid(ctx, n_u32(n)?.div_ceil(64))?,
     )
 }
@@ -211,11 +237,17 @@ pub fn swiglu(
         return Err(Error::shape("swiglu", "no elements"));
     }
     check_f32("swiglu", out, n, "out")?;
-    check_f32("swiglu", gate_up, if up.is_some() { n } else { 2 * n }, "gate_up")?;
+    check_f32(
+        "swiglu",
+        gate_up,
+        if up.is_some() { n } else { 2 * n },
+        "gate_up",
+    )?;
     if let Some(u) = up {
         check_f32("swiglu", u, n, "up")?;
     }
-    let key = PipelineKey::new("elementwise", "swiglu").constant("SEPARATE", up.is_some() as u32 as f64);
+    let key =
+        PipelineKey::new("elementwise", "swiglu").constant("SEPARATE", up.is_some() as u32 as f64);
     let u = ctx.uniform(&EltParams {
         n: n_u32(n)?,
         b_len: 1,
@@ -226,7 +258,12 @@ pub fn swiglu(
         "swiglu",
         &key,
         // The fused form never reads `b`, but the layout still has it: bind gate_up twice.
-        &[Bind::U(&u), Bind::T(gate_up), Bind::T(up.unwrap_or(gate_up)), Bind::T(out)],
+        &[
+            Bind::U(&u),
+            Bind::T(gate_up),
+            Bind::T(up.unwrap_or(gate_up)),
+            Bind::T(out),
+        ],
         grid(ctx, n_u32(n)?.div_ceil(64))?,
     )
 }
@@ -254,10 +291,18 @@ mod tests {
                 let a = Tensor::from_f32(ctx, &[n], &av).unwrap();
                 let b = Tensor::from_f32(ctx, &[b_len], &bv).unwrap();
                 let out = Tensor::zeros(ctx, &[n], DType::F32).unwrap();
-                ctx.run(&[binary(ctx, op, &out, Some(&a), &b, n, b_len).unwrap()]).unwrap();
+                ctx.run(&[binary(ctx, op, &out, Some(&a), &b, n, b_len).unwrap()])
+                    .unwrap();
                 assert_close("binary", &out.read_f32(ctx).unwrap(), &want, 0.0, 1e-7);
-                ctx.run(&[binary(ctx, op, &a, None, &b, n, b_len).unwrap()]).unwrap();
-                assert_close("binary in place", &a.read_f32(ctx).unwrap(), &want, 0.0, 1e-7);
+                ctx.run(&[binary(ctx, op, &a, None, &b, n, b_len).unwrap()])
+                    .unwrap();
+                assert_close(
+                    "binary in place",
+                    &a.read_f32(ctx).unwrap(),
+                    &want,
+                    0.0,
+                    1e-7,
+                );
             }
         }
         let a = Tensor::zeros(ctx, &[10], DType::F32).unwrap();
@@ -269,15 +314,34 @@ mod tests {
         let ctx = ctx();
         let mut rng = Rng::new(2);
         for n in [1, 63, 1000] {
-            for f in [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Scale(-0.5), UnaryOp::Copy] {
+            for f in [
+                UnaryOp::Silu,
+                UnaryOp::GeluTanh,
+                UnaryOp::GeluErf,
+                UnaryOp::Scale(-0.5),
+                UnaryOp::Copy,
+            ] {
                 let av = rng.vec(n, -8.0, 8.0);
                 let want: Vec<f32> = av.iter().map(|&x| f.apply(x)).collect();
                 let a = Tensor::from_f32(ctx, &[n], &av).unwrap();
                 let out = Tensor::zeros(ctx, &[n], DType::F32).unwrap();
-                ctx.run(&[unary(ctx, f, &out, Some(&a), n).unwrap()]).unwrap();
-                assert_close(&format!("{f:?}"), &out.read_f32(ctx).unwrap(), &want, 5e-7, 2e-6);
+                ctx.run(&[unary(ctx, f, &out, Some(&a), n).unwrap()])
+                    .unwrap();
+                assert_close(
+                    &format!("{f:?}"),
+                    &out.read_f32(ctx).unwrap(),
+                    &want,
+                    5e-7,
+                    2e-6,
+                );
                 ctx.run(&[unary(ctx, f, &a, None, n).unwrap()]).unwrap();
-                assert_close(&format!("{f:?} in place"), &a.read_f32(ctx).unwrap(), &want, 5e-7, 2e-6);
+                assert_close(
+                    &format!("{f:?} in place"),
+                    &a.read_f32(ctx).unwrap(),
+                    &want,
+                    5e-7,
+                    2e-6,
+                );
             }
         }
     }
@@ -296,14 +360,32 @@ mod tests {
             }
             let t = Tensor::from_f32(ctx, &[rows, 2 * ff], &gu).unwrap();
             let out = Tensor::zeros(ctx, &[rows, ff], DType::F32).unwrap();
-            ctx.run(&[swiglu(ctx, &out, &t, None, rows, ff).unwrap()]).unwrap();
-            assert_close("swiglu fused", &out.read_f32(ctx).unwrap(), &want, 1e-6, 2e-6);
-            let g: Vec<f32> = (0..rows).flat_map(|r| gu[r * 2 * ff..r * 2 * ff + ff].to_vec()).collect();
-            let u: Vec<f32> = (0..rows).flat_map(|r| gu[r * 2 * ff + ff..(r + 1) * 2 * ff].to_vec()).collect();
+            ctx.run(&[swiglu(ctx, &out, &t, None, rows, ff).unwrap()])
+                .unwrap();
+            assert_close(
+                "swiglu fused",
+                &out.read_f32(ctx).unwrap(),
+                &want,
+                1e-6,
+                2e-6,
+            );
+            let g: Vec<f32> = (0..rows)
+                .flat_map(|r| gu[r * 2 * ff..r * 2 * ff + ff].to_vec())
+                .collect();
+            let u: Vec<f32> = (0..rows)
+                .flat_map(|r| gu[r * 2 * ff + ff..(r + 1) * 2 * ff].to_vec())
+                .collect();
             let gt = Tensor::from_f32(ctx, &[rows, ff], &g).unwrap();
             let ut = Tensor::from_f32(ctx, &[rows, ff], &u).unwrap();
-            ctx.run(&[swiglu(ctx, &out, &gt, Some(&ut), rows, ff).unwrap()]).unwrap();
-            assert_close("swiglu separate", &out.read_f32(ctx).unwrap(), &want, 1e-6, 2e-6);
+            ctx.run(&[swiglu(ctx, &out, &gt, Some(&ut), rows, ff).unwrap()])
+                .unwrap();
+            assert_close(
+                "swiglu separate",
+                &out.read_f32(ctx).unwrap(),
+                &want,
+                1e-6,
+                2e-6,
+            );
         }
     }
 

@@ -43,7 +43,13 @@ pub struct DenseMatrix {
 
 impl DenseMatrix {
     /// Uploads `data` (`[rows][cols]`) as `dtype` (F32, or F16 converted with rounding).
-    pub fn upload(ctx: &Context, data: &[f32], rows: usize, cols: usize, dtype: DType) -> Result<Self> {
+    pub fn upload(
+        ctx: &Context,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         if data.len() != rows * cols || !matches!(dtype, DType::F32 | DType::F16) {
             return Err(Error::shape(
                 "dense upload",
@@ -73,10 +79,19 @@ impl DenseMatrix {
                 DType::F32 => Tensor::from_f32(ctx, &[n, cols], part)?,
                 _ => Tensor::from_f32_as_f16(ctx, &[n, cols], part)?,
             };
-            chunks.push(DenseChunk { row_start: start, rows: n, t });
+            chunks.push(DenseChunk {
+                row_start: start,
+                rows: n,
+                t,
+            });
             start += n;
         }
-        Ok(DenseMatrix { dtype, rows, cols, chunks })
+        Ok(DenseMatrix {
+            dtype,
+            rows,
+            cols,
+            chunks,
+        })
     }
 
     /// Device bytes held.
@@ -87,15 +102,31 @@ impl DenseMatrix {
 
 /// `out[t][..] = table[ids[t]]` for `ids` (`[n]` u32); rows outside the table are left
 /// untouched (callers check ids when they write them).
-pub fn embed(ctx: &Context, out: &Tensor, ids: &Tensor, table: &DenseMatrix) -> Result<Vec<Dispatch>> {
+pub fn embed(
+    ctx: &Context,
+    out: &Tensor,
+    ids: &Tensor,
+    table: &DenseMatrix,
+) -> Result<Vec<Dispatch>> {
     let n = ids.numel();
-    if ids.dtype() != DType::U32 || out.dtype() != DType::F32 || out.numel() < n * table.cols || n > 65535 {
+    if ids.dtype() != DType::U32
+        || out.dtype() != DType::F32
+        || out.numel() < n * table.cols
+        || n > 65535
+    {
         return Err(Error::shape(
             "embed",
-            format!("{n} ids into {:?} {:?} from {}x{}", out.dtype(), out.shape(), table.rows, table.cols),
+            format!(
+                "{n} ids into {:?} {:?} from {}x{}",
+                out.dtype(),
+                out.shape(),
+                table.rows,
+                table.cols
+            ),
         ));
     }
-    let key = PipelineKey::new("embed", "embed").constant("HALF", (table.dtype == DType::F16) as u32 as f64);
+    let key = PipelineKey::new("embed", "embed")
+        .constant("HALF", (table.dtype == DType::F16) as u32 as f64);
     table
         .chunks
         .iter()
@@ -117,6 +148,7 @@ pub fn embed(ctx: &Context, out: &Tensor, ids: &Tensor, table: &DenseMatrix) -> 
 }
 
 /// Every specialization (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     vec![
         PipelineKey::new("embed", "embed").constant("HALF", 0.0),
@@ -148,7 +180,13 @@ mod tests {
             .iter()
             .flat_map(|&i| data[i as usize * cols..(i as usize + 1) * cols].to_vec())
             .collect();
-        assert_close(&format!("embed {dtype:?} {rows}x{cols}"), &out.read_f32(ctx).unwrap(), &want, 0.0, 0.0);
+        assert_close(
+            &format!("embed {dtype:?} {rows}x{cols}"),
+            &out.read_f32(ctx).unwrap(),
+            &want,
+            0.0,
+            0.0,
+        );
     }
 
     #[test]

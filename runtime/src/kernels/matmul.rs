@@ -141,9 +141,15 @@ impl MatmulDesc {
             .checked_add((b_rows - 1).checked_mul(self.ldb)?)?
             .checked_add(b_cols)?;
         Some((
-            self.off_a.checked_add(end(self.stride_a, a_rows, self.lda, a_cols)?)?,
+            self.off_a
+                .checked_add(end(self.stride_a, a_rows, self.lda, a_cols)?)?,
             self.off_b.checked_add(b_end)?,
-            self.off_c.checked_add(end(self.stride_c, self.m, self.ldc, self.c_offset + self.n)?)?,
+            self.off_c.checked_add(end(
+                self.stride_c,
+                self.m,
+                self.ldc,
+                self.c_offset + self.n,
+            )?)?,
         ))
     }
 
@@ -185,7 +191,11 @@ impl MatmulDesc {
         if a.dtype() != DType::F32 || c.dtype() != DType::F32 {
             return Err(Error::shape(
                 "matmul",
-                format!("A and C must be f32, got {:?} and {:?}", a.dtype(), c.dtype()),
+                format!(
+                    "A and C must be f32, got {:?} and {:?}",
+                    a.dtype(),
+                    c.dtype()
+                ),
             ));
         }
         if !matches!(b.dtype(), DType::F32 | DType::F16) {
@@ -217,6 +227,7 @@ fn key(entry: &'static str, defs: [bool; 4], overrides: [bool; 3]) -> PipelineKe
 }
 
 /// Every specialization [`matmul`] can build (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     let mut v = Vec::new();
     for entry in ["matmul_sg", "matmul_tiled"] {
@@ -252,14 +263,20 @@ pub fn matmul(
     let b_f16 = b.dtype() == DType::F16;
     let d = desc;
     // vec4 views need 4-aligned leading dimensions, strides and byte offsets.
-    let a_vec4 =
-        !d.a_km && d.lda % 4 == 0 && d.stride_a % 4 == 0 && d.off_a % 4 == 0 && a.offset() % 16 == 0;
+    let a_vec4 = !d.a_km
+        && d.lda % 4 == 0
+        && d.stride_a % 4 == 0
+        && d.off_a % 4 == 0
+        && a.offset() % 16 == 0;
     let b_align = if b_f16 { 8 } else { 16 };
     let b_vec4 =
         d.ldb % 4 == 0 && d.stride_b % 4 == 0 && d.off_b % 4 == 0 && b.offset() % b_align == 0;
     let (entry, groups) = match variant {
         Variant::Subgroup => ("matmul_sg", [d.n.div_ceil(256), d.m.div_ceil(8), d.batch]),
-        _ => ("matmul_tiled", [d.n.div_ceil(64), d.m.div_ceil(64), d.batch]),
+        _ => (
+            "matmul_tiled",
+            [d.n.div_ceil(64), d.m.div_ceil(64), d.batch],
+        ),
     };
     let key = key(
         entry,
@@ -317,7 +334,11 @@ pub fn matmul_ref(a: &[f32], b: &[f32], c: &mut [f32], d: &MatmulDesc) {
                 }
                 let o = &mut c[d.off_c + z * d.stride_c + i * d.ldc + d.c_offset + j];
                 let v = d.alpha as f64 * s;
-                *o = if d.accumulate { (*o as f64 + v) as f32 } else { v as f32 };
+                *o = if d.accumulate {
+                    (*o as f64 + v) as f32
+                } else {
+                    v as f32
+                };
             }
         }
     }
@@ -379,7 +400,8 @@ mod tests {
         for ctx in contexts() {
             for variant in Variant::all(ctx) {
                 for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
-                    for (a_km, b_kn) in [(false, false), (false, true), (true, false), (true, true)] {
+                    for (a_km, b_kn) in [(false, false), (false, true), (true, false), (true, true)]
+                    {
                         let d = MatmulDesc::new(m, n, k).layout(a_km, b_kn);
                         run_case(ctx, d, false, variant, i as u64);
                     }

@@ -10,6 +10,7 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod sample;
+pub mod selfcheck;
 pub mod softmax;
 
 #[cfg(test)]

@@ -41,7 +41,11 @@ pub fn norm(
     if rows == 0 || cols == 0 || !fits(x, rows * cols) || !fits(out, rows * cols) {
         return Err(Error::shape(
             "norm",
-            format!("x {:?} / out {:?} for {rows}x{cols}", x.shape(), out.shape()),
+            format!(
+                "x {:?} / out {:?} for {rows}x{cols}",
+                x.shape(),
+                out.shape()
+            ),
         ));
     }
     for (name, t) in [("weight", weight), ("bias", bias)] {
@@ -58,7 +62,12 @@ pub fn norm(
         return Err(Error::InvalidArgument("RMSNorm takes no bias".into()));
     }
     let wg = if cols >= 1024 { 256 } else { 64 };
-    let key = key(kind == NormKind::Layer, weight.is_some(), bias.is_some(), wg);
+    let key = key(
+        kind == NormKind::Layer,
+        weight.is_some(),
+        bias.is_some(),
+        wg,
+    );
     let u = ctx.uniform(&NormParams {
         rows: rows as u32,
         cols: cols as u32,
@@ -90,6 +99,7 @@ fn key(layer: bool, weight: bool, bias: bool, wg: u32) -> PipelineKey {
 }
 
 /// Every specialization (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     let mut v = Vec::new();
     for bits in 0..8u32 {
@@ -143,10 +153,20 @@ mod tests {
     fn rms_and_layer_norm_match_reference() {
         let ctx = ctx();
         let mut rng = Rng::new(11);
-        for &(rows, cols) in &[(1, 1), (3, 17), (5, 63), (2, 65), (4, 1000), (17, 576), (1, 2049)] {
+        for &(rows, cols) in &[
+            (1, 1),
+            (3, 17),
+            (5, 63),
+            (2, 65),
+            (4, 1000),
+            (17, 576),
+            (1, 2049),
+        ] {
             for kind in [NormKind::Rms, NormKind::Layer] {
                 for with_weight in [true, false] {
-                    let xv: Vec<f32> = (0..rows * cols).map(|_| rng.range(-3.0, 3.0) + 0.5).collect();
+                    let xv: Vec<f32> = (0..rows * cols)
+                        .map(|_| rng.range(-3.0, 3.0) + 0.5)
+                        .collect();
                     let wv = rng.vec(cols, 0.5, 1.5);
                     let bv = rng.vec(cols, -1.0, 1.0);
                     let x = Tensor::from_f32(ctx, &[rows, cols], &xv).unwrap();
@@ -154,8 +174,18 @@ mod tests {
                     let b = Tensor::from_f32(ctx, &[cols], &bv).unwrap();
                     let out = Tensor::zeros(ctx, &[rows, cols], DType::F32).unwrap();
                     let bias = (kind == NormKind::Layer && with_weight).then_some(&b);
-                    let op = norm(ctx, kind, &out, &x, with_weight.then_some(&w), bias, rows, cols, 1e-5)
-                        .unwrap();
+                    let op = norm(
+                        ctx,
+                        kind,
+                        &out,
+                        &x,
+                        with_weight.then_some(&w),
+                        bias,
+                        rows,
+                        cols,
+                        1e-5,
+                    )
+                    .unwrap();
                     ctx.run(&[op]).unwrap();
                     let want = norm_ref(
                         kind,

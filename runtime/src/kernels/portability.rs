@@ -46,35 +46,64 @@ fn parse(shader: &'static str, defs: &ShaderDefs) -> (naga::Module, ModuleInfo) 
     let info = Validator::new(ValidationFlags::all(), capabilities(defs))
         .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
         .validate(&module)
-        .unwrap_or_else(|e| panic!("{shader} {defs:?}: {}\n{:?}", e.emit_to_string(&text), e.as_inner()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{shader} {defs:?}: {}\n{:?}",
+                e.emit_to_string(&text),
+                e.as_inner()
+            )
+        });
     (module, info)
 }
 
 fn translate(key: &PipelineKey, module: &naga::Module, info: &ModuleInfo) {
-    let what = format!("{}::{} {:?} {:?}", key.shader, key.entry, key.defs, key.constants);
+    let what = format!(
+        "{}::{} {:?} {:?}",
+        key.shader, key.entry, key.defs, key.constants
+    );
     let mut constants = naga::back::PipelineConstants::default();
     for (name, value) in key.constant_values() {
         constants.insert(name.to_string(), value);
     }
     let ep = (naga::ShaderStage::Compute, key.entry);
-    let (m, i) = naga::back::pipeline_constants::process_overrides(module, info, Some(ep), &constants)
-        .unwrap_or_else(|e| panic!("{what}: overrides: {e}"));
+    let (m, i) =
+        naga::back::pipeline_constants::process_overrides(module, info, Some(ep), &constants)
+            .unwrap_or_else(|e| panic!("{what}: overrides: {e}"));
     let (m, i) = (m.as_ref(), i.as_ref());
 
-    let spv_opts = spv::Options { lang_version: (1, 3), ..Default::default() };
-    let spv_pipe = spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: key.entry.into() };
-    spv::write_vec(m, i, &spv_opts, Some(&spv_pipe)).unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+    let spv_opts = spv::Options {
+        lang_version: (1, 3),
+        ..Default::default()
+    };
+    let spv_pipe = spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: key.entry.into(),
+    };
+    spv::write_vec(m, i, &spv_opts, Some(&spv_pipe))
+        .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
 
-    let msl_opts = msl::Options { lang_version: (2, 4), ..Default::default() };
-    let msl_pipe = msl::PipelineOptions { entry_point: Some((naga::ShaderStage::Compute, key.entry.into())), ..Default::default() };
+    let msl_opts = msl::Options {
+        lang_version: (2, 4),
+        ..Default::default()
+    };
+    let msl_pipe = msl::PipelineOptions {
+        entry_point: Some((naga::ShaderStage::Compute, key.entry.into())),
+        ..Default::default()
+    };
     msl::write_string(m, i, &msl_opts, &msl_pipe).unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
 
     let modern = key.defs.has("F16") || key.defs.has("SUBGROUP");
     let hlsl_opts = hlsl::Options {
-        shader_model: if modern { hlsl::ShaderModel::V6_2 } else { hlsl::ShaderModel::V5_1 },
+        shader_model: if modern {
+            hlsl::ShaderModel::V6_2
+        } else {
+            hlsl::ShaderModel::V5_1
+        },
         ..Default::default()
     };
-    let hlsl_pipe = hlsl::PipelineOptions { entry_point: Some((naga::ShaderStage::Compute, key.entry.into())) };
+    let hlsl_pipe = hlsl::PipelineOptions {
+        entry_point: Some((naga::ShaderStage::Compute, key.entry.into())),
+    };
     let mut out = String::new();
     hlsl::Writer::new(&mut out, &hlsl_opts, &hlsl_pipe)
         .write(m, i, None)
@@ -83,16 +112,26 @@ fn translate(key: &PipelineKey, module: &naga::Module, info: &ModuleInfo) {
     // wgpu's GL backend offers neither SHADER_F16 nor subgroups: those variants never run
     // there, every other one must.
     if !modern {
-        let glsl_opts = glsl::Options { version: glsl::Version::new_gles(310), ..Default::default() };
+        let glsl_opts = glsl::Options {
+            version: glsl::Version::new_gles(310),
+            ..Default::default()
+        };
         let glsl_pipe = glsl::PipelineOptions {
             shader_stage: naga::ShaderStage::Compute,
             entry_point: key.entry.into(),
             multiview: None,
         };
         let mut out = String::new();
-        glsl::Writer::new(&mut out, m, i, &glsl_opts, &glsl_pipe, naga::proc::BoundsCheckPolicies::default())
-            .and_then(|mut w| w.write())
-            .unwrap_or_else(|e| panic!("{what}: GLSL: {e}"));
+        glsl::Writer::new(
+            &mut out,
+            m,
+            i,
+            &glsl_opts,
+            &glsl_pipe,
+            naga::proc::BoundsCheckPolicies::default(),
+        )
+        .and_then(|mut w| w.write())
+        .unwrap_or_else(|e| panic!("{what}: GLSL: {e}"));
     }
 }
 
@@ -106,8 +145,14 @@ fn every_shader_file_is_registered_and_specialized() {
             continue;
         }
         let name = path.file_stem().unwrap().to_str().unwrap().to_string();
-        assert!(crate::shaders::source(&name).is_some(), "{name}.wgsl is not in shaders::ALL");
-        assert!(keys.iter().any(|k| k.shader == name), "{name}.wgsl has no specialization listed");
+        assert!(
+            crate::shaders::source(&name).is_some(),
+            "{name}.wgsl is not in shaders::ALL"
+        );
+        assert!(
+            keys.iter().any(|k| k.shader == name),
+            "{name}.wgsl has no specialization listed"
+        );
         assert_eq!(
             crate::shaders::source(&name).unwrap(),
             std::fs::read_to_string(&path).unwrap(),
@@ -120,7 +165,10 @@ fn every_shader_file_is_registered_and_specialized() {
 fn every_specialization_translates_to_all_backends() {
     let mut by_module: BTreeMap<(&'static str, ShaderDefs), Vec<PipelineKey>> = BTreeMap::new();
     for k in all_keys() {
-        by_module.entry((k.shader, k.defs.clone())).or_default().push(k);
+        by_module
+            .entry((k.shader, k.defs.clone()))
+            .or_default()
+            .push(k);
     }
     let mut n = 0;
     for ((shader, defs), keys) in &by_module {

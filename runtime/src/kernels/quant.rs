@@ -142,11 +142,17 @@ fn base_key(entry: &'static str, ty: QuantType, sg: bool, accumulate: bool) -> P
 }
 
 /// Every specialization of `shaders/quant.wgsl` (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     let mut v = Vec::new();
     for ty in QuantType::ALL {
         for acc in [false, true] {
-            for (entry, sg) in [("qmv_sg", true), ("qmm_sg", true), ("qmv_tiled", false), ("qmm_tiled", false)] {
+            for (entry, sg) in [
+                ("qmv_sg", true),
+                ("qmm_sg", true),
+                ("qmv_tiled", false),
+                ("qmm_tiled", false),
+            ] {
                 v.push(base_key(entry, ty, sg, acc));
             }
         }
@@ -238,7 +244,13 @@ pub fn qmatmul(
         ops.push(ctx.dispatch(
             "qmatmul",
             &key,
-            &[Bind::U(&u), Bind::T(x), Bind::T(&c.q), Bind::T(&c.s), Bind::T(y)],
+            &[
+                Bind::U(&u),
+                Bind::T(x),
+                Bind::T(&c.q),
+                Bind::T(&c.s),
+                Bind::T(y),
+            ],
             [groups[0] as u32, groups[1] as u32, 1],
         )?);
     }
@@ -304,10 +316,21 @@ mod tests {
     fn random_matrix(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Repacked, Vec<f32>) {
         let mut rng = Rng::new(seed);
         let raw = random_blocks(ty, &mut rng, rows * cols / ty.block_elems());
-        (repack(ty, rows, cols, &raw).unwrap(), dequantize(ty, &raw).unwrap())
+        (
+            repack(ty, rows, cols, &raw).unwrap(),
+            dequantize(ty, &raw).unwrap(),
+        )
     }
 
-    fn check(ctx: &Context, ty: QuantType, m: usize, n: usize, k: usize, variant: Variant, shape: QShape) {
+    fn check(
+        ctx: &Context,
+        ty: QuantType,
+        m: usize,
+        n: usize,
+        k: usize,
+        variant: Variant,
+        shape: QShape,
+    ) {
         let seed = (m * 7919 + n * 31 + k) as u64 ^ ty.ggml_id() as u64;
         let (r, wf) = random_matrix(ty, n, k, seed);
         let w = QMatrix::upload(ctx, &r).unwrap();
@@ -342,7 +365,9 @@ mod tests {
                 let be = ty.block_elems();
                 for variant in Variant::all(ctx) {
                     for shape in [QShape::Vector, QShape::Matrix] {
-                        for &(m, n, kb) in &[(1, 3, 1), (2, 65, 3), (9, 17, 2), (3, 1030, 1), (17, 63, 1)] {
+                        for &(m, n, kb) in
+                            &[(1, 3, 1), (2, 65, 3), (9, 17, 2), (3, 1030, 1), (17, 63, 1)]
+                        {
                             check(ctx, ty, m, n, kb * be, variant, shape);
                         }
                     }
@@ -380,7 +405,13 @@ mod tests {
                     let ops = qmatmul(&ctx, &y, &x, &w, &d, variant, shape).unwrap();
                     assert_eq!(ops.len(), w.chunks.len());
                     ctx.run(&ops).unwrap();
-                    assert_close("split qmatmul", &y.read_f32(&ctx).unwrap(), &want, 1e-4, 1e-5);
+                    assert_close(
+                        "split qmatmul",
+                        &y.read_f32(&ctx).unwrap(),
+                        &want,
+                        1e-4,
+                        1e-5,
+                    );
                 }
             }
             // The gather reads each row from whichever chunk holds it.
@@ -391,7 +422,13 @@ mod tests {
                 .iter()
                 .flat_map(|&i| wf[i as usize * k..(i as usize + 1) * k].to_vec())
                 .collect();
-            assert_close("split gather", &out.read_f32(&ctx).unwrap(), &want, 1e-30, 2.5e-7);
+            assert_close(
+                "split gather",
+                &out.read_f32(&ctx).unwrap(),
+                &want,
+                1e-30,
+                2.5e-7,
+            );
         }
     }
 
@@ -422,8 +459,16 @@ mod tests {
         let w = QMatrix::upload(ctx, &r).unwrap();
         let x = Tensor::zeros(ctx, &[2, 32], DType::F32).unwrap();
         let y = Tensor::zeros(ctx, &[2, 4], DType::F32).unwrap();
-        let e = qmatmul(ctx, &y, &x, &w, &QMatmulDesc::new(2, &w), Variant::Auto, QShape::Auto)
-            .unwrap_err();
+        let e = qmatmul(
+            ctx,
+            &y,
+            &x,
+            &w,
+            &QMatmulDesc::new(2, &w),
+            Variant::Auto,
+            QShape::Auto,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("X is"), "{e}");
     }
 }

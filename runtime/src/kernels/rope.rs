@@ -206,8 +206,14 @@ fn key(neox: bool, inverse: bool) -> PipelineKey {
 }
 
 /// Every specialization (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
-    vec![key(false, false), key(false, true), key(true, false), key(true, true)]
+    vec![
+        key(false, false),
+        key(false, true),
+        key(true, false),
+        key(true, true),
+    ]
 }
 
 /// CPU reference, in place.
@@ -223,7 +229,10 @@ pub fn rope_ref(x: &mut [f32], pos: &[u32], cfg: &RopeConfig, l: HeadLayout, inv
                     (base + 2 * i, base + 2 * i + 1)
                 };
                 let (c, s) = cfg.angle(pos[t] as usize, i);
-                let (c, s) = (c as f32 as f64, if inverse { -(s as f32) } else { s as f32 } as f64);
+                let (c, s) = (
+                    c as f32 as f64,
+                    if inverse { -(s as f32) } else { s as f32 } as f64,
+                );
                 let (a, b) = (x[i0] as f64, x[i1] as f64);
                 x[i0] = (a * c - b * s) as f32;
                 x[i1] = (a * s + b * c) as f32;
@@ -247,29 +256,60 @@ mod tests {
         let table = RopeTable::new(ctx, cfg, 640).unwrap();
         let x = Tensor::from_f32(ctx, &[n], &xv).unwrap();
         let p = Tensor::from_slice(ctx, &[l.tokens], DType::U32, &pos).unwrap();
-        ctx.run(&[rope(ctx, &x, &p, &table, l, inverse).unwrap()]).unwrap();
+        ctx.run(&[rope(ctx, &x, &p, &table, l, inverse).unwrap()])
+            .unwrap();
         let mut want = xv.clone();
         rope_ref(&mut want, &pos, &cfg, l, inverse);
-        assert_close(&format!("{cfg:?} {l:?}"), &x.read_f32(ctx).unwrap(), &want, 1e-6, 1e-6);
+        assert_close(
+            &format!("{cfg:?} {l:?}"),
+            &x.read_f32(ctx).unwrap(),
+            &want,
+            1e-6,
+            1e-6,
+        );
     }
 
     #[test]
     fn normal_neox_partial_inverse() {
-        let l = HeadLayout { tokens: 17, heads: 3, head_dim: 64, ld: 3 * 64, offset: 0 };
+        let l = HeadLayout {
+            tokens: 17,
+            heads: 3,
+            head_dim: 64,
+            ld: 3 * 64,
+            offset: 0,
+        };
         for neox in [false, true] {
             check(RopeConfig::new(64, 10000.0, neox), l, false, 1);
             check(RopeConfig::new(64, 500000.0, neox), l, true, 2);
             // Partial rotation (only the first 32 of 64 dims), inside a fused QKV row.
-            let l2 = HeadLayout { tokens: 5, heads: 2, head_dim: 64, ld: 400, offset: 72 };
+            let l2 = HeadLayout {
+                tokens: 5,
+                heads: 2,
+                head_dim: 64,
+                ld: 400,
+                offset: 72,
+            };
             check(RopeConfig::new(32, 10000.0, neox), l2, false, 3);
         }
-        let one = HeadLayout { tokens: 1, heads: 1, head_dim: 2, ld: 2, offset: 0 };
+        let one = HeadLayout {
+            tokens: 1,
+            heads: 1,
+            head_dim: 2,
+            ld: 2,
+            offset: 0,
+        };
         check(RopeConfig::new(2, 10000.0, false), one, false, 4);
     }
 
     #[test]
     fn yarn_and_linear_scaling() {
-        let l = HeadLayout { tokens: 9, heads: 2, head_dim: 128, ld: 256, offset: 0 };
+        let l = HeadLayout {
+            tokens: 9,
+            heads: 2,
+            head_dim: 128,
+            ld: 256,
+            offset: 0,
+        };
         let mut cfg = RopeConfig::new(128, 10000.0, true);
         cfg.freq_scale = 0.25;
         check(cfg, l, false, 5);
@@ -286,8 +326,11 @@ mod tests {
         let pos: Vec<u32> = (0..9).map(|i| i * 50).collect();
         let p = Tensor::from_slice(ctx, &[9], DType::U32, &pos).unwrap();
         let t = RopeTable::new(ctx, RopeConfig::new(128, 10000.0, true), 512).unwrap();
-        ctx.run(&[rope(ctx, &x, &p, &t, l, false).unwrap(), rope(ctx, &x, &p, &t, l, true).unwrap()])
-            .unwrap();
+        ctx.run(&[
+            rope(ctx, &x, &p, &t, l, false).unwrap(),
+            rope(ctx, &x, &p, &t, l, true).unwrap(),
+        ])
+        .unwrap();
         assert_close("round trip", &x.read_f32(ctx).unwrap(), &xv, 1e-6, 1e-5);
     }
 
@@ -297,7 +340,13 @@ mod tests {
         let t = RopeTable::new(ctx, RopeConfig::new(64, 1e4, false), 8).unwrap();
         let x = Tensor::zeros(ctx, &[100], DType::F32).unwrap();
         let p = Tensor::zeros(ctx, &[2], DType::U32).unwrap();
-        let l = HeadLayout { tokens: 2, heads: 1, head_dim: 64, ld: 64, offset: 0 };
+        let l = HeadLayout {
+            tokens: 2,
+            heads: 1,
+            head_dim: 64,
+            ld: 64,
+            offset: 0,
+        };
         assert!(rope(ctx, &x, &p, &t, l, false).is_err());
         assert!(RopeTable::new(ctx, RopeConfig::new(63, 1e4, false), 8).is_err());
     }

@@ -35,12 +35,24 @@ uniform! {
 /// min-p act on the 1024 most likely tokens).
 pub const MAX_CANDIDATES: usize = 1024;
 
-fn check_logits(op: &'static str, logits: &Tensor, rows: usize, vocab: usize, ld: usize) -> Result<()> {
+fn check_logits(
+    op: &'static str,
+    logits: &Tensor,
+    rows: usize,
+    vocab: usize,
+    ld: usize,
+) -> Result<()> {
     if rows == 0 || rows > 65535 || vocab == 0 || ld < vocab || logits.dtype() != DType::F32 {
-        return Err(Error::shape(op, format!("{rows} rows of {vocab} (ld {ld})")));
+        return Err(Error::shape(
+            op,
+            format!("{rows} rows of {vocab} (ld {ld})"),
+        ));
     }
     if logits.numel() < (rows - 1) * ld + vocab {
-        return Err(Error::shape(op, format!("logits {:?} for {rows}x{vocab}", logits.shape())));
+        return Err(Error::shape(
+            op,
+            format!("logits {:?} for {rows}x{vocab}", logits.shape()),
+        ));
     }
     Ok(())
 }
@@ -67,13 +79,21 @@ pub fn sample(
 ) -> Result<Dispatch> {
     check_logits("sample", logits, rows, vocab, ld)?;
     if out.dtype() != DType::U32 || out.numel() < rows || row_params.numel() < rows * 8 {
-        return Err(Error::shape("sample", format!("out {:?} / params {:?}", out.shape(), row_params.shape())));
+        return Err(Error::shape(
+            "sample",
+            format!("out {:?} / params {:?}", out.shape(), row_params.shape()),
+        ));
     }
     let u = params(ctx, rows, vocab, ld);
     ctx.dispatch(
         "sample",
         &PipelineKey::new("sample", "sample"),
-        &[Bind::U(&u), Bind::T(logits), Bind::T(row_params), Bind::T(out)],
+        &[
+            Bind::U(&u),
+            Bind::T(logits),
+            Bind::T(row_params),
+            Bind::T(out),
+        ],
         [rows as u32, 1, 1],
     )
 }
@@ -94,16 +114,32 @@ pub fn penalize(
     ctx.dispatch(
         "penalize",
         &PipelineKey::new("sample", "penalize"),
-        &[Bind::U(&u), Bind::T(logits), Bind::T(row_params), Bind::Skip, Bind::T(penalty_ids)],
+        &[
+            Bind::U(&u),
+            Bind::T(logits),
+            Bind::T(row_params),
+            Bind::Skip,
+            Bind::T(penalty_ids),
+        ],
         [rows as u32, 1, 1],
     )
 }
 
 /// `out[r]` = first index of the largest logit of row `r`.
-pub fn argmax(ctx: &Context, out: &Tensor, logits: &Tensor, rows: usize, vocab: usize, ld: usize) -> Result<Dispatch> {
+pub fn argmax(
+    ctx: &Context,
+    out: &Tensor,
+    logits: &Tensor,
+    rows: usize,
+    vocab: usize,
+    ld: usize,
+) -> Result<Dispatch> {
     check_logits("argmax", logits, rows, vocab, ld)?;
     if out.dtype() != DType::U32 || out.numel() < rows {
-        return Err(Error::shape("argmax", format!("out {:?} for {rows} rows", out.shape())));
+        return Err(Error::shape(
+            "argmax",
+            format!("out {:?} for {rows} rows", out.shape()),
+        ));
     }
     let u = params(ctx, rows, vocab, ld);
     ctx.dispatch(
@@ -127,7 +163,10 @@ pub fn nll(
 ) -> Result<Dispatch> {
     check_logits("nll", logits, rows, vocab, ld)?;
     if out.numel() < 2 * rows || targets.dtype() != DType::U32 || targets.numel() < rows {
-        return Err(Error::shape("nll", format!("out {:?} / targets {:?}", out.shape(), targets.shape())));
+        return Err(Error::shape(
+            "nll",
+            format!("out {:?} / targets {:?}", out.shape(), targets.shape()),
+        ));
     }
     let u = params(ctx, rows, vocab, ld);
     ctx.dispatch(
@@ -147,6 +186,7 @@ pub fn nll(
 }
 
 /// Every specialization (for the portability test).
+#[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
     ["sample", "penalize", "argmax", "nll"]
         .iter()
@@ -252,9 +292,16 @@ mod tests {
                 })
                 .collect();
             let logits = Tensor::from_f32(ctx, &[rows, vocab], &lv).unwrap();
-            let params = Tensor::from_slice(ctx, &[rows * 8], DType::U32, bytemuck::cast_slice::<_, u32>(&rp)).unwrap();
+            let params = Tensor::from_slice(
+                ctx,
+                &[rows * 8],
+                DType::U32,
+                bytemuck::cast_slice::<_, u32>(&rp),
+            )
+            .unwrap();
             let out = Tensor::zeros(ctx, &[rows], DType::U32).unwrap();
-            ctx.run(&[sample(ctx, &out, &logits, &params, rows, vocab, vocab).unwrap()]).unwrap();
+            ctx.run(&[sample(ctx, &out, &logits, &params, rows, vocab, vocab).unwrap()])
+                .unwrap();
             let got = out.read_u32(ctx).unwrap();
             for r in 0..rows {
                 let want = sample_ref(&lv[r * vocab..(r + 1) * vocab], &rp[r]);
@@ -271,20 +318,41 @@ mod tests {
         let rows = 400;
         let mut rng = Rng::new(5);
         let rp: Vec<RowParams> = (0..rows)
-            .map(|_| RowParams { temperature: 1.0, top_k: 3, top_p: 1.0, u: rng.uniform(), penalty: 1.0, ..Default::default() })
+            .map(|_| RowParams {
+                temperature: 1.0,
+                top_k: 3,
+                top_p: 1.0,
+                u: rng.uniform(),
+                penalty: 1.0,
+                ..Default::default()
+            })
             .collect();
         let all: Vec<f32> = (0..rows).flat_map(|_| lv).collect();
         let logits = Tensor::from_f32(ctx, &[rows, 4], &all).unwrap();
-        let params = Tensor::from_slice(ctx, &[rows * 8], DType::U32, bytemuck::cast_slice::<_, u32>(&rp)).unwrap();
+        let params = Tensor::from_slice(
+            ctx,
+            &[rows * 8],
+            DType::U32,
+            bytemuck::cast_slice::<_, u32>(&rp),
+        )
+        .unwrap();
         let out = Tensor::zeros(ctx, &[rows], DType::U32).unwrap();
-        ctx.run(&[sample(ctx, &out, &logits, &params, rows, 4, 4).unwrap()]).unwrap();
+        ctx.run(&[sample(ctx, &out, &logits, &params, rows, 4, 4).unwrap()])
+            .unwrap();
         let got = out.read_u32(ctx).unwrap();
         let z: f64 = lv[..3].iter().map(|&x| (x as f64).exp()).sum();
         for id in 0..4 {
             let n = got.iter().filter(|&&g| g == id).count() as f64;
-            let p = if id < 3 { (lv[id as usize] as f64).exp() / z } else { 0.0 };
+            let p = if id < 3 {
+                (lv[id as usize] as f64).exp() / z
+            } else {
+                0.0
+            };
             let sd = (rows as f64 * p * (1.0 - p)).sqrt().max(0.5);
-            assert!((n - rows as f64 * p).abs() <= 5.0 * sd, "token {id}: {n} of {rows}, p = {p}");
+            assert!(
+                (n - rows as f64 * p).abs() <= 5.0 * sd,
+                "token {id}: {n} of {rows}, p = {p}"
+            );
         }
     }
 
@@ -300,20 +368,26 @@ mod tests {
         lv[2 * vocab + 4] = 7.0;
         let logits = Tensor::from_f32(ctx, &[rows, vocab], &lv).unwrap();
         let out = Tensor::zeros(ctx, &[rows], DType::U32).unwrap();
-        ctx.run(&[argmax(ctx, &out, &logits, rows, vocab, vocab).unwrap()]).unwrap();
+        ctx.run(&[argmax(ctx, &out, &logits, rows, vocab, vocab).unwrap()])
+            .unwrap();
         assert_eq!(out.read_u32(ctx).unwrap(), vec![17, 4999, 3]);
 
         let targets: Vec<u32> = vec![17, 0, 4];
         let tt = Tensor::from_slice(ctx, &[rows], DType::U32, &targets).unwrap();
         let nl = Tensor::zeros(ctx, &[rows, 2], DType::F32).unwrap();
-        ctx.run(&[nll(ctx, &nl, &logits, &tt, rows, vocab, vocab).unwrap()]).unwrap();
+        ctx.run(&[nll(ctx, &nl, &logits, &tt, rows, vocab, vocab).unwrap()])
+            .unwrap();
         let got = nl.read_f32(ctx).unwrap();
         for r in 0..rows {
             let row = &lv[r * vocab..(r + 1) * vocab];
             let m = row.iter().cloned().fold(f64::MIN, |a, b| a.max(b as f64));
             let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
             let want = lse - row[targets[r] as usize] as f64;
-            assert!((got[2 * r] as f64 - want).abs() < 1e-5, "row {r}: {} vs {want}", got[2 * r]);
+            assert!(
+                (got[2 * r] as f64 - want).abs() < 1e-5,
+                "row {r}: {} vs {want}",
+                got[2 * r]
+            );
             assert_eq!(got[2 * r + 1].to_bits(), [17, 4999, 3][r]);
         }
 
@@ -321,13 +395,31 @@ mod tests {
         lv[20] = -1.5;
         let logits = Tensor::from_f32(ctx, &[rows, vocab], &lv).unwrap();
         let rp = [
-            RowParams { penalty: 2.0, n_penalty: 2, penalty_off: 0, ..Default::default() },
-            RowParams { penalty: 1.0, ..Default::default() },
-            RowParams { penalty: 1.0, ..Default::default() },
+            RowParams {
+                penalty: 2.0,
+                n_penalty: 2,
+                penalty_off: 0,
+                ..Default::default()
+            },
+            RowParams {
+                penalty: 1.0,
+                ..Default::default()
+            },
+            RowParams {
+                penalty: 1.0,
+                ..Default::default()
+            },
         ];
-        let params = Tensor::from_slice(ctx, &[rows * 8], DType::U32, bytemuck::cast_slice::<_, u32>(&rp)).unwrap();
+        let params = Tensor::from_slice(
+            ctx,
+            &[rows * 8],
+            DType::U32,
+            bytemuck::cast_slice::<_, u32>(&rp),
+        )
+        .unwrap();
         let ids = Tensor::from_slice(ctx, &[2], DType::U32, &[17u32, 20]).unwrap();
-        ctx.run(&[penalize(ctx, &logits, &params, &ids, rows, vocab, vocab).unwrap()]).unwrap();
+        ctx.run(&[penalize(ctx, &logits, &params, &ids, rows, vocab, vocab).unwrap()])
+            .unwrap();
         let got = logits.read_f32(ctx).unwrap();
         assert_eq!(got[17], 4.5);
         assert_eq!(got[20], -3.0);

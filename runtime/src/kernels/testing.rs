@@ -41,7 +41,11 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rto
         if err <= tol {
             continue;
         }
-        let r = if err.is_nan() || tol == 0.0 { f32::INFINITY } else { err / tol };
+        let r = if err.is_nan() || tol == 0.0 {
+            f32::INFINITY
+        } else {
+            err / tol
+        };
         if r > worst.1 {
             worst = (i, r);
         }

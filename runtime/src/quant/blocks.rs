@@ -225,7 +225,8 @@ mod tests {
     #[test]
     fn matches_gguf_python_dequantizer() {
         let fixture: serde_json::Value =
-            serde_json::from_str(include_str!("../../../tests/fixtures/quant_blocks.json")).unwrap();
+            serde_json::from_str(include_str!("../../../tests/fixtures/quant_blocks.json"))
+                .unwrap();
         for ty in QuantType::ALL {
             let case = &fixture[ty.name()];
             let hex = case["hex"].as_str().unwrap();

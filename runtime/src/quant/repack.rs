@@ -29,7 +29,10 @@ fn half_word(b: &[u8], at: usize) -> u32 {
 }
 
 fn bytes_to_words(b: &[u8], out: &mut Vec<u32>) {
-    out.extend(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    out.extend(
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
 }
 
 /// Repacks one block's bytes, appending to `q` and `s`.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of the project: the Rust workspace (kernels on the machine's GPU, or on
+# Mesa's lavapipe CPU Vulkan driver when there is none) and, as they land, the C, C++ and
+# Python binding tests.
+#
+#   scripts/test.sh            install lavapipe if no Vulkan driver is present (as root)
+#   EMBER_NO_INSTALL=1 ...     never install anything
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_vulkan_driver() {
+  ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json 2>/dev/null | grep -q . \
+    && ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'
+}
+
+if [ "$(uname -s)" = Linux ] && ! have_vulkan_driver; then
+  if [ "${EMBER_NO_INSTALL:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test.sh: no Vulkan driver found; installing Mesa's lavapipe (mesa-vulkan-drivers)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+  else
+    echo "test.sh: no Vulkan driver found; install one (e.g. apt-get install mesa-vulkan-drivers)" >&2
+  fi
+fi
+
+# Quiet the Wayland probe of the Vulkan loader on headless machines.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+cargo test --workspace --locked
+echo "test.sh: all tests passed"
