@@ -1,8 +1,8 @@
 // Row normalization: RMSNorm (LAYER = false) or LayerNorm (LAYER = true).
 //
-//   x:   [rows][ld_x] f32, cols used
+//   x:   [rows][ld_x] f32 from element x_off, cols used
 //   w:   [cols] f32 scale (HAS_WEIGHT), b: [cols] f32 shift (HAS_BIAS, LayerNorm)
-//   out: [rows][ld_out] f32
+//   out: [rows][ld_out] f32 from element out_off
 // RMSNorm:   out = x / sqrt(mean(x^2) + eps) * w
 // LayerNorm: out = (x - mean) / sqrt(var + eps) * w + b   (var from a second pass)
 // One workgroup per row; WG invocations stride over the columns and reduce in workgroup
@@ -14,6 +14,9 @@ struct NormParams {
     ld_x: u32,
     ld_out: u32,
     eps: f32,
+    x_off: u32,
+    out_off: u32,
+    _pad: u32,
 }
 
 override LAYER: bool = false;
@@ -47,8 +50,8 @@ fn norm(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let row = wg.x + wg.y * nwg.x;
     if (row >= p.rows) { return; }
-    let xb = row * p.ld_x;
-    let ob = row * p.ld_out;
+    let xb = p.x_off + row * p.ld_x;
+    let ob = p.out_off + row * p.ld_out;
     let n = f32(p.cols);
     var mean = 0.0;
     if (LAYER) {

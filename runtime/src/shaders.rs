@@ -9,6 +9,7 @@ pub const ALL: &[(&str, &str)] = &[
         include_str!("../../shaders/elementwise.wgsl"),
     ),
     ("embed", include_str!("../../shaders/embed.wgsl")),
+    ("kv", include_str!("../../shaders/kv.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),

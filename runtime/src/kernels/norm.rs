@@ -12,6 +12,9 @@ uniform! {
         ld_x: u32,
         ld_out: u32,
         eps: f32,
+        x_off: u32,
+        out_off: u32,
+        _pad: u32,
     }
 }
 
@@ -22,6 +25,34 @@ pub enum NormKind {
     Rms,
     /// `(x - mean) / sqrt(var + eps) * w + b`.
     Layer,
+}
+
+/// Rows, strides and offsets of a normalization.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormDesc {
+    /// RMSNorm or LayerNorm.
+    pub kind: NormKind,
+    /// Rows normalized.
+    pub rows: usize,
+    /// Values per row.
+    pub cols: usize,
+    /// Epsilon added to the variance.
+    pub eps: f32,
+    /// Row stride of x (elements).
+    pub ld_x: usize,
+    /// Row stride of out.
+    pub ld_out: usize,
+    /// First element of x.
+    pub x_off: usize,
+    /// First element of out.
+    pub out_off: usize,
+}
+
+impl NormDesc {
+    /// Packed rows.
+    pub fn new(kind: NormKind, rows: usize, cols: usize, eps: f32) -> Self {
+        NormDesc { kind, rows, cols, eps, ld_x: cols, ld_out: cols, x_off: 0, out_off: 0 }
+    }
 }
 
 /// Normalizes each of `rows` rows of `x` (`[rows][cols]`) into `out`, scaled by `weight`
@@ -37,15 +68,31 @@ pub fn norm(
     cols: usize,
     eps: f32,
 ) -> Result<Dispatch> {
+    norm_with(ctx, out, x, weight, bias, &NormDesc::new(kind, rows, cols, eps))
+}
+
+/// [`norm`] with explicit strides and offsets (`x` and `out` must not share a buffer).
+pub fn norm_with(
+    ctx: &Context,
+    out: &Tensor,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    d: &NormDesc,
+) -> Result<Dispatch> {
+    let (rows, cols, kind) = (d.rows, d.cols, d.kind);
     let fits = |t: &Tensor, n: usize| t.dtype() == DType::F32 && t.numel() >= n;
-    if rows == 0 || cols == 0 || !fits(x, rows * cols) || !fits(out, rows * cols) {
+    let need = |off: usize, ld: usize| off + rows.saturating_sub(1) * ld + cols;
+    if rows == 0
+        || cols == 0
+        || d.ld_x < cols
+        || d.ld_out < cols
+        || !fits(x, need(d.x_off, d.ld_x))
+        || !fits(out, need(d.out_off, d.ld_out))
+    {
         return Err(Error::shape(
             "norm",
-            format!(
-                "x {:?} / out {:?} for {rows}x{cols}",
-                x.shape(),
-                out.shape()
-            ),
+            format!("x {:?} / out {:?} for {d:?}", x.shape(), out.shape()),
         ));
     }
     for (name, t) in [("weight", weight), ("bias", bias)] {
@@ -62,18 +109,16 @@ pub fn norm(
         return Err(Error::InvalidArgument("RMSNorm takes no bias".into()));
     }
     let wg = if cols >= 1024 { 256 } else { 64 };
-    let key = key(
-        kind == NormKind::Layer,
-        weight.is_some(),
-        bias.is_some(),
-        wg,
-    );
+    let key = key(kind == NormKind::Layer, weight.is_some(), bias.is_some(), wg);
     let u = ctx.uniform(&NormParams {
         rows: rows as u32,
         cols: cols as u32,
-        ld_x: cols as u32,
-        ld_out: cols as u32,
-        eps,
+        ld_x: d.ld_x as u32,
+        ld_out: d.ld_out as u32,
+        eps: d.eps,
+        x_off: d.x_off as u32,
+        out_off: d.out_off as u32,
+        _pad: 0,
     });
     ctx.dispatch(
         "norm",
@@ -205,6 +250,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn strided_rows_with_offsets() {
+        // The last row of a [3][10] buffer into the middle of a [2][12] one.
+        let ctx = ctx();
+        let xv = Rng::new(4).vec(30, -2.0, 2.0);
+        let x = Tensor::from_f32(ctx, &[30], &xv).unwrap();
+        let out = Tensor::zeros(ctx, &[24], DType::F32).unwrap();
+        let mut d = NormDesc::new(NormKind::Rms, 1, 10, 1e-6);
+        d.x_off = 20;
+        d.out_off = 13;
+        ctx.run(&[norm_with(ctx, &out, &x, None, None, &d).unwrap()]).unwrap();
+        let got = out.read_f32(ctx).unwrap();
+        let want = norm_ref(NormKind::Rms, &xv[20..30], None, None, 10, 1e-6);
+        assert_close("offset row", &got[13..23], &want, 1e-6, 1e-6);
+        assert!(got[..13].iter().chain(&got[23..]).all(|&v| v == 0.0));
+        d.x_off = 21;
+        assert!(norm_with(ctx, &out, &x, None, None, &d).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ fn all_keys() -> Vec<PipelineKey> {
         attention::keys(),
         elementwise::keys(),
         embed::keys(),
+        kv::keys(),
         matmul::keys(),
         norm::keys(),
         quant::keys(),
@@ -221,4 +222,5 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<attention::AttnParams>("attention");
     check_uniform::<sample::SampleParams>("sample");
     check_uniform::<sample::RowParams>("sample");
+    check_uniform::<kv::KvParams>("kv");
 }
