@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod error;
+pub mod format;
 pub mod gpu;
 pub mod kernels;
 pub mod quant;
