@@ -1,1 +1,3 @@
 //! Shared helpers for Ember's integration tests.
+
+pub mod tiny;
