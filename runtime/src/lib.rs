@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod quant;
 pub mod shaders;
+pub mod tokenizer;
 pub mod util;
 
 pub use error::{Error, ErrorKind, Result};
