@@ -24,7 +24,8 @@
 //! a missing or unparsable required key are errors here (llama.cpp warns and falls back, or
 //! crashes); a `gpt2` vocabulary without BOS/EOS keys has no BOS/EOS (llama.cpp defaults both
 //! to id 11). Per-model token attributes llama.cpp sets by model name (`lstrip`/`rstrip` for
-//! Phi-3, Jina and ModernBERT masks) are not applied.
+//! Phi-3, Jina and ModernBERT masks) are not applied, nor is llama.cpp's optional
+//! `clean_spaces` detokenization pass (see [`Tokenizer::decode`](super::Tokenizer::decode)).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -170,8 +171,6 @@ pub(crate) struct PreTokenizerSpec {
     pub ignore_merges: bool,
     /// Default of `add_bos_token` when the file does not say.
     pub add_bos: bool,
-    /// llama.cpp's `clean_spaces` for detokenization (`" ,"` -> `","` and friends).
-    pub clean_spaces: bool,
     /// The vocabulary has no BOS token (ChatGLM).
     pub no_bos: bool,
 }
@@ -183,13 +182,8 @@ impl PreTokenizerSpec {
             regexes,
             ignore_merges: false,
             add_bos: false,
-            clean_spaces: true,
             no_bos: false,
         }
-    }
-    const fn no_clean(mut self) -> Self {
-        self.clean_spaces = false;
-        self
     }
     const fn llama3_flags(mut self) -> Self {
         self.ignore_merges = true;
@@ -216,13 +210,11 @@ const SPEC_DEEPSEEK_LLM: PreTokenizerSpec = PreTokenizerSpec::new(
         DEEPSEEK_CJK,
         r"\p{N}+",
     ],
-)
-.no_clean();
+);
 const SPEC_DEEPSEEK_CODER: PreTokenizerSpec = PreTokenizerSpec::new(
     "deepseek-coder",
     &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"],
-)
-.no_clean();
+);
 const SPEC_DEEPSEEK3: PreTokenizerSpec = PreTokenizerSpec::new(
     "deepseek3-llm",
     &[
@@ -230,16 +222,13 @@ const SPEC_DEEPSEEK3: PreTokenizerSpec = PreTokenizerSpec::new(
         "[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+",
         r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
     ],
-)
-.no_clean();
+);
 const SPEC_FALCON: PreTokenizerSpec = PreTokenizerSpec::new(
     "falcon",
     &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"],
 );
-const SPEC_TEKKEN: PreTokenizerSpec = PreTokenizerSpec::new("tekken", &[TEKKEN])
-    .no_clean()
-    .llama3_flags();
-const SPEC_GPT4O: PreTokenizerSpec = PreTokenizerSpec::new("gpt-4o", &[GPT4O]).no_clean();
+const SPEC_TEKKEN: PreTokenizerSpec = PreTokenizerSpec::new("tekken", &[TEKKEN]).llama3_flags();
+const SPEC_GPT4O: PreTokenizerSpec = PreTokenizerSpec::new("gpt-4o", &[GPT4O]);
 const SPEC_BLOOM: PreTokenizerSpec = PreTokenizerSpec::new(
     "bloom",
     &[" ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+"],
@@ -255,8 +244,7 @@ pub(crate) fn pre_tokenizer_spec(pre: Option<&str>) -> (PreTokenizerSpec, bool) 
     let spec = match pre {
         "" | "default" => SPEC_DEFAULT,
         "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "gigachat" | "exaone4" | "mellum"
-        | "a.x-4.0" => SPEC_GPT2,
-        "trillion" | "granite-docling" => SPEC_GPT2.no_clean(),
+        | "a.x-4.0" | "trillion" | "granite-docling" => SPEC_GPT2,
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" => SPEC_LLAMA3.llama3_flags(),
         "dbrx" | "smaug-bpe" => SPEC_LLAMA3,
@@ -264,20 +252,18 @@ pub(crate) fn pre_tokenizer_spec(pre: Option<&str>) -> (PreTokenizerSpec, bool) 
             no_bos: true,
             ..SPEC_LLAMA3
         },
-        "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" => SPEC_STARCODER,
-        "smollm" | "command-r" => SPEC_STARCODER.no_clean(),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" => {
-            SPEC_QWEN2.no_clean()
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            SPEC_STARCODER
         }
-        "stablelm2" | "megrez" => SPEC_QWEN2,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open"
+        | "stablelm2" | "megrez" => SPEC_QWEN2,
         "deepseek-llm" => SPEC_DEEPSEEK_LLM,
         "deepseek-coder" => SPEC_DEEPSEEK_CODER,
         "deepseek-v3" => SPEC_DEEPSEEK3,
         "falcon" => SPEC_FALCON,
         "tekken" => SPEC_TEKKEN,
         "gpt-4o" | "llama4" => SPEC_GPT4O,
-        "bloom" | "gpt3-finnish" => SPEC_BLOOM,
-        "poro-chat" => SPEC_BLOOM.no_clean(),
+        "bloom" | "gpt3-finnish" | "poro-chat" => SPEC_BLOOM,
         _ => return (SPEC_GPT2, false),
     };
     (spec, true)
@@ -713,7 +699,6 @@ pub(crate) fn build(v: GgufVocab, path: Option<&Path>) -> Result<Inner> {
         mode: Mode::Gguf {
             specials,
             add_space_prefix,
-            clean_spaces: spec.as_ref().is_some_and(|s| s.clean_spaces),
         },
         pieces,
         attrs,

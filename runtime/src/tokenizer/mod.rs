@@ -83,8 +83,6 @@ pub(crate) enum Mode {
         specials: Vec<GgufSpecial>,
         /// Leading space stripped from the first decoded token (SentencePiece).
         add_space_prefix: bool,
-        /// llama.cpp's `clean_spaces` detokenization pass.
-        clean_spaces: bool,
     },
     /// HF `tokenizers` semantics for a `tokenizer.json`.
     Hf,
@@ -419,10 +417,12 @@ impl Tokenizer {
     /// Decodes token ids to text. `skip_special` drops control (and unknown) tokens, otherwise
     /// their text is rendered; bytes that are not valid UTF-8 become U+FFFD.
     ///
-    /// GGUF vocabularies follow llama.cpp's `detokenize(ids, special = !skip_special)`: a
-    /// SentencePiece vocabulary's first token loses its leading space, and vocabularies whose
-    /// pre-tokenizer llama.cpp marks for it get its clean-up of spaces before punctuation.
-    /// `tokenizer.json` vocabularies use the file's decoder.
+    /// GGUF vocabularies: the tokens' bytes joined (llama.cpp's `token_to_piece` of each), so
+    /// `decode(encode(text))` gives `text` back; a SentencePiece vocabulary's first rendered
+    /// token loses the leading space its encoding added (after a BOS too, unlike
+    /// `llama_detokenize`, which keeps it there). llama.cpp's optional `clean_spaces` pass
+    /// (`" ,"` -> `","`) is not applied: it would break round trips and streaming. A
+    /// `tokenizer.json` vocabulary uses the file's decoder.
     ///
     /// Errors: [`Error::InvalidArgument`] for an id outside the vocabulary.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -436,26 +436,22 @@ impl Tokenizer {
                 .decode(ids, skip_special)
                 .map_err(|e| tk_err("decode", e)),
             Mode::Gguf {
-                add_space_prefix,
-                clean_spaces,
-                ..
+                add_space_prefix, ..
             } => {
                 let mut bytes = Vec::with_capacity(ids.len() * 4);
                 let mut remove_space = *add_space_prefix;
                 for &id in ids {
                     let a = inner.attrs[id as usize];
-                    if !(skip_special && a & (attr::CONTROL | attr::UNKNOWN) != 0) {
-                        let p = &inner.pieces[id as usize][..];
-                        let p = match p {
-                            [b' ', rest @ ..] if remove_space => rest,
-                            _ => p,
-                        };
-                        bytes.extend_from_slice(p);
+                    if skip_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                        continue;
                     }
+                    let p = &inner.pieces[id as usize][..];
+                    let p = match p {
+                        [b' ', rest @ ..] if remove_space => rest,
+                        _ => p,
+                    };
+                    bytes.extend_from_slice(p);
                     remove_space = false;
-                }
-                if *clean_spaces {
-                    clean_up_spaces(&mut bytes);
                 }
                 Ok(match String::from_utf8(bytes) {
                     Ok(s) => s,
@@ -683,59 +679,6 @@ fn partition<'t>(
         frags = next;
     }
     frags
-}
-
-/// llama.cpp's `clean_spaces` pass over detokenized bytes: `" ?"`, `" !"`, `" ."`, `" ,"`
-/// lose the space, `" ' "` loses both, `" 's"`, `" 'm"`, `" 're"`, `" 've"` lose the space.
-fn clean_up_spaces(text: &mut Vec<u8>) {
-    // Pass 1: space before ?!.,
-    let n = text.len();
-    let mut total = usize::from(n > 0);
-    for i in 1..n {
-        let x = text[i];
-        if text[i - 1] == b' ' && matches!(x, b'?' | b'!' | b'.' | b',') {
-            total -= 1;
-        }
-        text[total] = x;
-        total += 1;
-    }
-    text.truncate(total);
-    // Pass 2: single apostrophe between spaces.
-    let n = text.len();
-    let mut total = usize::from(n > 0);
-    let mut i = 1;
-    while i < n {
-        let x = text[i];
-        if x == b'\'' && i + 1 < n && text[i - 1] == b' ' && text[i + 1] == b' ' {
-            total -= 1;
-            i += 1;
-            text[i] = 0;
-        }
-        text[total] = x;
-        total += 1;
-        i += 1;
-    }
-    text.truncate(total);
-    // Pass 3: contractions.
-    let n = text.len();
-    let mut total = usize::from(n > 0);
-    for i in 1..n {
-        let x = text[i];
-        if text[i - 1] == b' ' && x == b'\'' && i + 1 < n {
-            let x1 = text[i + 1];
-            if x1 == b's' || x1 == b'm' {
-                total -= 1;
-            } else if i + 2 < n {
-                let x2 = text[i + 2];
-                if matches!(x1, b'r' | b'v') && x2 == b'e' {
-                    total -= 1;
-                }
-            }
-        }
-        text[total] = x;
-        total += 1;
-    }
-    text.truncate(total);
 }
 
 /// `<0xNN>` -> the byte.
