@@ -2,6 +2,7 @@
 
 mod bench_kernels;
 mod info;
+mod model_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,14 @@ enum Command {
     Selfcheck(info::SelfcheckArgs),
     /// Measure kernel throughput (GFLOP/s, GB/s) on this device.
     BenchKernels(bench_kernels::BenchArgs),
+    /// Generate text from a prompt, streaming it as it is produced.
+    Generate(model_cmds::GenerateArgs),
+    /// Chat interactively with the model's chat template.
+    Chat(model_cmds::ChatArgs),
+    /// Perplexity of a text file (llama.cpp's definition).
+    Perplexity(model_cmds::PerplexityArgs),
+    /// Prefill and decode speed, dispatches per token and memory, as JSON.
+    Bench(model_cmds::BenchArgs),
 }
 
 fn main() {
@@ -32,6 +41,10 @@ fn main() {
         Command::Info(a) => info::run_info(a),
         Command::Selfcheck(a) => info::run_selfcheck(a),
         Command::BenchKernels(a) => bench_kernels::run(a),
+        Command::Generate(a) => model_cmds::run_generate(a),
+        Command::Chat(a) => model_cmds::run_chat(a),
+        Command::Perplexity(a) => model_cmds::run_perplexity(a),
+        Command::Bench(a) => model_cmds::run_bench(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

@@ -401,6 +401,17 @@ impl Tensor {
         })
     }
 
+    /// The first `n` elements as a 1-D tensor (same buffer).
+    pub fn first(&self, n: usize) -> Result<Tensor> {
+        if n == 0 || n > self.numel() {
+            return Err(Error::shape("first", format!("{n} of {:?}", self.shape)));
+        }
+        Ok(Tensor {
+            shape: vec![n],
+            ..self.clone()
+        })
+    }
+
     /// Binding resource for a bind group.
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {

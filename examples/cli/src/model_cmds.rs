@@ -1,0 +1,470 @@
+//! Commands that run a model: generate, chat, perplexity, bench.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use ember::model::{LoadOptions, Model};
+use ember::session::{SamplerConfig, Session, SessionParams};
+use ember::tokenizer::{ChatMessage, StreamDecoder};
+use ember::{Context, Error, Result};
+use serde_json::json;
+
+/// Model and session options shared by the model commands.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a GGUF file or an HF model directory.
+    #[arg(short = 'm', long = "model")]
+    pub model: PathBuf,
+    /// Context size per sequence (tokens).
+    #[arg(long = "ctx-size", default_value_t = 2048)]
+    pub ctx_size: usize,
+    /// Prefill chunk size (tokens).
+    #[arg(long = "batch-size", default_value_t = 256)]
+    pub batch_size: usize,
+}
+
+/// Sampling options.
+#[derive(Args, Clone)]
+pub struct SampleArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Top-k (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: u32,
+    /// Top-p (1 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed.
+    #[arg(long = "seed", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Loads a model with a progress bar on stderr (hidden when stderr is not a terminal).
+pub fn load_model(ctx: &Context, path: &std::path::Path) -> Result<Arc<Model>> {
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {msg} {bar:30} {percent:>3}% {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let mut progress = |f: f32| {
+        bar.set_position((f * 1000.0) as u64);
+        true
+    };
+    let model = Model::load(
+        ctx,
+        path,
+        LoadOptions {
+            progress: Some(&mut progress),
+            ..Default::default()
+        },
+    );
+    bar.finish_and_clear();
+    Ok(Arc::new(model?))
+}
+
+fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Session> {
+    Session::new(
+        model.clone(),
+        SessionParams {
+            n_ctx: a.ctx_size,
+            n_seq,
+            n_batch: a.batch_size,
+            kv_budget: 0,
+        },
+    )
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long = "prompt")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n: usize,
+    /// Wrap the prompt as a user turn of the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Print a JSON summary (text, tokens, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Result of one generation.
+pub struct Generated {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub stop_reason: &'static str,
+}
+
+/// Generates from `prompt` (already rendered), streaming text pieces to `out`.
+pub fn generate_text(
+    sess: &mut Session,
+    prompt: &str,
+    sampler: SamplerConfig,
+    n: usize,
+    stop: &[String],
+    out: &mut dyn FnMut(&str),
+) -> Result<Generated> {
+    let model = sess.model().clone();
+    let tok = &model.tokenizer;
+    let ids = tok.encode(prompt, true, true)?;
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument("the prompt is empty".into()));
+    }
+    let seq = sess.add_sequence(sampler)?;
+    let t0 = Instant::now();
+    let result = (|| {
+        let mut t = sess.prefill(seq, &ids)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut dec = StreamDecoder::new(tok);
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut reason = "length";
+        for i in 0..n {
+            if tok.is_end_of_generation(t) {
+                reason = "eos";
+                break;
+            }
+            tokens.push(t);
+            let piece = dec.push(t)?;
+            text.push_str(&piece);
+            if let Some(pos) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                let keep = text[..pos].len();
+                let already = text.len() - piece.len();
+                if keep > already {
+                    out(&text[already..keep]);
+                }
+                text.truncate(keep);
+                reason = "stop";
+                break;
+            }
+            out(&piece);
+            if i + 1 == n {
+                break;
+            }
+            if sess.tokens(seq)?.len() + 1 >= sess.params().n_ctx {
+                reason = "context";
+                break;
+            }
+            t = sess.decode(&[seq])?[0];
+        }
+        if reason != "stop" {
+            let rest = dec.finish();
+            out(&rest);
+            text.push_str(&rest);
+        }
+        Ok(Generated {
+            text,
+            prompt_tokens: ids.len(),
+            tokens,
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+            stop_reason: reason,
+        })
+    })();
+    sess.remove_sequence(seq)?;
+    result
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let model = load_model(&ctx, &a.model.model)?;
+    let mut sess = session(&model, &a.model, 1)?;
+    let prompt = if a.chat {
+        model.tokenizer.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?
+    } else {
+        a.prompt.clone()
+    };
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let mut print = |s: &str| {
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(s.as_bytes());
+            let _ = o.flush();
+        }
+    };
+    let g = generate_text(
+        &mut sess,
+        &prompt,
+        a.sample.config(),
+        a.n,
+        &a.stop,
+        &mut print,
+    )?;
+    if json {
+        let v = json!({
+            "text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
+            "stop_reason": g.stop_reason,
+            "prefill_tok_s": g.prompt_tokens as f64 / g.prefill_s,
+            "decode_tok_s": g.tokens.len().saturating_sub(1) as f64 / g.decode_s.max(1e-9),
+        });
+        println!("{v}");
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens per answer at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n: usize,
+}
+
+pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let model = load_model(&ctx, &a.model.model)?;
+    let mut sess = session(&model, &a.model, 1)?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &a.system {
+        history.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        model.config.name
+    );
+    let stdin = std::io::stdin();
+    let mut seed = a.sample.seed;
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::Io {
+            path: "<stdin>".into(),
+            source: e,
+        })? == 0
+        {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            break;
+        }
+        history.push(ChatMessage {
+            role: "user".into(),
+            content: line.to_string(),
+        });
+        let prompt = model.tokenizer.apply_chat_template(&history, true)?;
+        let mut cfg = a.sample.config();
+        cfg.seed = seed;
+        seed = seed.wrapping_add(1);
+        let stdout = std::io::stdout();
+        let mut print = |s: &str| {
+            let mut o = stdout.lock();
+            let _ = o.write_all(s.as_bytes());
+            let _ = o.flush();
+        };
+        let g = generate_text(&mut sess, &prompt, cfg, a.n, &[], &mut print)?;
+        println!();
+        history.push(ChatMessage {
+            role: "assistant".into(),
+            content: g.text,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Window (context) size.
+    #[arg(long = "ctx", default_value_t = 512)]
+    ctx: usize,
+    /// Print JSON: ppl, tokens, scored, top1.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let model = load_model(&ctx, &a.model.model)?;
+    let text = std::fs::read_to_string(&a.file).map_err(|e| Error::Io {
+        path: a.file.clone(),
+        source: e,
+    })?;
+    let tokens = model.tokenizer.encode(&text, false, false)?;
+    let mut args = a.model.clone();
+    args.ctx_size = a.ctx;
+    args.batch_size = args.batch_size.min(a.ctx);
+    let mut sess = session(&model, &args, 1)?;
+    let t0 = Instant::now();
+    let r = sess.perplexity(&tokens, a.ctx)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({"ppl": r.ppl, "tokens": r.tokens, "scored": r.scored, "top1": r.top1})
+        );
+    } else {
+        eprintln!(
+            "{} tokens, {} scored, {:.1} tok/s",
+            r.tokens,
+            r.scored,
+            r.tokens as f64 / secs
+        );
+        println!("ppl: {:.4}", r.ppl);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to prefill.
+    #[arg(long = "prompt", default_value_t = 256)]
+    prompt: usize,
+    /// Tokens to decode.
+    #[arg(long = "gen", default_value_t = 128)]
+    generate: usize,
+    /// Sequences decoded together.
+    #[arg(long = "batch", default_value_t = 1)]
+    batch: usize,
+    /// Repetitions (the best is reported).
+    #[arg(long = "reps", default_value_t = 2)]
+    reps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let model = load_model(&ctx, &a.model.model)?;
+    let mut args = a.model.clone();
+    args.ctx_size = args.ctx_size.max(a.prompt + a.generate + 1);
+    let mut sess = session(&model, &args, a.batch)?;
+    // A prompt of ordinary text tokens (the same token ids every run).
+    let vocab = model.config.vocab as u32;
+    let prompt: Vec<u32> = (0..a.prompt as u32)
+        .map(|i| 1000 + (i * 7919) % (vocab - 1000))
+        .collect();
+    let mut best_prefill = 0.0f64;
+    let mut best_decode = 0.0f64;
+    let mut dispatches = 0;
+    for _ in 0..a.reps.max(1) {
+        sess.reset();
+        let ids: Vec<_> = (0..a.batch)
+            .map(|i| {
+                sess.add_sequence(SamplerConfig {
+                    seed: i as u64,
+                    ..SamplerConfig::greedy()
+                })
+            })
+            .collect::<Result<_>>()?;
+        let t0 = Instant::now();
+        for &id in &ids {
+            sess.prefill(id, &prompt)?;
+        }
+        let prefill = (a.prompt * a.batch) as f64 / t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..a.generate {
+            sess.decode(&ids)?;
+        }
+        let decode = (a.generate * a.batch) as f64 / t1.elapsed().as_secs_f64();
+        dispatches = sess.last_dispatches;
+        best_prefill = best_prefill.max(prefill);
+        best_decode = best_decode.max(decode);
+    }
+    let info = ctx.info();
+    let v = json!({
+        "model": a.model.model.display().to_string(),
+        "model_name": model.config.name,
+        "weights": model.source.weight_formats,
+        "params": model.n_params(),
+        "device": info.name, "backend": info.backend, "driver": info.driver_info,
+        "variant": format!("{:?}", model.variant).to_lowercase(),
+        "prompt": a.prompt, "gen": a.generate, "batch": a.batch,
+        "prefill_tok_s": best_prefill,
+        "decode_tok_s": best_decode,
+        "dispatches_per_token": dispatches,
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_mem_mb": ctx.allocated_bytes() as f64 / (1024.0 * 1024.0),
+        "weights_mb": model.weight_bytes() as f64 / (1024.0 * 1024.0),
+    });
+    if a.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! The forward pass of a Llama-family model as a list of dispatches over preallocated
+//! buffers: built once per batch shape and replayed (DESIGN.md, "plan once, replay per
+//! token"). Per-step inputs (token ids, positions, cache slots, attention ranges) are
+//! written into small buffers before each submission.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Context, DType, Dispatch, Tensor};
+use crate::kernels::attention::{attention_decode, attention_prefill, AttnLayout};
+use crate::kernels::elementwise::{binary, swiglu, BinaryOp};
+use crate::kernels::kv::kv_store;
+use crate::kernels::norm::{norm_with, NormDesc, NormKind};
+use crate::kernels::quant::QShape;
+use crate::kernels::rope::{rope, HeadLayout, RopeTable};
+use crate::model::config::ModelConfig;
+use crate::model::weights::Rows;
+use crate::model::Model;
+
+/// Keys and values of every layer, `[slots][kv_dim]` f32 each.
+pub struct KvCache {
+    /// Per-layer key caches.
+    pub k: Vec<Tensor>,
+    /// Per-layer value caches.
+    pub v: Vec<Tensor>,
+    /// Slots (positions) each cache holds.
+    pub slots: usize,
+}
+
+impl KvCache {
+    /// Bytes a cache of `slots` positions takes for `cfg`.
+    pub fn bytes_for(cfg: &ModelConfig, slots: usize) -> u64 {
+        2 * cfg.n_layers as u64 * slots as u64 * cfg.kv_dim() as u64 * 4
+    }
+
+    /// Allocates a cache of `slots` positions.
+    pub fn new(ctx: &Context, cfg: &ModelConfig, slots: usize) -> Result<KvCache> {
+        let kv = cfg.kv_dim();
+        if slots == 0 || (slots * kv * 4) as u64 > ctx.caps().max_binding {
+            return Err(Error::Limit {
+                what: format!("a {slots}-slot key/value cache layer"),
+                needed: (slots * kv * 4) as u64,
+                limit: ctx.caps().max_binding,
+            });
+        }
+        let mut k = Vec::with_capacity(cfg.n_layers);
+        let mut v = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            k.push(Tensor::zeros(ctx, &[slots, kv], DType::F32)?);
+            v.push(Tensor::zeros(ctx, &[slots, kv], DType::F32)?);
+        }
+        Ok(KvCache { k, v, slots })
+    }
+}
+
+/// Preallocated activations and per-step inputs for up to `rows` tokens at once.
+pub struct Activations {
+    /// Token rows these buffers hold.
+    pub rows: usize,
+    /// Residual stream `[rows][hidden]`.
+    pub x: Tensor,
+    /// Normalized rows `[rows][hidden]`.
+    pub h: Tensor,
+    /// Fused q|k|v `[rows][qkv_dim]`.
+    pub qkv: Tensor,
+    /// Attention output `[rows][q_dim]`.
+    pub attn: Tensor,
+    /// Fused gate|up `[rows][2 ff]`.
+    pub gu: Tensor,
+    /// SwiGLU output `[rows][ff]`.
+    pub ff: Tensor,
+    /// Token ids `[rows]` u32.
+    pub ids: Tensor,
+    /// Positions `[rows]` u32.
+    pub pos: Tensor,
+    /// Cache slots `[rows]` u32.
+    pub slots: Tensor,
+    /// Attention key ranges `[rows][2]` u32 (decode kernel).
+    pub ranges: Tensor,
+    /// Keys visible to each query `[rows]` u32 (prefill path).
+    pub lens: Tensor,
+    /// Logits `[logit_rows][vocab]`.
+    pub logits: Tensor,
+    /// Rows of logits held.
+    pub logit_rows: usize,
+    /// Attention scores scratch for the prefill path.
+    pub scores: Tensor,
+}
+
+impl Activations {
+    /// Buffers for `rows` tokens, `logit_rows` rows of logits and `scores` floats of
+    /// attention scratch.
+    pub fn new(
+        ctx: &Context,
+        cfg: &ModelConfig,
+        rows: usize,
+        logit_rows: usize,
+        scores: usize,
+    ) -> Result<Self> {
+        let f = |n: usize| Tensor::zeros(ctx, &[rows, n], DType::F32);
+        let u = |n: usize| Tensor::zeros(ctx, &[rows * n], DType::U32);
+        Ok(Activations {
+            rows,
+            x: f(cfg.hidden)?,
+            h: f(cfg.hidden)?,
+            qkv: f(cfg.qkv_dim())?,
+            attn: f(cfg.q_dim())?,
+            gu: f(2 * cfg.ff)?,
+            ff: f(cfg.ff)?,
+            ids: u(1)?,
+            pos: u(1)?,
+            slots: u(1)?,
+            ranges: u(2)?,
+            lens: u(1)?,
+            logits: Tensor::zeros(ctx, &[logit_rows, cfg.vocab], DType::F32)?,
+            logit_rows,
+            scores: Tensor::zeros(ctx, &[scores.max(1)], DType::F32)?,
+        })
+    }
+}
+
+/// How attention sees the cache in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnMode {
+    /// Each token attends to its own range in `ranges` (any mix of sequences).
+    Ranges,
+    /// The tokens are consecutive positions of one sequence whose cache starts at slot
+    /// `first`; `kv_len` keys are visible to the last token and `lens[t]` to token t.
+    Prefill {
+        /// First cache slot of the sequence.
+        first: usize,
+        /// Keys visible to the last token of the step.
+        kv_len: usize,
+    },
+}
+
+/// Which rows get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (a prefill chunk that is not the last).
+    None,
+    /// The last row only, into logits row 0.
+    Last,
+    /// Every row.
+    All,
+}
+
+impl Model {
+    /// The dispatches of one forward step over `m` tokens whose inputs are in `a`.
+    pub fn forward(
+        &self,
+        a: &Activations,
+        kv: &KvCache,
+        rope_table: &RopeTable,
+        m: usize,
+        attn: AttnMode,
+        logits: LogitRows,
+    ) -> Result<Vec<Dispatch>> {
+        let ctx = self.context();
+        let c = &self.config;
+        if m == 0 || m > a.rows || (logits == LogitRows::All && m > a.logit_rows) {
+            return Err(Error::shape(
+                "forward",
+                format!(
+                    "{m} tokens with buffers for {} ({} logit rows)",
+                    a.rows, a.logit_rows
+                ),
+            ));
+        }
+        let (hd, qkv_dim, q_dim, kv_dim) = (c.head_dim, c.qkv_dim(), c.q_dim(), c.kv_dim());
+        let variant = self.variant;
+        let shape = match attn {
+            AttnMode::Ranges => QShape::Vector,
+            AttnMode::Prefill { .. } => QShape::Auto,
+        };
+        let rows = |ldx: usize, ldy: usize, accumulate: bool| Rows {
+            m,
+            ldx,
+            ldy,
+            y_off: 0,
+            accumulate,
+        };
+        let layout = AttnLayout {
+            n_heads: c.n_heads,
+            n_kv: c.n_kv_heads,
+            head_dim: hd,
+            q_ld: qkv_dim,
+            q_off: 0,
+            kv_ld: kv_dim,
+            o_ld: q_dim,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let nd = NormDesc::new(NormKind::Rms, m, c.hidden, c.norm_eps);
+        let mut ops = Vec::with_capacity(12 * c.n_layers + 4);
+        ops.extend(self.embed.gather(ctx, &a.x, &a.ids.first(m)?)?);
+        for (l, layer) in self.layers.iter().enumerate() {
+            ops.push(norm_with(
+                ctx,
+                &a.h,
+                &a.x,
+                Some(&layer.attn_norm),
+                None,
+                &nd,
+            )?);
+            ops.extend(layer.qkv.forward(
+                ctx,
+                &a.qkv,
+                &a.h,
+                rows(c.hidden, qkv_dim, false),
+                variant,
+                shape,
+            )?);
+            if let Some(b) = &layer.qkv_bias {
+                ops.push(binary(
+                    ctx,
+                    BinaryOp::Add,
+                    &a.qkv,
+                    None,
+                    b,
+                    m * qkv_dim,
+                    qkv_dim,
+                )?);
+            }
+            // q and k heads are adjacent in the fused row: one rotation covers both.
+            let heads = HeadLayout {
+                tokens: m,
+                heads: c.n_heads + c.n_kv_heads,
+                head_dim: hd,
+                ld: qkv_dim,
+                offset: 0,
+            };
+            ops.push(rope(ctx, &a.qkv, &a.pos, rope_table, heads, false)?);
+            ops.push(kv_store(
+                ctx,
+                &kv.k[l],
+                &kv.v[l],
+                &a.qkv,
+                &a.slots,
+                m,
+                kv_dim,
+                qkv_dim,
+                q_dim,
+                q_dim + kv_dim,
+            )?);
+            match attn {
+                AttnMode::Ranges => ops.push(attention_decode(
+                    ctx, &a.attn, &a.qkv, &kv.k[l], &kv.v[l], &a.ranges, m, &layout, scale,
+                )?),
+                AttnMode::Prefill { first, kv_len } => {
+                    if c.n_heads * m * kv_len <= a.scores.numel() {
+                        ops.extend(attention_prefill(
+                            ctx, &a.attn, &a.qkv, &kv.k[l], &kv.v[l], &a.scores, &a.lens, m, first,
+                            kv_len, &layout, scale, variant,
+                        )?);
+                    } else {
+                        // Scores would not fit the scratch: the per-token kernel reads the
+                        // same ranges (the session fills them for prefill steps too).
+                        ops.push(attention_decode(
+                            ctx, &a.attn, &a.qkv, &kv.k[l], &kv.v[l], &a.ranges, m, &layout, scale,
+                        )?);
+                    }
+                }
+            }
+            ops.extend(layer.o.forward(
+                ctx,
+                &a.x,
+                &a.attn,
+                rows(q_dim, c.hidden, true),
+                variant,
+                shape,
+            )?);
+            ops.push(norm_with(
+                ctx,
+                &a.h,
+                &a.x,
+                Some(&layer.ffn_norm),
+                None,
+                &nd,
+            )?);
+            ops.extend(layer.gate_up.forward(
+                ctx,
+                &a.gu,
+                &a.h,
+                rows(c.hidden, 2 * c.ff, false),
+                variant,
+                shape,
+            )?);
+            ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
+            ops.extend(layer.down.forward(
+                ctx,
+                &a.x,
+                &a.ff,
+                rows(c.ff, c.hidden, true),
+                variant,
+                shape,
+            )?);
+        }
+        match logits {
+            LogitRows::None => {}
+            LogitRows::Last => {
+                let mut d = NormDesc::new(NormKind::Rms, 1, c.hidden, c.norm_eps);
+                d.x_off = (m - 1) * c.hidden;
+                ops.push(norm_with(ctx, &a.h, &a.x, Some(&self.norm), None, &d)?);
+                let r = Rows {
+                    m: 1,
+                    ldx: c.hidden,
+                    ldy: c.vocab,
+                    y_off: 0,
+                    accumulate: false,
+                };
+                ops.extend(self.lm_head.forward(
+                    ctx,
+                    &a.logits,
+                    &a.h,
+                    r,
+                    variant,
+                    QShape::Vector,
+                )?);
+            }
+            LogitRows::All => {
+                ops.push(norm_with(ctx, &a.h, &a.x, Some(&self.norm), None, &nd)?);
+                let r = Rows {
+                    m,
+                    ldx: c.hidden,
+                    ldy: c.vocab,
+                    y_off: 0,
+                    accumulate: false,
+                };
+                ops.extend(
+                    self.lm_head
+                        .forward(ctx, &a.logits, &a.h, r, variant, shape)?,
+                );
+            }
+        }
+        Ok(ops)
+    }
+}

@@ -1,0 +1,319 @@
+//! Models: hyperparameters ([`config`]), weights on the GPU ([`weights`]), loading from
+//! GGUF and HF safetensors ([`loader`]), and the forward pass as a list of dispatches
+//! ([`forward`]).
+//!
+//! A [`Model`] is immutable once loaded and `Send + Sync`: many sessions on many threads
+//! can share one.
+
+pub mod config;
+pub mod forward;
+pub mod loader;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::gguf::GgufFile;
+use crate::gpu::{Context, Tensor};
+use crate::kernels::Variant;
+use crate::tokenizer::Tokenizer;
+use config::ModelConfig;
+use loader::{GgufSource, LayerWeight, SafetensorsSource, WeightName, WeightSource};
+use weights::{HostMatrix, HostTensor, Linear, Mat};
+
+/// The weights of one transformer block.
+#[derive(Debug)]
+pub struct Layer {
+    /// RMSNorm weight before attention, `[hidden]`.
+    pub attn_norm: Tensor,
+    /// Fused q|k|v projection, `[q_dim + 2 kv_dim][hidden]`.
+    pub qkv: Linear,
+    /// Fused q|k|v bias, `[q_dim + 2 kv_dim]` (Qwen2).
+    pub qkv_bias: Option<Tensor>,
+    /// Attention output projection, `[hidden][q_dim]`.
+    pub o: Linear,
+    /// RMSNorm weight before the feed-forward, `[hidden]`.
+    pub ffn_norm: Tensor,
+    /// Fused gate|up projection, `[2 ff][hidden]`.
+    pub gate_up: Linear,
+    /// Down projection, `[hidden][ff]`.
+    pub down: Linear,
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSource {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// Formats of the weights, e.g. `Q4_1 x210, F32 x61, Q8_0 x1`.
+    pub weight_formats: String,
+}
+
+/// A loaded model: configuration, tokenizer and weights on one device.
+pub struct Model {
+    ctx: Context,
+    /// Hyperparameters.
+    pub config: ModelConfig,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Where it came from.
+    pub source: ModelSource,
+    /// Token embeddings `[vocab][hidden]`.
+    pub embed: Mat,
+    /// Transformer blocks.
+    pub layers: Vec<Layer>,
+    /// Final norm weight `[hidden]`.
+    pub norm: Tensor,
+    /// Output projection `[vocab][hidden]` (the embedding table when tied).
+    pub lm_head: Linear,
+    /// Kernel variant used by this model's forward passes.
+    pub variant: Variant,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Options for [`Model::load`].
+pub struct LoadOptions<'a> {
+    /// Called with the fraction loaded (0..=1); returning `false` aborts the load.
+    pub progress: Option<&'a mut dyn FnMut(f32) -> bool>,
+    /// Kernel variant (default: by device).
+    pub variant: Variant,
+}
+
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        LoadOptions {
+            progress: None,
+            variant: Variant::Auto,
+        }
+    }
+}
+
+fn f32_vector(ctx: &Context, t: &HostTensor, len: usize) -> Result<Tensor> {
+    let v = t.to_f32()?;
+    if v.len() != len {
+        return Err(Error::format(
+            None,
+            format!("{} has {} values, the model needs {len}", t.name, v.len()),
+        ));
+    }
+    Tensor::from_f32(ctx, &[len], &v)
+}
+
+fn count_formats(tensors: &[&HostTensor], counts: &mut Vec<(String, usize)>) {
+    for t in tensors {
+        let f = match &t.data {
+            HostMatrix::F32(_) => "F32".to_string(),
+            HostMatrix::F16(_) => "F16".to_string(),
+            HostMatrix::Quant(q, _) => q.name().to_string(),
+        };
+        match counts.iter_mut().find(|(n, _)| *n == f) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((f, 1)),
+        }
+    }
+}
+
+impl Model {
+    /// Loads a GGUF file or an HF model directory (`config.json`, `model.safetensors` or
+    /// shards, `tokenizer.json`).
+    pub fn load(ctx: &Context, path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let cfg_path = path.join("config.json");
+            let json = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
+                path: cfg_path.clone(),
+                source,
+            })?;
+            let config = ModelConfig::from_hf_config(&json, &cfg_path)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            let src = SafetensorsSource::open(path)?;
+            Self::from_source(ctx, config, tokenizer, &src, "safetensors", &mut opts)
+        } else {
+            let file = GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&file)?;
+            let tokenizer = Tokenizer::from_gguf(&file)?;
+            let src = GgufSource {
+                file: &file,
+                path: path.to_path_buf(),
+            };
+            Self::from_source(ctx, config, tokenizer, &src, "gguf", &mut opts)
+        }
+    }
+
+    fn from_source(
+        ctx: &Context,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        src: &dyn WeightSource,
+        format: &str,
+        opts: &mut LoadOptions<'_>,
+    ) -> Result<Model> {
+        let c = &config;
+        if tokenizer.vocab_size() > c.vocab {
+            return Err(Error::format(
+                Some(src.path()),
+                format!(
+                    "tokenizer has {} tokens but the model only {}",
+                    tokenizer.vocab_size(),
+                    c.vocab
+                ),
+            ));
+        }
+        let mut counts = Vec::new();
+        let tick = |done: usize, opts: &mut LoadOptions<'_>| -> Result<()> {
+            if let Some(p) = opts.progress.as_mut() {
+                if !p(done as f32 / (c.n_layers + 2) as f32) {
+                    return Err(Error::Aborted);
+                }
+            }
+            Ok(())
+        };
+        tick(0, opts)?;
+        let embed_t = src.need(WeightName::Embed)?;
+        embed_t.expect_shape(c.vocab, c.hidden)?;
+        let embed = Mat::upload(ctx, &embed_t)?;
+        let norm_t = src.need(WeightName::Norm)?;
+        let norm = f32_vector(ctx, &norm_t, c.hidden)?;
+        let lm_head = match src.get(WeightName::LmHead)? {
+            Some(t) if !c.tied_embeddings => {
+                t.expect_shape(c.vocab, c.hidden)?;
+                count_formats(&[&t], &mut counts);
+                Linear::from_parts(ctx, vec![t], "lm_head")?
+            }
+            _ => Linear {
+                rows: c.vocab,
+                cols: c.hidden,
+                parts: vec![(0, embed.clone())],
+            },
+        };
+        count_formats(&[&embed_t, &norm_t], &mut counts);
+        drop(embed_t);
+        tick(1, opts)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let w = |lw| src.need(WeightName::Layer(i, lw));
+            let (q, k, v) = (w(LayerWeight::Q)?, w(LayerWeight::K)?, w(LayerWeight::V)?);
+            q.expect_shape(c.q_dim(), c.hidden)?;
+            k.expect_shape(c.kv_dim(), c.hidden)?;
+            v.expect_shape(c.kv_dim(), c.hidden)?;
+            let o = w(LayerWeight::O)?;
+            o.expect_shape(c.hidden, c.q_dim())?;
+            let (gate, up, down) = (
+                w(LayerWeight::Gate)?,
+                w(LayerWeight::Up)?,
+                w(LayerWeight::Down)?,
+            );
+            gate.expect_shape(c.ff, c.hidden)?;
+            up.expect_shape(c.ff, c.hidden)?;
+            down.expect_shape(c.hidden, c.ff)?;
+            let an = w(LayerWeight::AttnNorm)?;
+            let fnn = w(LayerWeight::FfnNorm)?;
+            count_formats(&[&q, &k, &v, &o, &gate, &up, &down, &an, &fnn], &mut counts);
+            let qkv_bias = if c.qkv_bias {
+                let mut b = Vec::with_capacity(c.qkv_dim());
+                for (lw, n) in [
+                    (LayerWeight::QBias, c.q_dim()),
+                    (LayerWeight::KBias, c.kv_dim()),
+                    (LayerWeight::VBias, c.kv_dim()),
+                ] {
+                    let t = w(lw)?;
+                    let v = t.to_f32()?;
+                    if v.len() != n {
+                        return Err(Error::format(
+                            Some(src.path()),
+                            format!("{} has {} values, needs {n}", t.name, v.len()),
+                        ));
+                    }
+                    b.extend(v);
+                }
+                Some(Tensor::from_f32(ctx, &[b.len()], &b)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: f32_vector(ctx, &an, c.hidden)?,
+                qkv: Linear::from_parts(ctx, vec![q, k, v], "qkv")?,
+                qkv_bias,
+                o: Linear::from_parts(ctx, vec![o], "o")?,
+                ffn_norm: f32_vector(ctx, &fnn, c.hidden)?,
+                gate_up: Linear::from_parts(ctx, vec![gate, up], "gate_up")?,
+                down: Linear::from_parts(ctx, vec![down], "down")?,
+            });
+            tick(i + 2, opts)?;
+        }
+        let weight_formats = counts
+            .iter()
+            .map(|(n, k)| format!("{n} x{k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Model {
+            ctx: ctx.clone(),
+            source: ModelSource {
+                path: src.path().to_path_buf(),
+                format: format.into(),
+                weight_formats,
+            },
+            variant: opts.variant.resolve(ctx),
+            config,
+            tokenizer,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Device bytes held by the weights.
+    pub fn weight_bytes(&self) -> u64 {
+        let l: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
+                    + l.attn_norm.bytes()
+                    + l.ffn_norm.bytes()
+            })
+            .sum();
+        let head = if self.config.tied_embeddings {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        l + self.embed.bytes() + self.norm.bytes() + head
+    }
+
+    /// Parameter count.
+    pub fn n_params(&self) -> u64 {
+        let c = &self.config;
+        let per_layer = c.hidden * (c.qkv_dim() + c.q_dim() + 3 * c.ff) + 2 * c.hidden;
+        let head = if c.tied_embeddings {
+            0
+        } else {
+            c.vocab * c.hidden
+        };
+        (c.n_layers * per_layer + c.vocab * c.hidden + c.hidden + head) as u64
+    }
+}

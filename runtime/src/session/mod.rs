@@ -1,0 +1,625 @@
+//! Sessions: a key/value cache shared by up to `n_seq` sequences, chunked prefill, batched
+//! decoding with one submission and a few bytes of readback per step, perplexity.
+//!
+//! A session is used by one thread at a time; many sessions can share one [`Model`].
+//!
+//! Context overflow policy: a sequence holds at most `n_ctx` tokens; feeding more is an
+//! error (`InvalidArgument`, "context full") and leaves the sequence as it was.
+
+mod sampler;
+
+pub use sampler::{SamplerConfig, SamplerState, MAX_PENALTY_TOKENS};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Context, DType, Dispatch, Tensor};
+use crate::kernels::rope::RopeTable;
+use crate::kernels::sample::{nll, penalize, sample, RowParams};
+use crate::model::forward::{Activations, AttnMode, KvCache, LogitRows};
+use crate::model::Model;
+
+/// Sizes of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SessionParams {
+    /// Tokens each sequence can hold (0: the model's training context, capped by
+    /// `kv_budget`).
+    pub n_ctx: usize,
+    /// Sequences that can be active at once.
+    pub n_seq: usize,
+    /// Tokens per prefill chunk.
+    pub n_batch: usize,
+    /// Bytes the key/value cache may take (0: no limit beyond the device's).
+    pub kv_budget: u64,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams {
+            n_ctx: 2048,
+            n_seq: 1,
+            n_batch: 256,
+            kv_budget: 0,
+        }
+    }
+}
+
+/// Identifies a sequence within its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SeqId(pub u64);
+
+struct Seq {
+    id: SeqId,
+    /// Index of its cache region.
+    slot: usize,
+    /// Tokens in the cache, in order.
+    tokens: Vec<u32>,
+    sampler: SamplerState,
+    /// The last sampled token, fed at the next decode step.
+    next: Option<u32>,
+}
+
+/// Per-row results of [`Session::perplexity`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Perplexity {
+    /// exp(mean negative log-likelihood).
+    pub ppl: f64,
+    /// Tokens in the text.
+    pub tokens: usize,
+    /// Tokens scored.
+    pub scored: usize,
+    /// Most likely token at each scored position, in order.
+    pub top1: Vec<u32>,
+    /// Sum of negative log-likelihoods.
+    pub nll_sum: f64,
+}
+
+/// A key/value cache with its sequences, and the plans that run them.
+pub struct Session {
+    model: Arc<Model>,
+    params: SessionParams,
+    kv: KvCache,
+    acts: Activations,
+    rope: RopeTable,
+    seqs: Vec<Option<Seq>>,
+    next_id: u64,
+    /// Decode plans by batch size.
+    decode_plans: HashMap<usize, Vec<Dispatch>>,
+    row_params: Tensor,
+    penalty_ids: Tensor,
+    sampled: Tensor,
+    targets: Tensor,
+    nll_out: Tensor,
+    /// Dispatches in the last decode step (for benchmarks).
+    pub last_dispatches: usize,
+}
+
+impl Session {
+    /// Creates a session on `model`.
+    pub fn new(model: Arc<Model>, mut params: SessionParams) -> Result<Session> {
+        let ctx = model.context().clone();
+        let cfg = &model.config;
+        if params.n_seq == 0 || params.n_seq > 256 || params.n_batch == 0 || params.n_batch > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "session sizes n_seq={} (1..=256), n_batch={} (1..=4096)",
+                params.n_seq, params.n_batch
+            )));
+        }
+        let per_token = crate::model::forward::KvCache::bytes_for(cfg, 1);
+        if params.n_ctx == 0 {
+            params.n_ctx = cfg.train_ctx;
+            if params.kv_budget > 0 {
+                params.n_ctx = params
+                    .n_ctx
+                    .min((params.kv_budget / per_token / params.n_seq as u64) as usize);
+            }
+        }
+        let slots = params
+            .n_ctx
+            .checked_mul(params.n_seq)
+            .ok_or_else(|| Error::InvalidArgument("n_ctx * n_seq overflows".into()))?;
+        if params.n_ctx < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "context of {} tokens",
+                params.n_ctx
+            )));
+        }
+        if params.kv_budget > 0 && per_token * slots as u64 > params.kv_budget {
+            return Err(Error::OutOfMemory(format!(
+                "a key/value cache for {} sequences of {} tokens needs {} bytes, the budget is {}",
+                params.n_seq,
+                params.n_ctx,
+                per_token * slots as u64,
+                params.kv_budget
+            )));
+        }
+        params.n_batch = params.n_batch.min(params.n_ctx);
+        let kv = KvCache::new(&ctx, cfg, slots)?;
+        let rows = params.n_batch.max(params.n_seq);
+        // Prefill attention scratch: heads x chunk x context, within one binding.
+        let max_scores = (ctx.caps().max_binding / 4) as usize;
+        let scores = (cfg.n_heads * params.n_batch * params.n_ctx).min(max_scores);
+        let acts = Activations::new(&ctx, cfg, rows, rows, scores)?;
+        let rope = RopeTable::new(&ctx, cfg.rope, params.n_ctx)?;
+        Ok(Session {
+            row_params: Tensor::zeros(&ctx, &[rows * 8], DType::U32)?,
+            penalty_ids: Tensor::zeros(&ctx, &[params.n_seq * MAX_PENALTY_TOKENS], DType::U32)?,
+            sampled: Tensor::zeros(&ctx, &[rows], DType::U32)?,
+            targets: Tensor::zeros(&ctx, &[rows], DType::U32)?,
+            nll_out: Tensor::zeros(&ctx, &[rows, 2], DType::F32)?,
+            seqs: (0..params.n_seq).map(|_| None).collect(),
+            model,
+            params,
+            kv,
+            acts,
+            rope,
+            next_id: 1,
+            decode_plans: HashMap::new(),
+            last_dispatches: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The session's sizes (with `n_ctx` resolved).
+    pub fn params(&self) -> SessionParams {
+        self.params
+    }
+
+    fn ctx(&self) -> &Context {
+        self.model.context()
+    }
+
+    /// Starts a sequence with its own sampler.
+    pub fn add_sequence(&mut self, sampler: SamplerConfig) -> Result<SeqId> {
+        let state = SamplerState::new(sampler)?;
+        let slot = self.seqs.iter().position(|s| s.is_none()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "all {} sequences of the session are in use",
+                self.params.n_seq
+            ))
+        })?;
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs[slot] = Some(Seq {
+            id,
+            slot,
+            tokens: Vec::new(),
+            sampler: state,
+            next: None,
+        });
+        Ok(id)
+    }
+
+    /// Ends a sequence, freeing its cache region.
+    pub fn remove_sequence(&mut self, id: SeqId) -> Result<()> {
+        let i = self.index(id)?;
+        self.seqs[i] = None;
+        Ok(())
+    }
+
+    /// Forgets every sequence.
+    pub fn reset(&mut self) {
+        self.seqs.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// Tokens in a sequence's cache.
+    pub fn tokens(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(self.seqs[self.index(id)?]
+            .as_ref()
+            .map(|s| s.tokens.as_slice())
+            .unwrap_or(&[]))
+    }
+
+    fn index(&self, id: SeqId) -> Result<usize> {
+        self.seqs
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.id == id))
+            .ok_or_else(|| Error::InvalidArgument(format!("no sequence {id:?} in this session")))
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.config.vocab;
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn write_u32(&self, t: &Tensor, v: &[u32]) -> Result<()> {
+        t.write(self.ctx(), v)
+    }
+
+    /// Writes the per-token inputs of `n` tokens of sequence `slot` at positions
+    /// `pos0 .. pos0 + n`.
+    fn write_chunk_inputs(&self, slot: usize, pos0: usize, chunk: &[u32]) -> Result<()> {
+        let base = (slot * self.params.n_ctx) as u32;
+        let n = chunk.len() as u32;
+        let p0 = pos0 as u32;
+        self.write_u32(&self.acts.ids, chunk)?;
+        self.write_u32(&self.acts.pos, &(0..n).map(|j| p0 + j).collect::<Vec<_>>())?;
+        self.write_u32(
+            &self.acts.slots,
+            &(0..n).map(|j| base + p0 + j).collect::<Vec<_>>(),
+        )?;
+        self.write_u32(
+            &self.acts.lens,
+            &(0..n).map(|j| p0 + j + 1).collect::<Vec<_>>(),
+        )?;
+        self.write_u32(
+            &self.acts.ranges,
+            &(0..n).flat_map(|j| [base, p0 + j + 1]).collect::<Vec<_>>(),
+        )?;
+        Ok(())
+    }
+
+    /// Runs `tokens` through sequence `id` (appending them to its cache). With `logits`
+    /// set to `Last` the next token is sampled and returned.
+    fn feed(&mut self, id: SeqId, tokens: &[u32], want_next: bool) -> Result<Option<u32>> {
+        self.check_tokens(tokens)?;
+        let i = self.index(id)?;
+        let (slot, pos0) = {
+            let s = self.seqs[i]
+                .as_ref()
+                .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
+            (s.slot, s.tokens.len())
+        };
+        if pos0 + tokens.len() > self.params.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "context full: the sequence holds {pos0} tokens, {} more do not fit in n_ctx = {}",
+                tokens.len(),
+                self.params.n_ctx
+            )));
+        }
+        if tokens.is_empty() {
+            return Ok(None);
+        }
+        let chunks: Vec<&[u32]> = tokens.chunks(self.params.n_batch).collect();
+        let mut next = None;
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let p = pos0 + ci * self.params.n_batch;
+            self.write_chunk_inputs(slot, p, chunk)?;
+            let last = ci + 1 == chunks.len();
+            let logits = if last && want_next {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            };
+            let mode = AttnMode::Prefill {
+                first: slot * self.params.n_ctx,
+                kv_len: p + chunk.len(),
+            };
+            let mut ops =
+                self.model
+                    .forward(&self.acts, &self.kv, &self.rope, chunk.len(), mode, logits)?;
+            if last && want_next {
+                ops.extend(self.sample_ops(i, 1)?);
+            }
+            self.ctx().submit(&ops);
+        }
+        if want_next {
+            let id = self.sampled.first(1)?.read_u32(self.ctx())?[0];
+            next = Some(id);
+        } else {
+            self.ctx().sync()?;
+        }
+        let s = self.seqs[i]
+            .as_mut()
+            .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
+        s.tokens.extend_from_slice(tokens);
+        s.next = next;
+        Ok(next)
+    }
+
+    /// Writes the sampler inputs of the sequences `seq_idx` (rows in that order) and
+    /// returns the penalize + sample dispatches for them (built per call: prefill).
+    fn sample_ops(&mut self, seq_idx: usize, rows: usize) -> Result<Vec<Dispatch>> {
+        self.write_sampler_rows(&[seq_idx])?;
+        let vocab = self.model.config.vocab;
+        let ctx = self.ctx();
+        Ok(vec![
+            penalize(
+                ctx,
+                &self.acts.logits,
+                &self.row_params,
+                &self.penalty_ids,
+                rows,
+                vocab,
+                vocab,
+            )?,
+            sample(
+                ctx,
+                &self.sampled,
+                &self.acts.logits,
+                &self.row_params,
+                rows,
+                vocab,
+                vocab,
+            )?,
+        ])
+    }
+
+    fn write_sampler_rows(&mut self, seq_idx: &[usize]) -> Result<()> {
+        let mut rows: Vec<RowParams> = Vec::with_capacity(seq_idx.len());
+        let mut pen: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (r, &i) in seq_idx.iter().enumerate() {
+            let s = self.seqs[i]
+                .as_mut()
+                .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
+            let mut history = s.tokens.clone();
+            if let Some(n) = s.next {
+                history.push(n);
+            }
+            let ids = s.sampler.penalty_ids(&history);
+            let off = r * MAX_PENALTY_TOKENS;
+            rows.push(s.sampler.next_row(off as u32, ids.len() as u32));
+            if !ids.is_empty() {
+                pen.push((off, ids));
+            }
+        }
+        self.row_params
+            .write(self.ctx(), bytemuck::cast_slice::<_, u32>(&rows))?;
+        for (off, ids) in pen {
+            let view = Tensor::view(
+                self.penalty_ids.buffer().clone(),
+                (off * 4) as u64,
+                &[ids.len()],
+                DType::U32,
+            )?;
+            view.write(self.ctx(), &ids)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds a prompt to a sequence and samples its first new token.
+    pub fn prefill(&mut self, id: SeqId, tokens: &[u32]) -> Result<u32> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        self.feed(id, tokens, true)?
+            .ok_or_else(|| Error::Internal("no token sampled".into()))
+    }
+
+    /// Appends tokens to a sequence's cache without sampling (e.g. a prompt prefix).
+    pub fn append(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
+        self.feed(id, tokens, false).map(|_| ())
+    }
+
+    /// One decode step for the given sequences, in one batch: each feeds the token it last
+    /// sampled and samples the next. Returns the new tokens in the same order.
+    pub fn decode(&mut self, ids: &[SeqId]) -> Result<Vec<u32>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idx: Vec<usize> = ids
+            .iter()
+            .map(|&id| self.index(id))
+            .collect::<Result<_>>()?;
+        let mut feed = Vec::with_capacity(idx.len());
+        let mut pos = Vec::new();
+        let mut slots = Vec::new();
+        let mut ranges = Vec::new();
+        for (k, &i) in idx.iter().enumerate() {
+            if idx[..k].contains(&i) {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence {:?} appears twice in one step",
+                    ids[k]
+                )));
+            }
+            let s = self.seqs[i]
+                .as_ref()
+                .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
+            let t = s.next.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "sequence {:?} has no sampled token to continue from (prefill it first)",
+                    s.id
+                ))
+            })?;
+            let p = s.tokens.len();
+            if p + 1 > self.params.n_ctx {
+                return Err(Error::InvalidArgument(format!(
+                    "context full: sequence {:?} holds {p} tokens, n_ctx = {}",
+                    s.id, self.params.n_ctx
+                )));
+            }
+            let base = (s.slot * self.params.n_ctx) as u32;
+            feed.push(t);
+            pos.push(p as u32);
+            slots.push(base + p as u32);
+            ranges.extend([base, p as u32 + 1]);
+        }
+        let b = idx.len();
+        self.write_u32(&self.acts.ids, &feed)?;
+        self.write_u32(&self.acts.pos, &pos)?;
+        self.write_u32(&self.acts.slots, &slots)?;
+        self.write_u32(&self.acts.ranges, &ranges)?;
+        self.write_sampler_rows(&idx)?;
+        if !self.decode_plans.contains_key(&b) {
+            let vocab = self.model.config.vocab;
+            let mut ops = self.model.forward(
+                &self.acts,
+                &self.kv,
+                &self.rope,
+                b,
+                AttnMode::Ranges,
+                LogitRows::All,
+            )?;
+            let ctx = self.model.context();
+            ops.push(penalize(
+                ctx,
+                &self.acts.logits,
+                &self.row_params,
+                &self.penalty_ids,
+                b,
+                vocab,
+                vocab,
+            )?);
+            ops.push(sample(
+                ctx,
+                &self.sampled,
+                &self.acts.logits,
+                &self.row_params,
+                b,
+                vocab,
+                vocab,
+            )?);
+            self.decode_plans.insert(b, ops);
+        }
+        let plan = &self.decode_plans[&b];
+        self.last_dispatches = plan.len();
+        self.model.context().submit(plan);
+        let out = self.sampled.first(b)?.read_u32(self.ctx())?;
+        for (k, &i) in idx.iter().enumerate() {
+            if let Some(s) = self.seqs[i].as_mut() {
+                s.tokens.push(feed[k]);
+                s.next = Some(out[k]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `tokens` through a fresh sequence and returns the logits of every position
+    /// (`[tokens.len()][vocab]`), then removes the sequence. For tests and the C API's
+    /// evaluate call; generation never reads logits back.
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        if tokens.is_empty() || tokens.len() > self.params.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "{} tokens for n_ctx {}",
+                tokens.len(),
+                self.params.n_ctx
+            )));
+        }
+        let id = self.add_sequence(SamplerConfig::greedy())?;
+        let r = self.logits_inner(id, tokens);
+        self.remove_sequence(id)?;
+        r
+    }
+
+    fn logits_inner(&mut self, id: SeqId, tokens: &[u32]) -> Result<Vec<f32>> {
+        let i = self.index(id)?;
+        let slot = self.seqs[i].as_ref().map(|s| s.slot).unwrap_or(0);
+        let vocab = self.model.config.vocab;
+        let mut out = Vec::with_capacity(tokens.len() * vocab);
+        for (ci, chunk) in tokens.chunks(self.params.n_batch).enumerate() {
+            let p = ci * self.params.n_batch;
+            self.write_chunk_inputs(slot, p, chunk)?;
+            let mode = AttnMode::Prefill {
+                first: slot * self.params.n_ctx,
+                kv_len: p + chunk.len(),
+            };
+            let ops = self.model.forward(
+                &self.acts,
+                &self.kv,
+                &self.rope,
+                chunk.len(),
+                mode,
+                LogitRows::All,
+            )?;
+            self.ctx().submit(&ops);
+            let l = Tensor::view(
+                self.acts.logits.buffer().clone(),
+                0,
+                &[chunk.len() * vocab],
+                DType::F32,
+            )?;
+            out.extend(l.read_f32(self.ctx())?);
+        }
+        Ok(out)
+    }
+
+    /// Perplexity of `tokens` as llama.cpp's perplexity tool defines it: consecutive
+    /// non-overlapping windows of `window` tokens, each evaluated from an empty cache,
+    /// every token but each window's first scored. Only two floats per token are read back.
+    pub fn perplexity(&mut self, tokens: &[u32], window: usize) -> Result<Perplexity> {
+        self.check_tokens(tokens)?;
+        if window < 2 || window > self.params.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "window {window} (2..={})",
+                self.params.n_ctx
+            )));
+        }
+        let id = self.add_sequence(SamplerConfig::greedy())?;
+        let r = self.perplexity_inner(id, tokens, window);
+        self.remove_sequence(id)?;
+        r
+    }
+
+    fn perplexity_inner(&mut self, id: SeqId, tokens: &[u32], window: usize) -> Result<Perplexity> {
+        let i = self.index(id)?;
+        let slot = self.seqs[i].as_ref().map(|s| s.slot).unwrap_or(0);
+        let vocab = self.model.config.vocab;
+        let mut nll_sum = 0.0f64;
+        let mut top1 = Vec::new();
+        for win in tokens.chunks(window) {
+            if win.len() < 2 {
+                continue;
+            }
+            for (ci, chunk) in win.chunks(self.params.n_batch).enumerate() {
+                let p = ci * self.params.n_batch;
+                self.write_chunk_inputs(slot, p, chunk)?;
+                // Row j predicts the window's token p + j + 1 (the last row has no target).
+                let targets: Vec<u32> = (0..chunk.len())
+                    .map(|j| win.get(p + j + 1).copied().unwrap_or(0))
+                    .collect();
+                self.targets.write(self.ctx(), &targets)?;
+                let mode = AttnMode::Prefill {
+                    first: slot * self.params.n_ctx,
+                    kv_len: p + chunk.len(),
+                };
+                let mut ops = self.model.forward(
+                    &self.acts,
+                    &self.kv,
+                    &self.rope,
+                    chunk.len(),
+                    mode,
+                    LogitRows::All,
+                )?;
+                ops.push(nll(
+                    self.ctx(),
+                    &self.nll_out,
+                    &self.acts.logits,
+                    &self.targets,
+                    chunk.len(),
+                    vocab,
+                    vocab,
+                )?);
+                self.ctx().submit(&ops);
+                let r = Tensor::view(
+                    self.nll_out.buffer().clone(),
+                    0,
+                    &[chunk.len() * 2],
+                    DType::F32,
+                )?;
+                let v = r.read_f32(self.ctx())?;
+                for j in 0..chunk.len() {
+                    if p + j + 1 < win.len() {
+                        nll_sum += v[2 * j] as f64;
+                        top1.push(v[2 * j + 1].to_bits());
+                    }
+                }
+            }
+        }
+        let scored = top1.len();
+        if scored == 0 {
+            return Err(Error::InvalidArgument(
+                "no tokens to score (need at least 2)".into(),
+            ));
+        }
+        Ok(Perplexity {
+            ppl: (nll_sum / scored as f64).exp(),
+            tokens: tokens.len(),
+            scored,
+            top1,
+            nll_sum,
+        })
+    }
+}
