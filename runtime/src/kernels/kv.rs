@@ -64,7 +64,13 @@ pub fn kv_store(
     ctx.dispatch(
         "kv_store",
         &PipelineKey::new("kv", "kv_store"),
-        &[Bind::U(&u), Bind::T(src), Bind::T(slots), Bind::T(k), Bind::T(v)],
+        &[
+            Bind::U(&u),
+            Bind::T(src),
+            Bind::T(slots),
+            Bind::T(k),
+            Bind::T(v),
+        ],
         [kv_dim.div_ceil(64) as u32, tokens as u32, 1],
     )
 }
@@ -91,7 +97,8 @@ mod tests {
         let st = Tensor::from_slice(ctx, &[tokens], DType::U32, &slots).unwrap();
         let k = Tensor::zeros(ctx, &[slots_n, kv_dim], DType::F32).unwrap();
         let v = Tensor::zeros(ctx, &[slots_n, kv_dim], DType::F32).unwrap();
-        ctx.run(&[kv_store(ctx, &k, &v, &s, &st, tokens, kv_dim, ld, 12, 25).unwrap()]).unwrap();
+        ctx.run(&[kv_store(ctx, &k, &v, &s, &st, tokens, kv_dim, ld, 12, 25).unwrap()])
+            .unwrap();
         let (kg, vg) = (k.read_f32(ctx).unwrap(), v.read_f32(ctx).unwrap());
         for (t, &sl) in slots.iter().enumerate() {
             let sl = sl as usize;

@@ -51,7 +51,16 @@ pub struct NormDesc {
 impl NormDesc {
     /// Packed rows.
     pub fn new(kind: NormKind, rows: usize, cols: usize, eps: f32) -> Self {
-        NormDesc { kind, rows, cols, eps, ld_x: cols, ld_out: cols, x_off: 0, out_off: 0 }
+        NormDesc {
+            kind,
+            rows,
+            cols,
+            eps,
+            ld_x: cols,
+            ld_out: cols,
+            x_off: 0,
+            out_off: 0,
+        }
     }
 }
 
@@ -68,7 +77,14 @@ pub fn norm(
     cols: usize,
     eps: f32,
 ) -> Result<Dispatch> {
-    norm_with(ctx, out, x, weight, bias, &NormDesc::new(kind, rows, cols, eps))
+    norm_with(
+        ctx,
+        out,
+        x,
+        weight,
+        bias,
+        &NormDesc::new(kind, rows, cols, eps),
+    )
 }
 
 /// [`norm`] with explicit strides and offsets (`x` and `out` must not share a buffer).
@@ -109,7 +125,12 @@ pub fn norm_with(
         return Err(Error::InvalidArgument("RMSNorm takes no bias".into()));
     }
     let wg = if cols >= 1024 { 256 } else { 64 };
-    let key = key(kind == NormKind::Layer, weight.is_some(), bias.is_some(), wg);
+    let key = key(
+        kind == NormKind::Layer,
+        weight.is_some(),
+        bias.is_some(),
+        wg,
+    );
     let u = ctx.uniform(&NormParams {
         rows: rows as u32,
         cols: cols as u32,
@@ -262,7 +283,8 @@ mod tests {
         let mut d = NormDesc::new(NormKind::Rms, 1, 10, 1e-6);
         d.x_off = 20;
         d.out_off = 13;
-        ctx.run(&[norm_with(ctx, &out, &x, None, None, &d).unwrap()]).unwrap();
+        ctx.run(&[norm_with(ctx, &out, &x, None, None, &d).unwrap()])
+            .unwrap();
         let got = out.read_f32(ctx).unwrap();
         let want = norm_ref(NormKind::Rms, &xv[20..30], None, None, 10, 1e-6);
         assert_close("offset row", &got[13..23], &want, 1e-6, 1e-6);
