@@ -12,8 +12,10 @@
 //   all GROUP heads (one pass over the key row), then invocations own 4 value dimensions
 //   and split the block's keys. Any mix of tokens works (decode steps of many sequences,
 //   or prefill tokens); long prefills use the matmul path below instead.
-// softmax_masked: the softmax of the matmul prefill path, S[h][t][j] -> P, with keys at
-//   and past lens[t] masked out.
+// softmax_masked / softmax_rows: the softmax of the matmul prefill path, S[h][t][j] -> P
+//   (rows of s_ld, a multiple of 4), with keys at and past lens[t] masked out; one
+//   workgroup per row (GPUs) or one invocation per row with vec4 loads and no barriers
+//   (CPU-like devices, where workgroup reductions cost more than the row itself).
 
 struct AttnParams {
     n_tokens: u32,
@@ -26,7 +28,7 @@ struct AttnParams {
     rows: u32,
     cols: u32,
     q_tokens: u32,
-    _pad0: u32,
+    s_ld: u32,
     _pad1: u32,
 }
 
@@ -155,6 +157,7 @@ fn attn_decode(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
 
 @group(0) @binding(6) var<storage, read_write> s_mat: array<f32>;
 @group(0) @binding(7) var<storage, read> lens: array<u32>;
+@group(0) @binding(8) var<storage, read_write> s_mat4: array<vec4<f32>>;
 
 var<workgroup> red1: array<f32, 64>;
 
@@ -179,7 +182,7 @@ fn softmax_masked(@builtin(workgroup_id) wg: vec3<u32>,
     let row = wg.x + wg.y * nwg.x;
     if (row >= p.rows) { return; }
     let valid = min(lens[row % p.q_tokens], p.cols);
-    let b = row * p.cols;
+    let b = row * p.s_ld;
     var mx = -3.0e38;
     for (var c = li; c < valid; c += 64u) { mx = max(mx, s_mat[b + c]); }
     mx = reduce1(li, mx, true);
@@ -193,4 +196,31 @@ fn softmax_masked(@builtin(workgroup_id) wg: vec3<u32>,
     let tot = reduce1(li, sum, false);
     let inv = select(0.0, 1.0 / tot, tot > 0.0);
     for (var c = li; c < valid; c += 64u) { s_mat[b + c] *= inv; }
+}
+
+@compute @workgroup_size(64)
+fn softmax_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    if (row >= p.rows) { return; }
+    let valid = min(lens[row % p.q_tokens], p.cols);
+    let b = row * (p.s_ld / 4u);
+    let n4 = (p.cols + 3u) / 4u;
+    let lane = vec4<u32>(0u, 1u, 2u, 3u);
+    var mx = -3.0e38;
+    for (var c = 0u; c < n4; c++) {
+        let keep = (lane + 4u * c) < vec4<u32>(valid);
+        let v = select(vec4<f32>(-3.0e38), s_mat4[b + c], keep);
+        mx = max(mx, max(max(v.x, v.y), max(v.z, v.w)));
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < n4; c++) {
+        let keep = (lane + 4u * c) < vec4<u32>(valid);
+        let e = select(vec4<f32>(0.0), exp(s_mat4[b + c] - mx), keep);
+        s_mat4[b + c] = e;
+        sum += (e.x + e.y) + (e.z + e.w);
+    }
+    let inv = select(0.0, 1.0 / sum, sum > 0.0);
+    for (var c = 0u; c < n4; c++) {
+        s_mat4[b + c] *= inv;
+    }
 }

@@ -42,6 +42,9 @@ struct MatmulParams {
 override A_KM: bool = false;
 override B_KN: bool = false;
 override ACCUMULATE: bool = false;
+// matmul_sg: the 8 subgroups of a workgroup split RS ways over rows and 8/RS ways over
+// columns (RS > 1 for narrow products, so that lanes are not idle).
+override RS: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 
@@ -187,8 +190,9 @@ fn sg_step(acc: Acc8, av: vec4<f32>, t: BT) -> Acc8 {
 fn matmul_sg(@builtin(workgroup_id) wg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>,
              @builtin(subgroup_invocation_id) sl: u32) {
-    let row0 = wg.y * 8u;
-    let col = wg.x * 256u + lid.x * 4u;
+    let sg = lid.x / 8u;
+    let row0 = (wg.y * RS + sg % RS) * 8u;
+    let col = wg.x * (256u / RS) + (sg / RS) * 32u + sl * 4u;
     let ab = p.off_a + wg.z * p.stride_a;
     let bb = p.off_b + (wg.z / p.b_div) * p.stride_b;
     let cb = p.off_c + wg.z * p.stride_c;

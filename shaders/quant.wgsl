@@ -222,37 +222,59 @@ fn qmv_sg(@builtin(workgroup_id) wg: vec3<u32>,
     if (col < p.n) { put(row, col, acc); }
 }
 
-// Activation row r of the subgroup's 8 comes from lane r.
-fn row_dot(w: Sub, v: X8, vs: f32, r: u32) -> f32 {
+// Activation row r of the subgroup's 8 comes from lane r: its 32 values and their sum,
+// dotted with two weight rows.
+fn row_dots(w0: Sub, w1: Sub, v: X8, vs: f32, r: u32) -> vec2<f32> {
     let xr = X8(subgroupShuffle(v.x0, r), subgroupShuffle(v.x1, r), subgroupShuffle(v.x2, r), subgroupShuffle(v.x3, r),
                 subgroupShuffle(v.x4, r), subgroupShuffle(v.x5, r), subgroupShuffle(v.x6, r), subgroupShuffle(v.x7, r));
-    return sub_dot(w, xr, subgroupShuffle(vs, r));
+    let s = subgroupShuffle(vs, r);
+    return vec2<f32>(sub_dot(w0, xr, s), sub_dot(w1, xr, s));
 }
 
-// Y for 8 activation rows (wg.y) and one weight row per lane.
+// Y for 8 activation rows (wg.y) and two weight rows per lane (lid.x and lid.x + 64 of the
+// workgroup's 128): the activations a lane loads and the subgroup shuffles serve both.
 @compute @workgroup_size(64)
 fn qmm_sg(@builtin(workgroup_id) wg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(subgroup_invocation_id) sl: u32) {
-    let col = wg.x * 64u + lid.x;
-    let wrow = min(col, p.n - 1u);
+    let col0 = wg.x * 128u + lid.x;
+    let col1 = col0 + 64u;
+    let wrow0 = min(col0, p.n - 1u);
+    let wrow1 = min(col1, p.n - 1u);
     let row0 = wg.y * 8u;
     let xb = (min(row0 + sl, p.m - 1u) * p.ldx) / 4u;
-    var lo = vec4<f32>(0.0);
-    var hi = vec4<f32>(0.0);
+    var lo0 = vec4<f32>(0.0);
+    var hi0 = vec4<f32>(0.0);
+    var lo1 = vec4<f32>(0.0);
+    var hi1 = vec4<f32>(0.0);
     let groups = p.k / 32u;
     for (var g = 0u; g < groups; g++) {
         let o = xb + g * 8u;
         let v = X8(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
         let vs = hsum(v.x0 + v.x1 + v.x2 + v.x3 + v.x4 + v.x5 + v.x6 + v.x7);
-        let w = decode(wrow, g);
-        lo += vec4<f32>(row_dot(w, v, vs, 0u), row_dot(w, v, vs, 1u), row_dot(w, v, vs, 2u), row_dot(w, v, vs, 3u));
-        hi += vec4<f32>(row_dot(w, v, vs, 4u), row_dot(w, v, vs, 5u), row_dot(w, v, vs, 6u), row_dot(w, v, vs, 7u));
+        let w0 = decode(wrow0, g);
+        let w1 = decode(wrow1, g);
+        let t0 = row_dots(w0, w1, v, vs, 0u);
+        let t1 = row_dots(w0, w1, v, vs, 1u);
+        let t2 = row_dots(w0, w1, v, vs, 2u);
+        let t3 = row_dots(w0, w1, v, vs, 3u);
+        let t4 = row_dots(w0, w1, v, vs, 4u);
+        let t5 = row_dots(w0, w1, v, vs, 5u);
+        let t6 = row_dots(w0, w1, v, vs, 6u);
+        let t7 = row_dots(w0, w1, v, vs, 7u);
+        lo0 += vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+        hi0 += vec4<f32>(t4.x, t5.x, t6.x, t7.x);
+        lo1 += vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+        hi1 += vec4<f32>(t4.y, t5.y, t6.y, t7.y);
     }
-    if (col < p.n) {
-        for (var r = 0u; r < 4u; r++) {
-            if (row0 + r < p.m) { put(row0 + r, col, lo[r]); }
-            if (row0 + 4u + r < p.m) { put(row0 + 4u + r, col, hi[r]); }
+    for (var r = 0u; r < 4u; r++) {
+        if (col0 < p.n) {
+            if (row0 + r < p.m) { put(row0 + r, col0, lo0[r]); }
+            if (row0 + 4u + r < p.m) { put(row0 + 4u + r, col0, hi0[r]); }
+        }
+        if (col1 < p.n) {
+            if (row0 + r < p.m) { put(row0 + r, col1, lo1[r]); }
+            if (row0 + 4u + r < p.m) { put(row0 + 4u + r, col1, hi1[r]); }
         }
     }
 }

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use clap::Args;
 use ember::gpu::{DType, Dispatch};
+use ember::kernels::attention::{attention_prefill, AttnLayout};
 use ember::kernels::matmul::{matmul, MatmulDesc};
 use ember::kernels::quant::{qmatmul, QMatmulDesc, QMatrix, QShape};
 use ember::kernels::Variant;
@@ -149,6 +150,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let s = time_ops(&ctx, &ops, reps, rounds)?;
             let r = json!({"kernel": "qmatmul", "type": ty.name(), "variant": format!("{variant:?}").to_lowercase(),
                 "m": m, "n": n, "k": k, "ms": s * 1e3, "gflops": 2.0 * (m * n * k) as f64 / s / 1e9});
+            if !a.json {
+                eprintln!("{r}");
+            }
+            results.push(r);
+        }
+    }
+    // Attention of a SmolLM2-shaped layer (9 query heads over 3 kv heads of 64): a causal
+    // prefill of T tokens (matmul path) and one decode token over T keys.
+    for &variant in &vs {
+        let t = if a.quick { 64 } else { 256 };
+        let l = AttnLayout::packed(9, 3, 64);
+        let q = Tensor::from_f32(&ctx, &[t, l.q_ld], &rng.vec(t * l.q_ld, -1.0, 1.0))?;
+        let k = Tensor::from_f32(&ctx, &[t, l.kv_ld], &rng.vec(t * l.kv_ld, -1.0, 1.0))?;
+        let v = Tensor::from_f32(&ctx, &[t, l.kv_ld], &rng.vec(t * l.kv_ld, -1.0, 1.0))?;
+        let lens: Vec<u32> = (1..=t as u32).collect();
+        let lt = Tensor::from_slice(&ctx, &[t], DType::U32, &lens)?;
+        let s = Tensor::zeros(
+            &ctx,
+            &[ember::kernels::attention::prefill_scores_len(9, t, t)],
+            DType::F32,
+        )?;
+        let o = Tensor::zeros(&ctx, &[t, l.o_ld], DType::F32)?;
+        let ops = attention_prefill(&ctx, &o, &q, &k, &v, &s, &lt, t, 0, t, &l, 0.125, variant)?;
+        let secs = time_ops(&ctx, &ops, reps, rounds)?;
+        let flops = 4.0 * 9.0 * (t * t * 64) as f64;
+        let r = json!({"kernel": "attention_prefill", "variant": format!("{variant:?}").to_lowercase(),
+            "tokens": t, "heads": "9:3x64", "ms": secs * 1e3, "gflops": flops / secs / 1e9});
+        if !a.json {
+            eprintln!("{r}");
+        }
+        results.push(r);
+        for (name, op) in ["qk", "softmax", "pv"].iter().zip(&ops) {
+            let secs = time_ops(&ctx, std::slice::from_ref(op), reps, rounds)?;
+            let r = json!({"kernel": format!("attention_prefill.{name}"), "variant": format!("{variant:?}").to_lowercase(),
+                "tokens": t, "ms": secs * 1e3});
             if !a.json {
                 eprintln!("{r}");
             }

@@ -445,6 +445,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         best_prefill = best_prefill.max(prefill);
         best_decode = best_decode.max(decode);
     }
+    if std::env::var_os("EMBER_PROFILE").is_some() {
+        for (name, n, s) in sess.profile_decode(a.batch)? {
+            eprintln!("{name:<16} x{n:<4} {:8.2} ms", s * 1e3);
+        }
+    }
     let info = ctx.info();
     let v = json!({
         "model": a.model.model.display().to_string(),

@@ -176,6 +176,27 @@ impl Context {
         self.queue().submit([enc.finish()]);
     }
 
+    /// Runs `ops` one per submission, waiting for each, and returns the wall time per
+    /// kernel name as (name, count, seconds), slowest first. Profiling only: the waits add
+    /// their own overhead.
+    pub fn profile(&self, ops: &[Dispatch]) -> Result<Vec<(String, usize, f64)>> {
+        let mut by: Vec<(String, usize, f64)> = Vec::new();
+        for op in ops {
+            let t = std::time::Instant::now();
+            self.run(std::slice::from_ref(op))?;
+            let s = t.elapsed().as_secs_f64();
+            match by.iter_mut().find(|(n, _, _)| n == op.name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += s;
+                }
+                None => by.push((op.name.to_string(), 1, s)),
+            }
+        }
+        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Ok(by)
+    }
+
     /// Submits `ops` and waits for them to finish.
     pub fn run(&self, ops: &[Dispatch]) -> Result<()> {
         self.submit(ops);

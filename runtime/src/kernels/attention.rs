@@ -20,7 +20,7 @@ uniform! {
         rows: u32,
         cols: u32,
         q_tokens: u32,
-        _pad0: u32,
+        s_ld: u32,
         _pad1: u32,
     }
 }
@@ -171,7 +171,10 @@ fn decode_key(head_dim: usize, group: usize) -> PipelineKey {
 /// Specializations for common head sizes and groups (for the portability test).
 #[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
-    let mut v = vec![PipelineKey::new("attention", "softmax_masked")];
+    let mut v = vec![
+        PipelineKey::new("attention", "softmax_masked"),
+        PipelineKey::new("attention", "softmax_rows"),
+    ];
     for hd in [4, 32, 64, 80, 128, 256] {
         for g in [1, 2, 3, 4, 8] {
             v.push(decode_key(hd, g));
@@ -183,8 +186,8 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
 /// Attention for `q_tokens` consecutive query tokens of one sequence through two batched
 /// matmuls and a masked softmax: the keys are cache slots `first .. first + kv_len`, and
 /// query `t` sees the first `lens[t]` of them (`lens` is `[q_tokens]` u32; causal prefill
-/// has `lens[t] = position(t) + 1`). `scores` is scratch of `n_heads * q_tokens * kv_len`
-/// f32.
+/// has `lens[t] = position(t) + 1`). `scores` is scratch of
+/// [`prefill_scores_len`]`(n_heads, q_tokens, kv_len)` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_prefill(
     ctx: &Context,
@@ -202,7 +205,9 @@ pub fn attention_prefill(
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
     l.check(q, k, v, o, q_tokens, first + kv_len)?;
-    let s_len = l.n_heads * q_tokens * kv_len;
+    let s_len = prefill_scores_len(l.n_heads, q_tokens, kv_len);
+    // Score rows padded to a multiple of 4, so both the softmax and P.V read vec4s.
+    let s_ld = kv_len.div_ceil(4) * 4;
     if q_tokens == 0 || kv_len == 0 || scores.dtype() != DType::F32 || scores.numel() < s_len {
         return Err(Error::shape(
             "attention",
@@ -231,6 +236,8 @@ pub fn attention_prefill(
     qk.off_b = first * l.kv_ld;
     qk.b_div = g;
     qk.alpha = scale;
+    qk.ldc = s_ld;
+    qk.stride_c = q_tokens * s_ld;
     // O[t][h] = P[h][t] . V[first ..][h / g]
     let mut pv = MatmulDesc::new(q_tokens, hd, kv_len)
         .layout(false, true)
@@ -241,34 +248,46 @@ pub fn attention_prefill(
     pv.b_div = g;
     pv.ldc = l.o_ld;
     pv.stride_c = hd;
-    let key = PipelineKey::new("attention", "softmax_masked");
+    pv.lda = s_ld;
+    pv.stride_a = q_tokens * s_ld;
     let rows = l.n_heads * q_tokens;
     let u = ctx.uniform(&AttnParams {
         rows: rows as u32,
         cols: kv_len as u32,
         q_tokens: q_tokens as u32,
+        s_ld: s_ld as u32,
         ..Default::default()
     });
-    let sm = ctx.dispatch(
-        "softmax_masked",
-        &key,
-        &[
-            Bind::U(&u),
-            Bind::Skip,
-            Bind::Skip,
-            Bind::Skip,
-            Bind::Skip,
-            Bind::Skip,
-            Bind::T(scores),
-            Bind::T(lens),
-        ],
-        grid(ctx, rows as u32)?,
-    )?;
+    let per_row = variant.resolve(ctx) == Variant::Subgroup;
+    let (entry, groups) = if per_row {
+        ("softmax_rows", grid(ctx, (rows as u32).div_ceil(64))?)
+    } else {
+        ("softmax_masked", grid(ctx, rows as u32)?)
+    };
+    let mut binds = vec![
+        Bind::U(&u),
+        Bind::Skip,
+        Bind::Skip,
+        Bind::Skip,
+        Bind::Skip,
+        Bind::Skip,
+    ];
+    if per_row {
+        binds.extend([Bind::Skip, Bind::T(lens), Bind::T(scores)]);
+    } else {
+        binds.extend([Bind::T(scores), Bind::T(lens)]);
+    }
+    let sm = ctx.dispatch(entry, &PipelineKey::new("attention", entry), &binds, groups)?;
     Ok(vec![
         matmul(ctx, scores, q, k, &qk, variant)?,
         sm,
         matmul(ctx, o, scores, v, &pv, variant)?,
     ])
+}
+
+/// Floats of score scratch [`attention_prefill`] needs.
+pub fn prefill_scores_len(n_heads: usize, q_tokens: usize, kv_len: usize) -> usize {
+    n_heads * q_tokens * kv_len.div_ceil(4) * 4
 }
 
 /// CPU reference: `o` for tokens with key ranges `meta` (f64 softmax).
@@ -415,7 +434,8 @@ mod tests {
                 let v = Tensor::from_f32(ctx, &[c.v.len()], &c.v).unwrap();
                 let lens: Vec<u32> = meta.iter().map(|m| m.1 as u32).collect();
                 let lt = Tensor::from_slice(ctx, &[t_q], DType::U32, &lens).unwrap();
-                let s = Tensor::zeros(ctx, &[nh * t_q * kv_len], DType::F32).unwrap();
+                let s =
+                    Tensor::zeros(ctx, &[prefill_scores_len(nh, t_q, kv_len)], DType::F32).unwrap();
                 let o = Tensor::zeros(ctx, &[t_q * l.o_ld], DType::F32).unwrap();
                 let ops = attention_prefill(
                     ctx, &o, &q, &k, &v, &s, &lt, t_q, 0, kv_len, &l, scale, variant,

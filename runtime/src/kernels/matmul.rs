@@ -214,8 +214,8 @@ impl MatmulDesc {
 
 /// Pipeline of one specialization: defines `[A_VEC4, B_VEC4, B_F16, F16]`, overrides
 /// `[A_KM, B_KN, ACCUMULATE]`.
-fn key(entry: &'static str, defs: [bool; 4], overrides: [bool; 3]) -> PipelineKey {
-    PipelineKey::new("matmul", entry)
+fn key(entry: &'static str, defs: [bool; 4], overrides: [bool; 3], rs: u32) -> PipelineKey {
+    let k = PipelineKey::new("matmul", entry)
         .def("A_VEC4", defs[0])
         .def("B_VEC4", defs[1])
         .def("B_F16", defs[2])
@@ -223,7 +223,23 @@ fn key(entry: &'static str, defs: [bool; 4], overrides: [bool; 3]) -> PipelineKe
         .def("SUBGROUP", entry == "matmul_sg")
         .constant("A_KM", overrides[0] as u32 as f64)
         .constant("B_KN", overrides[1] as u32 as f64)
-        .constant("ACCUMULATE", overrides[2] as u32 as f64)
+        .constant("ACCUMULATE", overrides[2] as u32 as f64);
+    if entry == "matmul_sg" {
+        k.constant("RS", rs as f64)
+    } else {
+        k
+    }
+}
+
+/// Row splits of `matmul_sg` for a product `n` columns wide: a workgroup covers
+/// `8 * rs` rows and `256 / rs` columns.
+fn row_splits(n: usize) -> u32 {
+    match n {
+        0..=32 => 8,
+        33..=64 => 4,
+        65..=128 => 2,
+        _ => 1,
+    }
 }
 
 /// Every specialization [`matmul`] can build (for the portability test).
@@ -237,7 +253,9 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
                 continue; // native f16 loads only for f16 weights
             }
             for o in 0..8u32 {
-                v.push(key(entry, defs, [o & 1 != 0, o & 2 != 0, o & 4 != 0]));
+                for rs in [1, 2, 4, 8] {
+                    v.push(key(entry, defs, [o & 1 != 0, o & 2 != 0, o & 4 != 0], rs));
+                }
             }
         }
     }
@@ -271,8 +289,16 @@ pub fn matmul(
     let b_align = if b_f16 { 8 } else { 16 };
     let b_vec4 =
         d.ldb % 4 == 0 && d.stride_b % 4 == 0 && d.off_b % 4 == 0 && b.offset() % b_align == 0;
+    let rs = row_splits(d.n);
     let (entry, groups) = match variant {
-        Variant::Subgroup => ("matmul_sg", [d.n.div_ceil(256), d.m.div_ceil(8), d.batch]),
+        Variant::Subgroup => (
+            "matmul_sg",
+            [
+                d.n.div_ceil(256 / rs as usize),
+                d.m.div_ceil(8 * rs as usize),
+                d.batch,
+            ],
+        ),
         _ => (
             "matmul_tiled",
             [d.n.div_ceil(64), d.m.div_ceil(64), d.batch],
@@ -282,6 +308,7 @@ pub fn matmul(
         entry,
         [a_vec4, b_vec4, b_f16, b_f16 && ctx.caps().f16],
         [d.a_km, d.b_kn, d.accumulate],
+        rs,
     );
     let params = MatmulParams {
         m: d.m as u32,

@@ -133,7 +133,11 @@ pub fn run(ctx: &Context) -> Result<Report> {
         let vt = Tensor::from_f32(ctx, &[kv, l.kv_ld], &vvv)?;
         let lens: Vec<u32> = (0..t).map(|i| (first + i + 1) as u32).collect();
         let lt = Tensor::from_slice(ctx, &[t], DType::U32, &lens)?;
-        let s = Tensor::zeros(ctx, &[9 * t * kv], DType::F32)?;
+        let s = Tensor::zeros(
+            ctx,
+            &[crate::kernels::attention::prefill_scores_len(9, t, kv)],
+            DType::F32,
+        )?;
         let o = Tensor::zeros(ctx, &[t, l.o_ld], DType::F32)?;
         ctx.run(&attention_prefill(
             ctx, &o, &q, &kt, &vt, &s, &lt, t, 0, kv, &l, 0.125, variant,

@@ -5,7 +5,9 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
-use crate::kernels::attention::{attention_decode, attention_prefill, AttnLayout};
+use crate::kernels::attention::{
+    attention_decode, attention_prefill, prefill_scores_len, AttnLayout,
+};
 use crate::kernels::elementwise::{binary, swiglu, BinaryOp};
 use crate::kernels::kv::kv_store;
 use crate::kernels::norm::{norm_with, NormDesc, NormKind};
@@ -245,7 +247,7 @@ impl Model {
                     ctx, &a.attn, &a.qkv, &kv.k[l], &kv.v[l], &a.ranges, m, &layout, scale,
                 )?),
                 AttnMode::Prefill { first, kv_len } => {
-                    if c.n_heads * m * kv_len <= a.scores.numel() {
+                    if prefill_scores_len(c.n_heads, m, kv_len) <= a.scores.numel() {
                         ops.extend(attention_prefill(
                             ctx, &a.attn, &a.qkv, &kv.k[l], &kv.v[l], &a.scores, &a.lens, m, first,
                             kv_len, &layout, scale, variant,

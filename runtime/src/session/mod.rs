@@ -141,7 +141,12 @@ impl Session {
         let rows = params.n_batch.max(params.n_seq);
         // Prefill attention scratch: heads x chunk x context, within one binding.
         let max_scores = (ctx.caps().max_binding / 4) as usize;
-        let scores = (cfg.n_heads * params.n_batch * params.n_ctx).min(max_scores);
+        let scores = crate::kernels::attention::prefill_scores_len(
+            cfg.n_heads,
+            params.n_batch,
+            params.n_ctx,
+        )
+        .min(max_scores);
         let acts = Activations::new(&ctx, cfg, rows, rows, scores)?;
         let rope = RopeTable::new(&ctx, cfg.rope, params.n_ctx)?;
         Ok(Session {
@@ -302,6 +307,11 @@ impl Session {
                     .forward(&self.acts, &self.kv, &self.rope, chunk.len(), mode, logits)?;
             if last && want_next {
                 ops.extend(self.sample_ops(i, 1)?);
+            }
+            if std::env::var_os("EMBER_PROFILE_PREFILL").is_some() {
+                for (n, c, s) in self.ctx().profile(&ops)? {
+                    eprintln!("prefill {n:<18} x{c:<4} {:8.2} ms", s * 1e3);
+                }
             }
             self.ctx().submit(&ops);
         }
@@ -621,5 +631,18 @@ impl Session {
             top1,
             nll_sum,
         })
+    }
+}
+
+impl Session {
+    /// Runs the decode plan of batch size `b` once more, one dispatch per submission, and
+    /// returns the wall time spent per kernel name (profiling; inputs are whatever the last
+    /// step left). Call after at least one `decode` of that batch size.
+    pub fn profile_decode(&self, b: usize) -> Result<Vec<(String, usize, f64)>> {
+        let plan = self
+            .decode_plans
+            .get(&b)
+            .ok_or_else(|| Error::InvalidArgument(format!("no decode plan for batch {b} yet")))?;
+        self.ctx().profile(plan)
     }
 }
