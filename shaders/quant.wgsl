@@ -205,21 +205,29 @@ fn lane_sum(v: f32) -> f32 {
          + ((subgroupShuffle(v, 4u) + subgroupShuffle(v, 5u)) + (subgroupShuffle(v, 6u) + subgroupShuffle(v, 7u)));
 }
 
-// Y[row][col] for one activation row (wg.y) and one weight row per lane.
+// Y[row][col] for one activation row (wg.y) and two weight rows per lane (lid.x and
+// lid.x + 64 of the workgroup's 128), which share the shuffled activations.
 @compute @workgroup_size(64)
 fn qmv_sg(@builtin(workgroup_id) wg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(subgroup_invocation_id) sl: u32) {
-    let col = wg.x * 64u + lid.x;
-    let wrow = min(col, p.n - 1u);
+    let col0 = wg.x * 128u + lid.x;
+    let col1 = col0 + 64u;
+    let wrow0 = min(col0, p.n - 1u);
+    let wrow1 = min(col1, p.n - 1u);
     let row = wg.y;
-    var acc = 0.0;
+    var acc0 = 0.0;
+    var acc1 = 0.0;
     let groups = p.k / 32u;
     for (var g = 0u; g < groups; g++) {
         let xv = lane_x(row, g, sl);
-        acc += sub_dot(decode(wrow, g), spread(xv), lane_sum(hsum(xv)));
+        let v = spread(xv);
+        let xs = lane_sum(hsum(xv));
+        acc0 += sub_dot(decode(wrow0, g), v, xs);
+        acc1 += sub_dot(decode(wrow1, g), v, xs);
     }
-    if (col < p.n) { put(row, col, acc); }
+    if (col0 < p.n) { put(row, col0, acc0); }
+    if (col1 < p.n) { put(row, col1, acc1); }
 }
 
 // Activation row r of the subgroup's 8 comes from lane r: its 32 values and their sum,

@@ -235,7 +235,7 @@ pub fn qmatmul(
             n_ids: 0,
         };
         let groups = match entry {
-            "qmv_sg" => [c.rows.div_ceil(64), d.m, 1],
+            "qmv_sg" => [c.rows.div_ceil(128), d.m, 1],
             "qmm_sg" => [c.rows.div_ceil(128), d.m.div_ceil(8), 1],
             "qmv_tiled" => [c.rows.div_ceil(4), d.m, 1],
             _ => [c.rows.div_ceil(64), d.m.div_ceil(64), 1],
