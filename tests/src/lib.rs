@@ -1,3 +1,4 @@
 //! Shared helpers for Ember's integration tests.
 
+pub mod model;
 pub mod tiny;

@@ -33,6 +33,8 @@ enum Command {
     Perplexity(model_cmds::PerplexityArgs),
     /// Prefill and decode speed, dispatches per token and memory, as JSON.
     Bench(model_cmds::BenchArgs),
+    /// Convert a GGUF model into an HF directory (safetensors, f32 or f16).
+    Convert(model_cmds::ConvertArgs),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Command::Chat(a) => model_cmds::run_chat(a),
         Command::Perplexity(a) => model_cmds::run_perplexity(a),
         Command::Bench(a) => model_cmds::run_bench(a),
+        Command::Convert(a) => model_cmds::run_convert(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

@@ -473,3 +473,28 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// GGUF model to convert.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Output directory (config.json, model.safetensors, tokenizer files).
+    #[arg(long = "out")]
+    out: PathBuf,
+    /// Write f16 instead of f32.
+    #[arg(long)]
+    f16: bool,
+}
+
+pub fn run_convert(a: ConvertArgs) -> Result<()> {
+    use ember::model::export::{export_hf, ExportDtype};
+    let dtype = if a.f16 {
+        ExportDtype::F16
+    } else {
+        ExportDtype::F32
+    };
+    export_hf(&a.model, &a.out, dtype)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}

@@ -72,3 +72,120 @@ fn bad_environment_is_a_clear_error() {
         "{err}"
     );
 }
+
+fn model() -> Option<String> {
+    match std::env::var("EMBER_TEST_MODEL") {
+        Ok(m) if !m.is_empty() => Some(m),
+        _ => {
+            assert!(
+                std::env::var_os("EMBER_REQUIRE_MODEL").is_none(),
+                "EMBER_TEST_MODEL unset"
+            );
+            eprintln!("EMBER_TEST_MODEL is not set: skipping");
+            None
+        }
+    }
+}
+
+fn fixture_text(name: &str) -> String {
+    format!(
+        "{}/../../tests/fixtures/text/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn perplexity_prints_ppl_and_json() {
+    let Some(m) = model() else { return };
+    let f = fixture_text("short.txt");
+    let (ok, out, err) = ember(&["perplexity", "-m", &m, "-f", &f, "--ctx", "512", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], 19);
+    assert_eq!(v["scored"], 18);
+    assert_eq!(v["top1"].as_array().unwrap().len(), 18);
+    assert!((v["ppl"].as_f64().unwrap() - 22.512).abs() < 0.05, "{v}");
+    let (ok, out, err) = ember(&["perplexity", "-m", &m, "-f", &f]);
+    assert!(ok, "{err}");
+    assert!(out.trim().starts_with("ppl: 22.5"), "{out}");
+}
+
+#[test]
+fn generate_streams_text() {
+    let Some(m) = model() else { return };
+    let (ok, out, err) = ember(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    let (ok, out, err) = ember(&[
+        "generate", "-m", &m, "-p", "Hi", "-n", "4", "--temp", "0.7", "--seed", "3", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["tokens"].as_array().unwrap().len() <= 4);
+}
+
+#[test]
+fn bench_reports_the_documented_fields() {
+    let Some(m) = model() else { return };
+    let (ok, out, err) = ember(&[
+        "bench", "-m", &m, "--prompt", "16", "--gen", "4", "--reps", "1", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "dispatches_per_token",
+        "peak_rss_mb",
+        "gpu_mem_mb",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
+    }
+    for k in ["model", "device", "backend"] {
+        assert!(v[k].is_string(), "{k} in {v}");
+    }
+}
+
+#[test]
+fn chat_answers_from_stdin() {
+    use std::io::Write;
+    let Some(m) = model() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["chat", "-m", &m, "-n", "6", "--temp", "0"])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is 2+2?\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    let (ok, _, err) = ember(&["generate", "-m", "/nonexistent/model.gguf", "-p", "x"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+}

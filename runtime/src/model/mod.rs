@@ -6,6 +6,7 @@
 //! can share one.
 
 pub mod config;
+pub mod export;
 pub mod forward;
 pub mod loader;
 pub mod weights;

@@ -1,0 +1,44 @@
+//! The real test model (SmolLM2-135M-Instruct Q4_1, fetched by `scripts/fetch-model.sh`).
+
+use std::path::PathBuf;
+
+/// Path of the GGUF from `EMBER_TEST_MODEL`. `scripts/test.sh` always sets it, and sets
+/// `EMBER_REQUIRE_MODEL=1` so that a missing model fails instead of skipping.
+pub fn test_model() -> Option<PathBuf> {
+    match std::env::var_os("EMBER_TEST_MODEL") {
+        Some(p) if !p.is_empty() => {
+            let p = PathBuf::from(p);
+            assert!(p.exists(), "EMBER_TEST_MODEL={} does not exist", p.display());
+            Some(p)
+        }
+        _ => {
+            assert!(
+                std::env::var_os("EMBER_REQUIRE_MODEL").is_none(),
+                "EMBER_REQUIRE_MODEL is set but EMBER_TEST_MODEL is not"
+            );
+            eprintln!("EMBER_TEST_MODEL is not set: skipping (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// A committed fixture as JSON.
+pub fn fixture(rel: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A committed text file.
+pub fn text(rel: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A fresh empty directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ember-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
