@@ -1,7 +1,8 @@
 //! Tiny random Llama / Qwen2 / tied-Llama models, generated bit-for-bit the same way as
 //! `scripts/ref/tiny_llama.py` generates them, so tests can compare Ember against the committed
 //! reference logits (`tests/fixtures/tiny_*/logits.json`) without torch and without committed
-//! weights.
+//! weights. [`write_tiny_gguf`] writes the same weights as a GGUF file, laid out as llama.cpp's
+//! converter lays them out (optionally quantized to Q8_0 / Q4_0 / Q4_1), see [`TinyGguf::new`].
 //!
 //! # Weight generator (keep in sync with `scripts/ref/tiny_llama.py`)
 //!
@@ -416,6 +417,296 @@ pub fn weights_checksum(dir: &Path) -> u64 {
     h.finish()
 }
 
+// --- GGUF ------------------------------------------------------------------------------------
+
+/// llama.cpp's GGUF name for one of the tiny models' HF tensor names (`None` for a name that
+/// is not part of a Llama/Qwen2 checkpoint).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, what) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let g = match what {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// The row permutation llama.cpp's `convert_hf_to_gguf.py` applies to Llama q and k
+/// weights (its `permute(weights, n_head, n_head_kv)`), so that ggml's adjacent-pair RoPE
+/// computes what HF's rotate-half RoPE computes: in a `[n_head * hd][cols]` weight, HF row
+/// `h*hd + j*hd/2 + i` becomes row `h*hd + 2*i + j` (`i < hd/2`, `j` in {0, 1}). Works on
+/// 1-D biases too (`cols = 1`).
+///
+/// # Panics
+/// When `w.len()` is not `n_head * hd * cols` for an even `hd`.
+pub fn permute_qk(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    assert_eq!(rows * cols, w.len(), "permute_qk: ragged matrix");
+    assert_eq!(
+        rows % (2 * n_head),
+        0,
+        "permute_qk: {rows} rows, {n_head} heads"
+    );
+    let hd = rows / n_head;
+    let mut out = vec![0.0f32; w.len()];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                let src = h * hd + j * hd / 2 + i;
+                let dst = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// One tensor of a GGUF file being assembled: ggml dims (`[cols, rows]` for a matrix).
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    /// llama.cpp name.
+    pub name: String,
+    /// ggml dims, `ne[0]` (the contiguous one) first.
+    pub dims: Vec<u64>,
+    /// Element type.
+    pub ty: ember::format::gguf::TensorType,
+    /// The bytes in the file layout of `ty`.
+    pub data: Vec<u8>,
+}
+
+/// The contents of a tiny model's GGUF file, editable before writing (tests break it on
+/// purpose): metadata in file order and tensors in file order.
+#[derive(Debug, Clone)]
+pub struct TinyGguf {
+    /// Metadata keys and values, in file order.
+    pub metadata: Vec<(String, ember::format::gguf::Value)>,
+    /// Tensors, in file order.
+    pub tensors: Vec<GgufTensor>,
+}
+
+/// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for a tiny GGUF's weight type.
+fn file_type(quant: Option<ember::quant::QuantType>) -> u32 {
+    use ember::quant::QuantType;
+    match quant {
+        None => 0,
+        Some(QuantType::Q4_0) => 2,
+        Some(QuantType::Q4_1) => 3,
+        Some(QuantType::Q8_0) => 7,
+        Some(QuantType::Q5_0) => 8,
+        Some(QuantType::Q5_1) => 9,
+        Some(QuantType::Q4_K) => 15,
+        Some(QuantType::Q5_K) => 17,
+        Some(QuantType::Q6_K) => 18,
+    }
+}
+
+impl TinyGguf {
+    /// The same weights as [`write_tiny_model`]'s checkpoint, laid out the way llama.cpp's
+    /// converter writes them: llama.cpp names, ggml dims, q/k rows permuted for Llama (not
+    /// for Qwen2, which llama.cpp runs with NeoX-style RoPE on the HF layout), the model's
+    /// hyperparameters as `{arch}.*` keys and a byte-level `gpt2` vocabulary of 256 tokens.
+    /// With `quant`, every 2-D weight (the embedding and `output.weight` included) is
+    /// stored in that format by [`crate::quantize::quantize`]; norms and biases stay f32.
+    ///
+    /// Errors: [`ember::Error::Unsupported`] for a `quant` other than Q8_0, Q4_0 or Q4_1.
+    pub fn new(v: TinyVariant, quant: Option<ember::quant::QuantType>) -> ember::Result<Self> {
+        use ember::format::gguf::{TensorType, Value};
+        let arch = v.model_type();
+        let k = |key: &str| format!("{arch}.{key}");
+        let u32v = |x: usize| Value::U32(x as u32);
+        let metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), arch.into()),
+            ("general.name".into(), format!("tiny-{}", v.name()).into()),
+            ("general.file_type".into(), Value::U32(file_type(quant))),
+            (k("block_count"), u32v(LAYERS)),
+            (k("context_length"), u32v(MAX_POS)),
+            (k("embedding_length"), u32v(HIDDEN)),
+            (k("feed_forward_length"), u32v(FFN)),
+            (k("attention.head_count"), u32v(HEADS)),
+            (k("attention.head_count_kv"), u32v(KV_HEADS)),
+            (k("rope.freq_base"), Value::F32(ROPE_THETA as f32)),
+            (
+                k("attention.layer_norm_rms_epsilon"),
+                Value::F32(RMS_EPS as f32),
+            ),
+            (k("rope.dimension_count"), u32v(HEAD_DIM)),
+            (k("vocab_size"), u32v(VOCAB)),
+            ("tokenizer.ggml.model".into(), "gpt2".into()),
+            ("tokenizer.ggml.pre".into(), "gpt-2".into()),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(
+                    (0..=255u8)
+                        .map(|b| Value::String(byte_char(b).to_string()))
+                        .collect(),
+                ),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(vec![Value::I32(1); VOCAB]),
+            ),
+            ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ];
+
+        // llama.cpp's order: embedding, output norm, output, then the blocks.
+        let order = |gguf: &str| -> (usize, usize, usize) {
+            const IN_BLOCK: [&str; 12] = [
+                "attn_norm.weight",
+                "attn_q.weight",
+                "attn_q.bias",
+                "attn_k.weight",
+                "attn_k.bias",
+                "attn_v.weight",
+                "attn_v.bias",
+                "attn_output.weight",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ];
+            match gguf {
+                "token_embd.weight" => (0, 0, 0),
+                "output_norm.weight" => (0, 0, 1),
+                "output.weight" => (0, 0, 2),
+                _ => {
+                    let rest = gguf.strip_prefix("blk.").unwrap_or(gguf);
+                    let (l, w) = rest.split_once('.').unwrap_or(("0", rest));
+                    let pos = IN_BLOCK.iter().position(|&x| x == w).unwrap_or(99);
+                    (1, l.parse().unwrap_or(0), pos)
+                }
+            }
+        };
+        let mut named: Vec<(String, Vec<usize>, Vec<f32>, bool)> = Vec::new();
+        for (hf, shape, values) in tiny_tensors(v) {
+            let name = gguf_name(&hf).ok_or_else(|| {
+                ember::Error::Internal(format!("no GGUF name for tiny tensor {hf}"))
+            })?;
+            let permute_heads = if v == TinyVariant::Qwen2 {
+                None
+            } else if name.ends_with("attn_q.weight") {
+                Some(HEADS)
+            } else if name.ends_with("attn_k.weight") {
+                Some(KV_HEADS)
+            } else {
+                None
+            };
+            let cols = *shape.last().unwrap_or(&1);
+            let values = match permute_heads {
+                Some(n) => permute_qk(&values, n, cols),
+                None => values,
+            };
+            let matrix = shape.len() == 2;
+            named.push((name, shape, values, matrix));
+        }
+        named.sort_by_key(|(n, ..)| order(n));
+        let mut tensors = Vec::with_capacity(named.len());
+        for (name, shape, values, matrix) in named {
+            let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+            let (ty, data) = match quant {
+                Some(q) if matrix => (TensorType::Quant(q), crate::quantize::quantize(q, &values)?),
+                _ => (
+                    TensorType::F32,
+                    values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+            };
+            tensors.push(GgufTensor {
+                name,
+                dims,
+                ty,
+                data,
+            });
+        }
+        Ok(TinyGguf { metadata, tensors })
+    }
+
+    /// Sets metadata `key` (in place when present, appended otherwise).
+    pub fn set(&mut self, key: &str, value: impl Into<ember::format::gguf::Value>) -> &mut Self {
+        let value = value.into();
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(e) => e.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
+        self
+    }
+
+    /// Removes metadata `key`; returns whether it was there.
+    pub fn remove_key(&mut self, key: &str) -> bool {
+        let n = self.metadata.len();
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.len() != n
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor_mut(&mut self, name: &str) -> Option<&mut GgufTensor> {
+        self.tensors.iter_mut().find(|t| t.name == name)
+    }
+
+    /// Removes tensor `name`; returns whether it was there.
+    pub fn remove_tensor(&mut self, name: &str) -> bool {
+        let n = self.tensors.len();
+        self.tensors.retain(|t| t.name != name);
+        self.tensors.len() != n
+    }
+
+    /// A [`ember::format::gguf::GgufWriter`] holding everything.
+    pub fn writer(&self) -> ember::format::gguf::GgufWriter {
+        let mut w = ember::format::gguf::GgufWriter::new();
+        for (k, v) in &self.metadata {
+            w.add(k.clone(), v.clone());
+        }
+        for t in &self.tensors {
+            w.add_tensor(t.name.clone(), &t.dims, t.ty, t.data.clone());
+        }
+        w
+    }
+
+    /// The file's bytes.
+    ///
+    /// Errors: as [`ember::format::gguf::GgufWriter::to_bytes`].
+    pub fn to_bytes(&self) -> ember::Result<Vec<u8>> {
+        self.writer().to_bytes()
+    }
+
+    /// Writes the file (atomically).
+    ///
+    /// Errors: as [`ember::format::gguf::GgufWriter::write_to`].
+    pub fn write_to(&self, path: &Path) -> ember::Result<()> {
+        self.writer().write_to(path)
+    }
+}
+
+/// Writes the tiny model `v` as a GGUF file at `path`, the way llama.cpp's converter (and,
+/// with `quant`, `llama-quantize`'s round-to-nearest path) would: see [`TinyGguf::new`].
+///
+/// Errors: [`ember::Error::Unsupported`] for a `quant` other than Q8_0, Q4_0 or Q4_1;
+/// [`ember::Error::Io`] when the file cannot be written.
+pub fn write_tiny_gguf(
+    path: &Path,
+    v: TinyVariant,
+    quant: Option<ember::quant::QuantType>,
+) -> ember::Result<()> {
+    TinyGguf::new(v, quant)?.write_to(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +759,58 @@ mod tests {
         );
         let n = tensor_values("model.norm.weight", 64);
         assert!(n.iter().all(|&x| (1.0 - A..=1.0 + A).contains(&x)));
+    }
+
+    #[test]
+    fn gguf_names_cover_every_tensor() {
+        for v in TinyVariant::ALL {
+            let names: std::collections::HashSet<String> = tensor_shapes(v)
+                .iter()
+                .map(|(n, _)| gguf_name(n).unwrap_or_else(|| panic!("{n}")))
+                .collect();
+            assert_eq!(names.len(), tensor_shapes(v).len());
+        }
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.down_proj.weight").as_deref(),
+            Some("blk.1.ffn_down.weight")
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+    }
+
+    #[test]
+    fn permutation_matches_llama_cpp() {
+        // 2 heads of width 4, 1 column: HF rows [h0: a0 a1 b0 b1][h1: ...] interleave.
+        let w: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        assert_eq!(
+            permute_qk(&w, 2, 1),
+            vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+        );
+        // Whole rows move.
+        let w: Vec<f32> = (0..16).map(|x| x as f32).collect();
+        assert_eq!(
+            permute_qk(&w, 1, 4),
+            [0, 2, 1, 3]
+                .iter()
+                .flat_map(|&r| (0..4).map(move |c| (r * 4 + c) as f32))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn gguf_layout() {
+        use ember::format::gguf::{GgufFile, TensorType};
+        let g = TinyGguf::new(TinyVariant::Qwen2, Some(ember::quant::QuantType::Q4_1)).unwrap();
+        let f = GgufFile::from_bytes(g.to_bytes().unwrap()).unwrap();
+        assert_eq!(f.architecture().unwrap(), "qwen2");
+        let q = f.tensor("blk.0.attn_k.weight").unwrap();
+        assert_eq!(q.dims, vec![HIDDEN as u64, (KV_HEADS * HEAD_DIM) as u64]);
+        assert_eq!(q.ty.name(), "Q4_1");
+        let b = f.tensor("blk.1.attn_v.bias").unwrap();
+        assert_eq!((b.dims.clone(), b.ty), (vec![32], TensorType::F32));
+        assert!(f.tensor("output.weight").is_some());
+        assert_eq!(f.tensors()[0].name, "token_embd.weight");
+        let t = TinyGguf::new(TinyVariant::LlamaTied, None).unwrap();
+        assert!(t.tensors.iter().all(|t| t.name != "output.weight"));
+        assert!(t.tensors.iter().all(|t| t.ty == TensorType::F32));
     }
 }
