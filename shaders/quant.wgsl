@@ -3,7 +3,9 @@
 //
 //   W (q, s): [n][k] quantized, `n` rows (output features) of `k` columns, in QTYPE's layout:
 //             q[row][block][QW vec4 words], s[row][block][SW words]
-//   X:        [m][ldx] f32 activations (k columns used)
+//   X:        [m][ldx] f32 activations (k columns used); with GLU each row holds a gate and,
+//             glu4 vec4s later, an up projection, and the activation is silu(gate) * up
+//             (SwiGLU fused into the down projection's input)
 //   Y:        [m][ldy] f32, columns y_offset .. y_offset + n written (+= with ACCUMULATE)
 //
 // Every format is decoded in groups of 32 consecutive columns (a Q*_0/Q*_1 block, or one
@@ -26,6 +28,10 @@ struct QuantParams {
     y_offset: u32,
     row_start: u32,
     n_ids: u32,
+    glu4: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1, 5 Q4_K, 6 Q5_K, 7 Q6_K
@@ -61,6 +67,16 @@ struct Sub {
 struct X8 {
     x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
     x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>,
+}
+
+// One vec4 of activations (index in vec4s of the X binding).
+fn xv(i: u32) -> vec4<f32> {
+#if GLU
+    let g = x[i];
+    return g / (1.0 + exp(-g)) * x[i + p.glu4];
+#else
+    return x[i];
+#endif
 }
 
 fn qword(base: u32, w: u32) -> u32 { return q[base + (w >> 2u)][w & 3u]; }
@@ -192,7 +208,7 @@ fn hsum(v: vec4<f32>) -> f32 { return (v.x + v.y) + (v.z + v.w); }
 
 // Group `g` of activation row `row`, held one vec4 per lane: lane l has columns 4l..4l+3.
 fn lane_x(row: u32, g: u32, sl: u32) -> vec4<f32> {
-    return x[(row * p.ldx) / 4u + g * 8u + sl];
+    return xv((row * p.ldx) / 4u + g * 8u + sl);
 }
 
 fn spread(v: vec4<f32>) -> X8 {
@@ -258,7 +274,7 @@ fn qmm_sg(@builtin(workgroup_id) wg: vec3<u32>,
     let groups = p.k / 32u;
     for (var g = 0u; g < groups; g++) {
         let o = xb + g * 8u;
-        let v = X8(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
+        let v = X8(xv(o), xv(o + 1u), xv(o + 2u), xv(o + 3u), xv(o + 4u), xv(o + 5u), xv(o + 6u), xv(o + 7u));
         let vs = hsum(v.x0 + v.x1 + v.x2 + v.x3 + v.x4 + v.x5 + v.x6 + v.x7);
         let w0 = decode(wrow0, g);
         let w1 = decode(wrow1, g);
@@ -304,7 +320,7 @@ fn qmv_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var acc = 0.0;
     for (var g = t; g < groups; g += 16u) {
         let o = (row * p.ldx) / 4u + g * 8u;
-        let v = X8(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
+        let v = X8(xv(o), xv(o + 1u), xv(o + 2u), xv(o + 3u), xv(o + 4u), xv(o + 5u), xv(o + 6u), xv(o + 7u));
         let sv = v.x0 + v.x1 + v.x2 + v.x3 + v.x4 + v.x5 + v.x6 + v.x7;
         acc += sub_dot(decode(wrow, g), v, (sv.x + sv.y) + (sv.z + sv.w));
     }
@@ -349,7 +365,7 @@ fn qmm_tiled(@builtin(workgroup_id) wg: vec3<u32>,
     let groups = p.k / 32u;
     for (var g = 0u; g < groups; g++) {
         let o = (xr * p.ldx) / 4u + g * 8u;
-        for (var c = 0u; c < 8u; c++) { put_xa(li, 4u * c, x[o + c]); }
+        for (var c = 0u; c < 8u; c++) { put_xa(li, 4u * c, xv(o + c)); }
         let w = decode(wr, g);
         let a = vec4<f32>(w.a_lo);
         let a2 = vec4<f32>(w.a_hi);

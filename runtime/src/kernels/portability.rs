@@ -223,4 +223,5 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<sample::SampleParams>("sample");
     check_uniform::<sample::RowParams>("sample");
     check_uniform::<kv::KvParams>("kv");
+    check_uniform::<kv::RopeStoreParams>("kv");
 }

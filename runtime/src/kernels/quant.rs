@@ -19,6 +19,10 @@ uniform! {
         y_offset: u32,
         row_start: u32,
         n_ids: u32,
+        glu4: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 }
 
@@ -119,6 +123,9 @@ pub struct QMatmulDesc {
     pub y_offset: usize,
     /// Add to Y instead of overwriting it.
     pub accumulate: bool,
+    /// SwiGLU input: X rows hold a gate at columns `0..k` and the up projection at
+    /// `glu..glu + k`, and the product reads `silu(gate) * up` (0: plain X).
+    pub glu: usize,
 }
 
 impl QMatmulDesc {
@@ -130,13 +137,21 @@ impl QMatmulDesc {
             ldy: w.rows,
             y_offset: 0,
             accumulate: false,
+            glu: 0,
         }
     }
 }
 
-fn base_key(entry: &'static str, ty: QuantType, sg: bool, accumulate: bool) -> PipelineKey {
+fn base_key(
+    entry: &'static str,
+    ty: QuantType,
+    sg: bool,
+    accumulate: bool,
+    glu: bool,
+) -> PipelineKey {
     PipelineKey::new("quant", entry)
         .def("SUBGROUP", sg)
+        .def("GLU", glu)
         .constant("QTYPE", ty.shader_id() as f64)
         .constant("ACCUMULATE", accumulate as u32 as f64)
 }
@@ -153,10 +168,12 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
                 ("qmv_tiled", false),
                 ("qmm_tiled", false),
             ] {
-                v.push(base_key(entry, ty, sg, acc));
+                for glu in [false, true] {
+                    v.push(base_key(entry, ty, sg, acc, glu));
+                }
             }
         }
-        v.push(base_key("gather", ty, false, false));
+        v.push(base_key("gather", ty, false, false, false));
     }
     v
 }
@@ -176,7 +193,7 @@ pub fn qmatmul(
     shape: QShape,
 ) -> Result<Vec<Dispatch>> {
     let op = "qmatmul";
-    if d.m == 0 || d.ldx < w.cols || d.ldx % 4 != 0 || d.ldy < d.y_offset + w.rows {
+    if d.m == 0 || d.ldx < w.cols + d.glu || d.ldx % 4 != 0 || d.ldy < d.y_offset + w.rows {
         return Err(Error::shape(
             op,
             format!(
@@ -191,7 +208,13 @@ pub fn qmatmul(
             ),
         ));
     }
-    let need_x = (d.m - 1) * d.ldx + w.cols;
+    if d.glu % 4 != 0 || (d.glu > 0 && d.glu < w.cols) {
+        return Err(Error::shape(
+            op,
+            format!("SwiGLU offset {} for {} columns", d.glu, w.cols),
+        ));
+    }
+    let need_x = (d.m - 1) * d.ldx + w.cols + d.glu;
     let need_y = (d.m - 1) * d.ldy + d.y_offset + w.rows;
     if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
         return Err(Error::shape(
@@ -221,7 +244,7 @@ pub fn qmatmul(
         (false, true) => "qmv_tiled",
         (false, false) => "qmm_tiled",
     };
-    let key = base_key(entry, w.ty, sg, d.accumulate);
+    let key = base_key(entry, w.ty, sg, d.accumulate, d.glu > 0);
     let mut ops = Vec::with_capacity(w.chunks.len());
     for c in &w.chunks {
         let params = QuantParams {
@@ -233,6 +256,8 @@ pub fn qmatmul(
             y_offset: to_u32(d.y_offset + c.row_start, "y_offset")?,
             row_start: 0,
             n_ids: 0,
+            glu4: (d.glu / 4) as u32,
+            ..Default::default()
         };
         let groups = match entry {
             "qmv_sg" => [c.rows.div_ceil(128), d.m, 1],
@@ -274,7 +299,7 @@ pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<
             ),
         ));
     }
-    let key = base_key("gather", w.ty, false, false);
+    let key = base_key("gather", w.ty, false, false, false);
     let mut ops = Vec::new();
     for c in &w.chunks {
         let params = QuantParams {
@@ -286,6 +311,7 @@ pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<
             y_offset: 0,
             row_start: to_u32(c.row_start, "row_start")?,
             n_ids: to_u32(n_ids, "ids")?,
+            ..Default::default()
         };
         let u = ctx.uniform(&params);
         ops.push(ctx.dispatch(
@@ -449,6 +475,43 @@ mod tests {
                 .collect();
             // One rounding of a*q+b against ggml's: within an ulp.
             assert_close(ty.name(), &out.read_f32(ctx).unwrap(), &want, 1e-30, 2.5e-7);
+        }
+    }
+
+    #[test]
+    fn swiglu_input_is_fused() {
+        // y = down(silu(gate) * up) with gate|up in one [m][2k] buffer.
+        for ctx in contexts() {
+            for variant in Variant::all(ctx) {
+                for shape in [QShape::Vector, QShape::Matrix] {
+                    let (ty, m, n, k) = (QuantType::Q4_1, 3, 19, 64);
+                    let (r, wf) = random_matrix(ty, n, k, 21);
+                    let w = QMatrix::upload(ctx, &r).unwrap();
+                    let gu = Rng::new(6).vec(m * 2 * k, -3.0, 3.0);
+                    let x = Tensor::from_f32(ctx, &[m, 2 * k], &gu).unwrap();
+                    let y = Tensor::zeros(ctx, &[m, n], DType::F32).unwrap();
+                    let mut d = QMatmulDesc::new(m, &w);
+                    d.ldx = 2 * k;
+                    d.glu = k;
+                    ctx.run(&qmatmul(ctx, &y, &x, &w, &d, variant, shape).unwrap())
+                        .unwrap();
+                    let act: Vec<f32> = (0..m)
+                        .flat_map(|i| {
+                            let row = &gu[i * 2 * k..(i + 1) * 2 * k];
+                            (0..k).map(move |j| row[j] / (1.0 + (-row[j]).exp()) * row[k + j])
+                        })
+                        .collect();
+                    let mut want = vec![0.0; m * n];
+                    matmul_ref(&act, &wf, &mut want, &MatmulDesc::new(m, n, k));
+                    assert_close(
+                        &format!("glu {variant:?} {shape:?}"),
+                        &y.read_f32(ctx).unwrap(),
+                        &want,
+                        1e-4,
+                        1e-4,
+                    );
+                }
+            }
         }
     }
 

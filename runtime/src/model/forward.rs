@@ -9,10 +9,10 @@ use crate::kernels::attention::{
     attention_decode, attention_prefill, prefill_scores_len, AttnLayout,
 };
 use crate::kernels::elementwise::{binary, swiglu, BinaryOp};
-use crate::kernels::kv::kv_store;
+use crate::kernels::kv::{rope_store, QkvLayout};
 use crate::kernels::norm::{norm_with, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
-use crate::kernels::rope::{rope, HeadLayout, RopeTable};
+use crate::kernels::rope::RopeTable;
 use crate::model::config::ModelConfig;
 use crate::model::weights::Rows;
 use crate::model::Model;
@@ -179,6 +179,7 @@ impl Model {
             ldy,
             y_off: 0,
             accumulate,
+            glu: 0,
         };
         let layout = AttnLayout {
             n_heads: c.n_heads,
@@ -221,26 +222,15 @@ impl Model {
                     qkv_dim,
                 )?);
             }
-            // q and k heads are adjacent in the fused row: one rotation covers both.
-            let heads = HeadLayout {
-                tokens: m,
-                heads: c.n_heads + c.n_kv_heads,
+            // RoPE on q (in place) and k (into the cache), v into the cache: one pass.
+            let qkv_l = QkvLayout {
+                n_heads: c.n_heads,
+                n_kv: c.n_kv_heads,
                 head_dim: hd,
-                ld: qkv_dim,
-                offset: 0,
+                src_ld: qkv_dim,
             };
-            ops.push(rope(ctx, &a.qkv, &a.pos, rope_table, heads, false)?);
-            ops.push(kv_store(
-                ctx,
-                &kv.k[l],
-                &kv.v[l],
-                &a.qkv,
-                &a.slots,
-                m,
-                kv_dim,
-                qkv_dim,
-                q_dim,
-                q_dim + kv_dim,
+            ops.push(rope_store(
+                ctx, &kv.k[l], &kv.v[l], &a.qkv, &a.pos, &a.slots, rope_table, m, qkv_l,
             )?);
             match attn {
                 AttnMode::Ranges => ops.push(attention_decode(
@@ -285,15 +275,18 @@ impl Model {
                 variant,
                 shape,
             )?);
-            ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
-            ops.extend(layer.down.forward(
-                ctx,
-                &a.x,
-                &a.ff,
-                rows(c.ff, c.hidden, true),
-                variant,
-                shape,
-            )?);
+            if layer.down.fuses_glu() {
+                // The down projection reads silu(gate) * up straight from the gate|up rows.
+                let r = Rows {
+                    glu: c.ff,
+                    ..rows(2 * c.ff, c.hidden, true)
+                };
+                ops.extend(layer.down.forward(ctx, &a.x, &a.gu, r, variant, shape)?);
+            } else {
+                ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
+                let r = rows(c.ff, c.hidden, true);
+                ops.extend(layer.down.forward(ctx, &a.x, &a.ff, r, variant, shape)?);
+            }
         }
         match logits {
             LogitRows::None => {}
@@ -307,6 +300,7 @@ impl Model {
                     ldy: c.vocab,
                     y_off: 0,
                     accumulate: false,
+                    glu: 0,
                 };
                 ops.extend(self.lm_head.forward(
                     ctx,
@@ -325,6 +319,7 @@ impl Model {
                     ldy: c.vocab,
                     y_off: 0,
                     accumulate: false,
+                    glu: 0,
                 };
                 ops.extend(
                     self.lm_head

@@ -198,6 +198,9 @@ pub struct Rows {
     pub y_off: usize,
     /// Add into the output (residual) instead of overwriting.
     pub accumulate: bool,
+    /// SwiGLU input: each x row holds the gate at `0..cols` and the up projection `glu`
+    /// columns later; the product reads `silu(gate) * up` ([`Linear::fuses_glu`]).
+    pub glu: usize,
 }
 
 /// A linear layer `y = x W^T`: one or more row blocks of the weight, each its own matrix
@@ -248,6 +251,12 @@ impl Linear {
         self.parts.iter().map(|(_, m)| m.bytes()).sum()
     }
 
+    /// Whether [`Linear::forward`] can apply SwiGLU to its input itself (quantized
+    /// weights; dense ones need a separate SwiGLU pass).
+    pub fn fuses_glu(&self) -> bool {
+        self.parts.iter().all(|(_, m)| matches!(m, Mat::Quant(_)))
+    }
+
     /// Dispatches of `y[rows] (+)= x[rows] W^T`. `shape` picks the quantized kernel shape
     /// (decode steps use the vector kernel whatever the batch, so that a sequence's results
     /// do not depend on what else is in the batch).
@@ -260,6 +269,9 @@ impl Linear {
         variant: Variant,
         shape: QShape,
     ) -> Result<Vec<Dispatch>> {
+        if r.glu > 0 && !self.fuses_glu() {
+            return Err(Error::Internal("SwiGLU input on dense weights".into()));
+        }
         let mut ops = Vec::new();
         for (off, mat) in &self.parts {
             match mat {
@@ -280,6 +292,7 @@ impl Linear {
                         ldy: r.ldy,
                         y_offset: r.y_off + off,
                         accumulate: r.accumulate,
+                        glu: r.glu,
                     };
                     ops.extend(qmatmul(ctx, y, x, q, &desc, variant, shape)?);
                 }
