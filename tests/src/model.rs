@@ -8,7 +8,11 @@ pub fn test_model() -> Option<PathBuf> {
     match std::env::var_os("EMBER_TEST_MODEL") {
         Some(p) if !p.is_empty() => {
             let p = PathBuf::from(p);
-            assert!(p.exists(), "EMBER_TEST_MODEL={} does not exist", p.display());
+            assert!(
+                p.exists(),
+                "EMBER_TEST_MODEL={} does not exist",
+                p.display()
+            );
             Some(p)
         }
         _ => {
@@ -24,14 +28,18 @@ pub fn test_model() -> Option<PathBuf> {
 
 /// A committed fixture as JSON.
 pub fn fixture(rel: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// A committed text file.
 pub fn text(rel: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
