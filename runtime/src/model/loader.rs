@@ -112,10 +112,16 @@ pub trait WeightSource {
     fn get(&self, name: WeightName) -> Result<Option<HostTensor>>;
     /// The file or directory, for messages.
     fn path(&self) -> &Path;
+    /// The name this source gives the weight.
+    fn tensor_name(&self, name: WeightName) -> String;
     /// The tensor or an error naming it.
     fn need(&self, name: WeightName) -> Result<HostTensor> {
-        self.get(name)?
-            .ok_or_else(|| Error::format(Some(self.path()), format!("missing tensor for {name:?}")))
+        self.get(name)?.ok_or_else(|| {
+            Error::format(
+                Some(self.path()),
+                format!("missing tensor {}", self.tensor_name(name)),
+            )
+        })
     }
 }
 
@@ -149,6 +155,7 @@ impl WeightSource for GgufSource<'_> {
         };
         Ok(Some(HostTensor {
             name: tname,
+            source: Some(self.path.clone()),
             rows,
             cols,
             data,
@@ -157,6 +164,10 @@ impl WeightSource for GgufSource<'_> {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn tensor_name(&self, name: WeightName) -> String {
+        name.gguf()
     }
 }
 
@@ -302,6 +313,7 @@ impl WeightSource for SafetensorsSource {
         };
         Ok(Some(HostTensor {
             name: tname,
+            source: Some(path.clone()),
             rows,
             cols,
             data,
@@ -310,5 +322,9 @@ impl WeightSource for SafetensorsSource {
 
     fn path(&self) -> &Path {
         &self.dir
+    }
+
+    fn tensor_name(&self, name: WeightName) -> String {
+        name.hf()
     }
 }

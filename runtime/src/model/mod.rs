@@ -105,7 +105,7 @@ fn f32_vector(ctx: &Context, t: &HostTensor, len: usize) -> Result<Tensor> {
     let v = t.to_f32()?;
     if v.len() != len {
         return Err(Error::format(
-            None,
+            t.source.as_deref(),
             format!("{} has {} values, the model needs {len}", t.name, v.len()),
         ));
     }

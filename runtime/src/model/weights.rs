@@ -28,6 +28,8 @@ pub enum HostMatrix {
 pub struct HostTensor {
     /// Tensor name in the file (for error messages).
     pub name: String,
+    /// The file (or checkpoint directory) it came from, for error messages.
+    pub source: Option<std::path::PathBuf>,
     /// Rows.
     pub rows: usize,
     /// Columns.
@@ -50,7 +52,7 @@ impl HostTensor {
     pub fn expect_shape(&self, rows: usize, cols: usize) -> Result<()> {
         if self.rows != rows || self.cols != cols {
             return Err(Error::format(
-                None,
+                self.source.as_deref(),
                 format!(
                     "tensor {} has shape [{}, {}] (rows, cols) but the model needs [{rows}, {cols}]",
                     self.name, self.rows, self.cols
@@ -102,6 +104,7 @@ impl HostTensor {
         };
         Some(HostTensor {
             name: name.into(),
+            source: first.source.clone(),
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
             data,
@@ -121,10 +124,12 @@ pub enum Mat {
 impl Mat {
     /// Uploads a host tensor, keeping its format.
     pub fn upload(ctx: &Context, t: &HostTensor) -> Result<Mat> {
-        let n = t
-            .rows
-            .checked_mul(t.cols)
-            .ok_or_else(|| Error::format(None, format!("tensor {} is too large", t.name)))?;
+        let n = t.rows.checked_mul(t.cols).ok_or_else(|| {
+            Error::format(
+                t.source.as_deref(),
+                format!("tensor {} is too large", t.name),
+            )
+        })?;
         Ok(match &t.data {
             HostMatrix::F32(v) => {
                 if v.len() != n {
