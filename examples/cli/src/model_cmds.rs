@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use clap::Args;
 use ember::model::{LoadOptions, Model};
-use ember::session::{SamplerConfig, Session, SessionParams};
-use ember::tokenizer::{ChatMessage, StreamDecoder};
+use ember::session::{GenerateOptions, Generation, SamplerConfig, Session, SessionParams};
+use ember::tokenizer::ChatMessage;
 use ember::{Context, Error, Result};
 use serde_json::json;
 
@@ -129,16 +129,6 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-/// Result of one generation.
-pub struct Generated {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub prompt_tokens: usize,
-    pub prefill_s: f64,
-    pub decode_s: f64,
-    pub stop_reason: &'static str,
-}
-
 /// Generates from `prompt` (already rendered), streaming text pieces to `out`.
 pub fn generate_text(
     sess: &mut Session,
@@ -147,67 +137,19 @@ pub fn generate_text(
     n: usize,
     stop: &[String],
     out: &mut dyn FnMut(&str),
-) -> Result<Generated> {
-    let model = sess.model().clone();
-    let tok = &model.tokenizer;
-    let ids = tok.encode(prompt, true, true)?;
-    if ids.is_empty() {
-        return Err(Error::InvalidArgument("the prompt is empty".into()));
-    }
-    let seq = sess.add_sequence(sampler)?;
-    let t0 = Instant::now();
-    let result = (|| {
-        let mut t = sess.prefill(seq, &ids)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut dec = StreamDecoder::new(tok);
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut reason = "length";
-        for i in 0..n {
-            if tok.is_end_of_generation(t) {
-                reason = "eos";
-                break;
-            }
-            tokens.push(t);
-            let piece = dec.push(t)?;
-            text.push_str(&piece);
-            if let Some(pos) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                let keep = text[..pos].len();
-                let already = text.len() - piece.len();
-                if keep > already {
-                    out(&text[already..keep]);
-                }
-                text.truncate(keep);
-                reason = "stop";
-                break;
-            }
-            out(&piece);
-            if i + 1 == n {
-                break;
-            }
-            if sess.tokens(seq)?.len() + 1 >= sess.params().n_ctx {
-                reason = "context";
-                break;
-            }
-            t = sess.decode(&[seq])?[0];
-        }
-        if reason != "stop" {
-            let rest = dec.finish();
-            out(&rest);
-            text.push_str(&rest);
-        }
-        Ok(Generated {
-            text,
-            prompt_tokens: ids.len(),
-            tokens,
-            prefill_s,
-            decode_s: t1.elapsed().as_secs_f64(),
-            stop_reason: reason,
-        })
-    })();
-    sess.remove_sequence(seq)?;
-    result
+) -> Result<Generation> {
+    let ids = sess.model().tokenizer.encode(prompt, true, true)?;
+    let mut cb = |_: u32, piece: &str| {
+        out(piece);
+        true
+    };
+    let opts = GenerateOptions {
+        sampler,
+        max_tokens: n,
+        stop: stop.to_vec(),
+        on_token: Some(&mut cb),
+    };
+    sess.generate(&ids, opts)
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -245,9 +187,9 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if json {
         let v = json!({
             "text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
-            "stop_reason": g.stop_reason,
-            "prefill_tok_s": g.prompt_tokens as f64 / g.prefill_s,
-            "decode_tok_s": g.tokens.len().saturating_sub(1) as f64 / g.decode_s.max(1e-9),
+            "stop_reason": g.stop,
+            "prefill_tok_s": g.prompt_tokens as f64 / g.prefill_secs,
+            "decode_tok_s": g.tokens.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9),
         });
         println!("{v}");
     } else {

@@ -6,8 +6,10 @@
 //! Context overflow policy: a sequence holds at most `n_ctx` tokens; feeding more is an
 //! error (`InvalidArgument`, "context full") and leaves the sequence as it was.
 
+mod generate;
 mod sampler;
 
+pub use generate::{GenerateOptions, Generation, StopReason, TokenCallback};
 pub use sampler::{SamplerConfig, SamplerState, MAX_PENALTY_TOKENS};
 
 use std::collections::HashMap;
