@@ -10,6 +10,7 @@ pub const ALL: &[(&str, &str)] = &[
     ),
     ("embed", include_str!("../../shaders/embed.wgsl")),
     ("kv", include_str!("../../shaders/kv.wgsl")),
+    ("lora", include_str!("../../shaders/lora.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),

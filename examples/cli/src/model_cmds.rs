@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
+use ember::adapters::LoraAdapter;
 use ember::model::{LoadOptions, Model};
-use ember::session::{GenerateOptions, Generation, SamplerConfig, Session, SessionParams};
+use ember::session::{
+    AdapterId, GenerateOptions, Generation, SamplerConfig, Session, SessionParams,
+};
 use ember::tokenizer::ChatMessage;
 use ember::{Context, Error, Result};
 use serde_json::json;
@@ -24,6 +27,10 @@ pub struct ModelArgs {
     /// Prefill chunk size (tokens).
     #[arg(long = "batch-size", default_value_t = 256)]
     pub batch_size: usize,
+    /// LoRA adapter directory (PEFT layout), optionally with a strength: DIR or DIR:SCALE.
+    /// Repeatable: several adapters apply together.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<String>,
 }
 
 /// Sampling options.
@@ -106,6 +113,27 @@ fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Session> {
     )
 }
 
+/// Loads `--adapter DIR[:SCALE]` arguments into one adapter attached to `sess` (several
+/// adapters are stacked: they apply together).
+fn attach_adapters(sess: &mut Session, args: &[String]) -> Result<Option<(AdapterId, f32)>> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    let model = sess.model().clone();
+    let mut loaded = Vec::new();
+    for a in args {
+        let (dir, scale) = match a.rsplit_once(':') {
+            Some((d, s)) if s.parse::<f32>().is_ok() => (d, s.parse::<f32>().unwrap_or(1.0)),
+            _ => (a.as_str(), 1.0),
+        };
+        loaded.push((LoraAdapter::load(std::path::Path::new(dir), &model)?, scale));
+    }
+    let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, s)| (a, *s)).collect();
+    let stacked = LoraAdapter::stack(&refs)?;
+    let id = sess.attach_adapter("cli", Arc::new(stacked))?;
+    Ok(Some((id, 1.0)))
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -136,6 +164,7 @@ pub fn generate_text(
     sampler: SamplerConfig,
     n: usize,
     stop: &[String],
+    adapter: Option<(AdapterId, f32)>,
     out: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     let ids = sess.model().tokenizer.encode(prompt, true, true)?;
@@ -148,6 +177,7 @@ pub fn generate_text(
         max_tokens: n,
         stop: stop.to_vec(),
         on_token: Some(&mut cb),
+        adapter,
     };
     sess.generate(&ids, opts)
 }
@@ -156,6 +186,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let ctx = Context::new()?;
     let model = load_model(&ctx, &a.model.model)?;
     let mut sess = session(&model, &a.model, 1)?;
+    let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     let prompt = if a.chat {
         model.tokenizer.apply_chat_template(
             &[ChatMessage {
@@ -182,6 +213,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         a.sample.config(),
         a.n,
         &a.stop,
+        adapter,
         &mut print,
     )?;
     if json {
@@ -216,6 +248,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     let ctx = Context::new()?;
     let model = load_model(&ctx, &a.model.model)?;
     let mut sess = session(&model, &a.model, 1)?;
+    let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
         history.push(ChatMessage {
@@ -257,7 +290,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             let _ = o.write_all(s.as_bytes());
             let _ = o.flush();
         };
-        let g = generate_text(&mut sess, &prompt, cfg, a.n, &[], &mut print)?;
+        let g = generate_text(&mut sess, &prompt, cfg, a.n, &[], adapter, &mut print)?;
         println!();
         history.push(ChatMessage {
             role: "assistant".into(),
@@ -294,8 +327,9 @@ pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     args.ctx_size = a.ctx;
     args.batch_size = args.batch_size.min(a.ctx);
     let mut sess = session(&model, &args, 1)?;
+    let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     let t0 = Instant::now();
-    let r = sess.perplexity(&tokens, a.ctx)?;
+    let r = sess.perplexity_with(&tokens, a.ctx, adapter)?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -355,6 +389,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let mut args = a.model.clone();
     args.ctx_size = args.ctx_size.max(a.prompt + a.generate + 1);
     let mut sess = session(&model, &args, a.batch)?;
+    let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     // A prompt of ordinary text tokens (the same token ids every run).
     let vocab = model.config.vocab as u32;
     let prompt: Vec<u32> = (0..a.prompt as u32)
@@ -373,6 +408,9 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
                 })
             })
             .collect::<Result<_>>()?;
+        for &id in &ids {
+            sess.set_sequence_adapter(id, adapter.map(|a| a.0), 1.0)?;
+        }
         let t0 = Instant::now();
         for &id in &ids {
             sess.prefill(id, &prompt)?;

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embed;
 pub mod kv;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod quant;

@@ -16,6 +16,7 @@ fn all_keys() -> Vec<PipelineKey> {
         elementwise::keys(),
         embed::keys(),
         kv::keys(),
+        lora::keys(),
         matmul::keys(),
         norm::keys(),
         quant::keys(),
@@ -224,4 +225,5 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<sample::RowParams>("sample");
     check_uniform::<kv::KvParams>("kv");
     check_uniform::<kv::RopeStoreParams>("kv");
+    check_uniform::<lora::LoraParams>("lora");
 }

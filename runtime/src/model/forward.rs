@@ -3,6 +3,7 @@
 //! token"). Per-step inputs (token ids, positions, cache slots, attention ranges) are
 //! written into small buffers before each submission.
 
+use crate::adapters::Target;
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::attention::{
@@ -10,6 +11,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::elementwise::{binary, swiglu, BinaryOp};
 use crate::kernels::kv::{rope_store, QkvLayout};
+use crate::kernels::lora::{lora_apply, LoraPack, LoraRows};
 use crate::kernels::norm::{norm_with, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
 use crate::kernels::rope::RopeTable;
@@ -119,6 +121,60 @@ impl Activations {
     }
 }
 
+/// LoRA adapters active in a forward pass: packed per (layer, target), and each row's
+/// adapter and scale.
+pub struct LoraState {
+    /// Packed adapters by (layer, target).
+    pub packs: std::collections::HashMap<(usize, Target), LoraPack>,
+    /// `[rows]` u32 adapter index per row (u32::MAX: none).
+    pub row_ad: Tensor,
+    /// `[rows]` f32 scale per row.
+    pub row_scale: Tensor,
+    /// `[rows][max_rank]` scratch.
+    pub t: Tensor,
+}
+
+impl LoraState {
+    /// Whether layer `l` has adapters on `t`.
+    pub fn has(&self, l: usize, t: Target) -> bool {
+        self.packs.contains_key(&(l, t))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        ctx: &Context,
+        l: usize,
+        t: Target,
+        y: &Tensor,
+        x: &Tensor,
+        m: usize,
+        ldx: usize,
+        ldy: usize,
+        y_off: usize,
+    ) -> Result<Vec<Dispatch>> {
+        match self.packs.get(&(l, t)) {
+            None => Ok(Vec::new()),
+            Some(p) => lora_apply(
+                ctx,
+                y,
+                x,
+                p,
+                &self.row_ad,
+                &self.row_scale,
+                &self.t,
+                LoraRows {
+                    rows: m,
+                    ldx,
+                    x_off: 0,
+                    ldy,
+                    y_off,
+                },
+            ),
+        }
+    }
+}
+
 /// How attention sees the cache in a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnMode {
@@ -155,6 +211,7 @@ impl Model {
         m: usize,
         attn: AttnMode,
         logits: LogitRows,
+        lora: Option<&LoraState>,
     ) -> Result<Vec<Dispatch>> {
         let ctx = self.context();
         let c = &self.config;
@@ -222,6 +279,15 @@ impl Model {
                     qkv_dim,
                 )?);
             }
+            for (t, off) in [
+                (Target::Q, 0),
+                (Target::K, q_dim),
+                (Target::V, q_dim + kv_dim),
+            ] {
+                if let Some(ls) = lora {
+                    ops.extend(ls.apply(ctx, l, t, &a.qkv, &a.h, m, c.hidden, qkv_dim, off)?);
+                }
+            }
             // RoPE on q (in place) and k (into the cache), v into the cache: one pass.
             let qkv_l = QkvLayout {
                 n_heads: c.n_heads,
@@ -259,6 +325,9 @@ impl Model {
                 variant,
                 shape,
             )?);
+            if let Some(ls) = lora {
+                ops.extend(ls.apply(ctx, l, Target::O, &a.x, &a.attn, m, q_dim, c.hidden, 0)?);
+            }
             ops.push(norm_with(
                 ctx,
                 &a.h,
@@ -275,7 +344,13 @@ impl Model {
                 variant,
                 shape,
             )?);
-            if layer.down.fuses_glu() {
+            for (t, off) in [(Target::Gate, 0), (Target::Up, c.ff)] {
+                if let Some(ls) = lora {
+                    ops.extend(ls.apply(ctx, l, t, &a.gu, &a.h, m, c.hidden, 2 * c.ff, off)?);
+                }
+            }
+            let down_lora = lora.is_some_and(|ls| ls.has(l, Target::Down));
+            if layer.down.fuses_glu() && !down_lora {
                 // The down projection reads silu(gate) * up straight from the gate|up rows.
                 let r = Rows {
                     glu: c.ff,
@@ -286,6 +361,19 @@ impl Model {
                 ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
                 let r = rows(c.ff, c.hidden, true);
                 ops.extend(layer.down.forward(ctx, &a.x, &a.ff, r, variant, shape)?);
+                if let Some(ls) = lora {
+                    ops.extend(ls.apply(
+                        ctx,
+                        l,
+                        Target::Down,
+                        &a.x,
+                        &a.ff,
+                        m,
+                        c.ff,
+                        c.hidden,
+                        0,
+                    )?);
+                }
             }
         }
         match logits {

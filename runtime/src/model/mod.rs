@@ -73,6 +73,12 @@ pub struct Model {
     pub lm_head: Linear,
     /// Kernel variant used by this model's forward passes.
     pub variant: Variant,
+    /// q and k rows are in llama.cpp's permuted order (GGUF Llama/Mistral), so the model
+    /// rotates adjacent pairs; HF order rotates halves. Adapters are converted on attach.
+    pub qk_permuted: bool,
+    /// A fingerprint of the weights' values (format-independent: a GGUF and its f32
+    /// export agree), recorded in saved adapters so they refuse another base.
+    pub identity: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -143,7 +149,15 @@ impl Model {
             let config = ModelConfig::from_hf_config(&json, &cfg_path)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             let src = SafetensorsSource::open(path)?;
-            Self::from_source(ctx, config, tokenizer, &src, "safetensors", &mut opts)
+            Self::from_source(
+                ctx,
+                config,
+                tokenizer,
+                &src,
+                "safetensors",
+                false,
+                &mut opts,
+            )
         } else {
             let file = GgufFile::open(path)?;
             let config = ModelConfig::from_gguf(&file)?;
@@ -152,7 +166,8 @@ impl Model {
                 file: &file,
                 path: path.to_path_buf(),
             };
-            Self::from_source(ctx, config, tokenizer, &src, "gguf", &mut opts)
+            let permuted = config.arch != config::Arch::Qwen2;
+            Self::from_source(ctx, config, tokenizer, &src, "gguf", permuted, &mut opts)
         }
     }
 
@@ -162,6 +177,7 @@ impl Model {
         tokenizer: Tokenizer,
         src: &dyn WeightSource,
         format: &str,
+        qk_permuted: bool,
         opts: &mut LoadOptions<'_>,
     ) -> Result<Model> {
         let c = &config;
@@ -190,6 +206,31 @@ impl Model {
         let embed = Mat::upload(ctx, &embed_t)?;
         let norm_t = src.need(WeightName::Norm)?;
         let norm = f32_vector(ctx, &norm_t, c.hidden)?;
+        // Identity: config, then values rounded to f16 (equal for a GGUF and its exports):
+        // the final norm, three embedding rows, and every layer's norms and first q row.
+        let mut idh = crate::util::Fnv64::new();
+        for v in [
+            c.vocab,
+            c.hidden,
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.ff,
+        ] {
+            idh.update(&(v as u64).to_le_bytes());
+        }
+        idh.update(c.arch.name().as_bytes());
+        idh.update(&[c.tied_embeddings as u8, c.qkv_bias as u8]);
+        let hash_values = |h: &mut crate::util::Fnv64, v: &[f32]| {
+            for x in v {
+                h.update(&half::f16::from_f32(*x).to_bits().to_le_bytes());
+            }
+        };
+        hash_values(&mut idh, &norm_t.to_f32()?);
+        for r in [0, 1, c.vocab - 1] {
+            hash_values(&mut idh, &embed_t.row_f32(r)?);
+        }
         let lm_head = match src.get(WeightName::LmHead)? {
             Some(t) if !c.tied_embeddings => {
                 t.expect_shape(c.vocab, c.hidden)?;
@@ -225,6 +266,9 @@ impl Model {
             let an = w(LayerWeight::AttnNorm)?;
             let fnn = w(LayerWeight::FfnNorm)?;
             count_formats(&[&q, &k, &v, &o, &gate, &up, &down, &an, &fnn], &mut counts);
+            hash_values(&mut idh, &an.to_f32()?);
+            hash_values(&mut idh, &fnn.to_f32()?);
+            hash_values(&mut idh, &q.row_f32(0)?);
             let qkv_bias = if c.qkv_bias {
                 let mut b = Vec::with_capacity(c.qkv_dim());
                 for (lw, n) in [
@@ -270,6 +314,8 @@ impl Model {
                 weight_formats,
             },
             variant: opts.variant.resolve(ctx),
+            qk_permuted,
+            identity: idh.finish(),
             config,
             tokenizer,
             embed,

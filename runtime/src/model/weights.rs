@@ -48,6 +48,28 @@ impl HostTensor {
         })
     }
 
+    /// Row `r` as f32 (dequantized if needed), without converting the rest.
+    pub fn row_f32(&self, r: usize) -> Result<Vec<f32>> {
+        if r >= self.rows {
+            return Err(Error::Internal(format!(
+                "row {r} of {} in {}",
+                self.rows, self.name
+            )));
+        }
+        let c = self.cols;
+        Ok(match &self.data {
+            HostMatrix::F32(v) => v[r * c..(r + 1) * c].to_vec(),
+            HostMatrix::F16(v) => v[r * c..(r + 1) * c]
+                .iter()
+                .map(|&b| f16::from_bits(b).to_f32())
+                .collect(),
+            HostMatrix::Quant(ty, b) => {
+                let rb = ty.row_bytes(c)?;
+                crate::quant::dequantize(*ty, &b[r * rb..(r + 1) * rb])?
+            }
+        })
+    }
+
     /// Checks the shape is `rows x cols`.
     pub fn expect_shape(&self, rows: usize, cols: usize) -> Result<()> {
         if self.rows != rows || self.cols != cols {

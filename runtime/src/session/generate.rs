@@ -40,6 +40,8 @@ pub struct GenerateOptions<'a> {
     /// Called with each new token and the text it completes (possibly empty while a UTF-8
     /// character is incomplete); returning `false` stops the generation.
     pub on_token: Option<TokenCallback<'a>>,
+    /// Adapter (attached to the session) and strength for this generation.
+    pub adapter: Option<(super::AdapterId, f32)>,
 }
 
 impl Default for GenerateOptions<'_> {
@@ -49,6 +51,7 @@ impl Default for GenerateOptions<'_> {
             max_tokens: 128,
             stop: Vec::new(),
             on_token: None,
+            adapter: None,
         }
     }
 }
@@ -78,6 +81,12 @@ impl Session {
             return Err(Error::InvalidArgument("the prompt is empty".into()));
         }
         let seq = self.add_sequence(opts.sampler)?;
+        if let Some((a, scale)) = opts.adapter {
+            if let Err(e) = self.set_sequence_adapter(seq, Some(a), scale) {
+                self.remove_sequence(seq)?;
+                return Err(e);
+            }
+        }
         let r = self.generate_in(seq, prompt, opts);
         self.remove_sequence(seq)?;
         r

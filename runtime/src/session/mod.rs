@@ -17,11 +17,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::adapters::{LoraAdapter, Target};
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
+use crate::kernels::lora::{LoraPack, LoraPart};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::sample::{nll, penalize, sample, RowParams};
-use crate::model::forward::{Activations, AttnMode, KvCache, LogitRows};
+use crate::model::forward::{Activations, AttnMode, KvCache, LogitRows, LoraState};
 use crate::model::Model;
 
 /// Sizes of a session.
@@ -55,6 +57,8 @@ pub struct SeqId(pub u64);
 
 struct Seq {
     id: SeqId,
+    /// Adapter index and strength, if any.
+    adapter: Option<(usize, f32)>,
     /// Index of its cache region.
     slot: usize,
     /// Tokens in the cache, in order.
@@ -97,7 +101,22 @@ pub struct Session {
     nll_out: Tensor,
     /// Dispatches in the last decode step (for benchmarks).
     pub last_dispatches: usize,
+    /// Attached adapters by index (None: detached slot).
+    adapters: Vec<Option<Attached>>,
+    /// Packed adapters for the forward pass (None without adapters).
+    lora: Option<LoraState>,
 }
+
+/// An adapter attached to a session.
+struct Attached {
+    name: String,
+    adapter: Arc<LoraAdapter>,
+    scale: f32,
+}
+
+/// Identifies an adapter attached to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct AdapterId(pub usize);
 
 impl Session {
     /// Creates a session on `model`.
@@ -166,6 +185,8 @@ impl Session {
             next_id: 1,
             decode_plans: HashMap::new(),
             last_dispatches: 0,
+            adapters: Vec::new(),
+            lora: None,
         })
     }
 
@@ -196,6 +217,7 @@ impl Session {
         self.next_id += 1;
         self.seqs[slot] = Some(Seq {
             id,
+            adapter: None,
             slot,
             tokens: Vec::new(),
             sampler: state,
@@ -261,6 +283,8 @@ impl Session {
             &self.acts.lens,
             &(0..n).map(|j| p0 + j + 1).collect::<Vec<_>>(),
         )?;
+        let ad = self.seqs[slot].as_ref().and_then(|s| s.adapter);
+        self.write_row_adapters(&vec![ad; chunk.len()])?;
         self.write_u32(
             &self.acts.ranges,
             &(0..n).flat_map(|j| [base, p0 + j + 1]).collect::<Vec<_>>(),
@@ -304,9 +328,15 @@ impl Session {
                 first: slot * self.params.n_ctx,
                 kv_len: p + chunk.len(),
             };
-            let mut ops =
-                self.model
-                    .forward(&self.acts, &self.kv, &self.rope, chunk.len(), mode, logits)?;
+            let mut ops = self.model.forward(
+                &self.acts,
+                &self.kv,
+                &self.rope,
+                chunk.len(),
+                mode,
+                logits,
+                self.lora.as_ref(),
+            )?;
             if last && want_next {
                 ops.extend(self.sample_ops(i, 1)?);
             }
@@ -391,6 +421,236 @@ impl Session {
         Ok(())
     }
 
+    fn write_row_adapters(&self, rows: &[Option<(usize, f32)>]) -> Result<()> {
+        if let Some(ls) = &self.lora {
+            let ad: Vec<u32> = rows
+                .iter()
+                .map(|a| a.map(|(i, _)| i as u32).unwrap_or(u32::MAX))
+                .collect();
+            let sc: Vec<f32> = rows
+                .iter()
+                .map(|a| a.map(|(_, s)| s).unwrap_or(0.0))
+                .collect();
+            ls.row_ad.write(self.ctx(), &ad)?;
+            ls.row_scale.write(self.ctx(), &sc)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches a LoRA adapter (made for this model) under `name`; sequences choose it with
+    /// [`Session::set_sequence_adapter`]. Many adapters can be attached: each sequence of a
+    /// batch may use a different one (or none) in the same forward pass.
+    pub fn attach_adapter(&mut self, name: &str, adapter: Arc<LoraAdapter>) -> Result<AdapterId> {
+        if let Some(id) = adapter.base_identity {
+            if id != self.model.identity {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter {name:?} was made for another base model (identity {id:016x}, this model is {:016x})",
+                    self.model.identity
+                )));
+            }
+        }
+        let c = &self.model.config;
+        for ((l, t), p) in &adapter.weights {
+            let (out, inp) = t.dims(c);
+            let r = adapter.config.rank;
+            if *l >= c.n_layers || p.a.len() != r * inp || p.b.len() != out * r {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter {name:?}: layer {l} {} does not fit this model",
+                    t.module()
+                )));
+            }
+        }
+        let slot = match self.adapters.iter().position(|a| a.is_none()) {
+            Some(i) => i,
+            None => {
+                self.adapters.push(None);
+                self.adapters.len() - 1
+            }
+        };
+        self.adapters[slot] = Some(Attached {
+            name: name.to_string(),
+            adapter,
+            scale: 1.0,
+        });
+        self.rebuild_lora()?;
+        Ok(AdapterId(slot))
+    }
+
+    /// Detaches an adapter; sequences that used it continue without one.
+    pub fn detach_adapter(&mut self, id: AdapterId) -> Result<()> {
+        if self.adapters.get(id.0).and_then(|a| a.as_ref()).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "no adapter {id:?} attached"
+            )));
+        }
+        self.adapters[id.0] = None;
+        for s in self.seqs.iter_mut().flatten() {
+            if s.adapter.is_some_and(|(i, _)| i == id.0) {
+                s.adapter = None;
+            }
+        }
+        self.rebuild_lora()
+    }
+
+    /// Replaces an attached adapter's weights in place (hot swap between requests); the
+    /// sequences that use it keep using it.
+    pub fn replace_adapter(&mut self, id: AdapterId, adapter: Arc<LoraAdapter>) -> Result<()> {
+        let (name, scale) = match self.adapters.get(id.0).and_then(|a| a.as_ref()) {
+            Some(a) => (a.name.clone(), a.scale),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "no adapter {id:?} attached"
+                )))
+            }
+        };
+        let old = self.adapters[id.0].take();
+        if let Err(e) = self.attach_at(id.0, &name, adapter, scale) {
+            self.adapters[id.0] = old;
+            self.rebuild_lora()?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn attach_at(
+        &mut self,
+        slot: usize,
+        name: &str,
+        adapter: Arc<LoraAdapter>,
+        scale: f32,
+    ) -> Result<()> {
+        let id = self.attach_adapter(name, adapter)?;
+        if id.0 != slot {
+            self.adapters.swap(id.0, slot);
+        }
+        if let Some(a) = self.adapters[slot].as_mut() {
+            a.scale = scale;
+        }
+        self.rebuild_lora()
+    }
+
+    /// Sets an adapter's strength for every sequence using it (1 = as trained).
+    pub fn set_adapter_scale(&mut self, id: AdapterId, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidArgument(format!("adapter scale {scale}")));
+        }
+        match self.adapters.get_mut(id.0).and_then(|a| a.as_mut()) {
+            Some(a) => a.scale = scale,
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "no adapter {id:?} attached"
+                )))
+            }
+        }
+        self.rebuild_lora()
+    }
+
+    /// Names and ids of the attached adapters.
+    pub fn adapters(&self) -> Vec<(AdapterId, String)> {
+        self.adapters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().map(|a| (AdapterId(i), a.name.clone())))
+            .collect()
+    }
+
+    /// Chooses the adapter of a sequence (`None`: the base model) and its strength.
+    pub fn set_sequence_adapter(
+        &mut self,
+        seq: SeqId,
+        adapter: Option<AdapterId>,
+        scale: f32,
+    ) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidArgument(format!("adapter scale {scale}")));
+        }
+        if let Some(a) = adapter {
+            if self.adapters.get(a.0).and_then(|x| x.as_ref()).is_none() {
+                return Err(Error::InvalidArgument(format!("no adapter {a:?} attached")));
+            }
+        }
+        let i = self.index(seq)?;
+        if let Some(s) = self.seqs[i].as_mut() {
+            s.adapter = adapter.map(|a| (a.0, scale));
+        }
+        Ok(())
+    }
+
+    /// Packs the attached adapters for the forward pass and drops plans built without them.
+    fn rebuild_lora(&mut self) -> Result<()> {
+        self.decode_plans.clear();
+        let live: Vec<(usize, &Attached)> = self
+            .adapters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
+            .collect();
+        if live.is_empty() {
+            self.lora = None;
+            return Ok(());
+        }
+        let ctx = self.model.context().clone();
+        let c = &self.model.config;
+        let mut keys: Vec<(usize, Target)> = live
+            .iter()
+            .flat_map(|(_, a)| a.adapter.weights.keys().copied())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut packs = HashMap::new();
+        let mut max_rank = 1;
+        for key in keys {
+            let (out, inp) = key.1.dims(c);
+            let converted: Vec<Option<(crate::adapters::lora::LoraPair, usize, f32)>> =
+                (0..self.adapters.len())
+                    .map(|i| {
+                        self.adapters[i].as_ref().and_then(|a| {
+                            a.adapter.weights.get(&key).map(|p| {
+                                let r = a.adapter.config.rank;
+                                (
+                                    p.for_model(key.1, &self.model, r),
+                                    r,
+                                    a.adapter.config.scale() * a.scale,
+                                )
+                            })
+                        })
+                    })
+                    .collect();
+            let parts: Vec<LoraPart<'_>> = converted
+                .iter()
+                .map(|c| match c {
+                    Some((p, r, s)) => LoraPart {
+                        a: &p.a,
+                        b: &p.b,
+                        rank: *r,
+                        scale: *s,
+                    },
+                    None => LoraPart {
+                        a: &[],
+                        b: &[],
+                        rank: 0,
+                        scale: 0.0,
+                    },
+                })
+                .collect();
+            let pack = LoraPack::new(&ctx, inp, out, &parts)?;
+            max_rank = max_rank.max(pack.max_rank);
+            packs.insert(key, pack);
+        }
+        let rows = self.acts.rows;
+        // Every pack shares one scratch: size it for the largest rank.
+        for p in packs.values_mut() {
+            p.max_rank = max_rank;
+        }
+        self.lora = Some(LoraState {
+            packs,
+            row_ad: Tensor::zeros(&ctx, &[rows], DType::U32)?,
+            row_scale: Tensor::zeros(&ctx, &[rows], DType::F32)?,
+            t: Tensor::zeros(&ctx, &[rows, max_rank], DType::F32)?,
+        });
+        Ok(())
+    }
+
     /// Feeds a prompt to a sequence and samples its first new token.
     pub fn prefill(&mut self, id: SeqId, tokens: &[u32]) -> Result<u32> {
         if tokens.is_empty() {
@@ -454,6 +714,11 @@ impl Session {
         self.write_u32(&self.acts.slots, &slots)?;
         self.write_u32(&self.acts.ranges, &ranges)?;
         self.write_sampler_rows(&idx)?;
+        let ads: Vec<Option<(usize, f32)>> = idx
+            .iter()
+            .map(|&i| self.seqs[i].as_ref().and_then(|s| s.adapter))
+            .collect();
+        self.write_row_adapters(&ads)?;
         if !self.decode_plans.contains_key(&b) {
             let vocab = self.model.config.vocab;
             let mut ops = self.model.forward(
@@ -463,6 +728,7 @@ impl Session {
                 b,
                 AttnMode::Ranges,
                 LogitRows::All,
+                self.lora.as_ref(),
             )?;
             let ctx = self.model.context();
             ops.push(penalize(
@@ -502,6 +768,15 @@ impl Session {
     /// (`[tokens.len()][vocab]`), then removes the sequence. For tests and the C API's
     /// evaluate call; generation never reads logits back.
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.logits_with(tokens, None)
+    }
+
+    /// [`Session::logits`] through an attached adapter (and strength).
+    pub fn logits_with(
+        &mut self,
+        tokens: &[u32],
+        adapter: Option<(AdapterId, f32)>,
+    ) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
         if tokens.is_empty() || tokens.len() > self.params.n_ctx {
             return Err(Error::InvalidArgument(format!(
@@ -511,6 +786,12 @@ impl Session {
             )));
         }
         let id = self.add_sequence(SamplerConfig::greedy())?;
+        if let Some((a, sc)) = adapter {
+            if let Err(e) = self.set_sequence_adapter(id, Some(a), sc) {
+                self.remove_sequence(id)?;
+                return Err(e);
+            }
+        }
         let r = self.logits_inner(id, tokens);
         self.remove_sequence(id)?;
         r
@@ -535,6 +816,7 @@ impl Session {
                 chunk.len(),
                 mode,
                 LogitRows::All,
+                self.lora.as_ref(),
             )?;
             self.ctx().submit(&ops);
             let l = Tensor::view(
@@ -552,6 +834,16 @@ impl Session {
     /// non-overlapping windows of `window` tokens, each evaluated from an empty cache,
     /// every token but each window's first scored. Only two floats per token are read back.
     pub fn perplexity(&mut self, tokens: &[u32], window: usize) -> Result<Perplexity> {
+        self.perplexity_with(tokens, window, None)
+    }
+
+    /// [`Session::perplexity`] through an attached adapter (and strength).
+    pub fn perplexity_with(
+        &mut self,
+        tokens: &[u32],
+        window: usize,
+        adapter: Option<(AdapterId, f32)>,
+    ) -> Result<Perplexity> {
         self.check_tokens(tokens)?;
         if window < 2 || window > self.params.n_ctx {
             return Err(Error::InvalidArgument(format!(
@@ -560,6 +852,12 @@ impl Session {
             )));
         }
         let id = self.add_sequence(SamplerConfig::greedy())?;
+        if let Some((a, sc)) = adapter {
+            if let Err(e) = self.set_sequence_adapter(id, Some(a), sc) {
+                self.remove_sequence(id)?;
+                return Err(e);
+            }
+        }
         let r = self.perplexity_inner(id, tokens, window);
         self.remove_sequence(id)?;
         r
@@ -594,6 +892,7 @@ impl Session {
                     chunk.len(),
                     mode,
                     LogitRows::All,
+                    self.lora.as_ref(),
                 )?;
                 ops.push(nll(
                     self.ctx(),

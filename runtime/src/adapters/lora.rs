@@ -1,0 +1,560 @@
+//! LoRA adapters: `y = W x + s * B (A x)` on chosen linear layers, `s = alpha / r`
+//! (`alpha / sqrt(r)` with rsLoRA). Stored in the PEFT layout: `adapter_config.json` and
+//! `adapter_model.safetensors` with keys
+//! `base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.lora_{A|B}.weight`,
+//! A `[r][in]`, B `[out][r]`, in HF row order (Ember permutes q/k rows for GGUF bases).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::Model;
+use crate::util::{write_atomic, Rng};
+
+/// A linear layer LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// SwiGLU gate.
+    Gate,
+    /// SwiGLU up projection.
+    Up,
+    /// Down projection.
+    Down,
+}
+
+impl Target {
+    /// All targets, in PEFT module order.
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// PEFT / HF module name (`q_proj`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// Parses a module name (`q_proj` or `q`).
+    pub fn parse(s: &str) -> Result<Target> {
+        let s = s.trim();
+        Target::ALL
+            .into_iter()
+            .find(|t| t.module() == s || t.module().trim_end_matches("_proj") == s)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown LoRA target {s:?} (q, k, v, o, gate, up, down)"
+                ))
+            })
+    }
+
+    /// (output, input) features of this layer.
+    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
+        match self {
+            Target::Q => (c.q_dim(), c.hidden),
+            Target::K | Target::V => (c.kv_dim(), c.hidden),
+            Target::O => (c.hidden, c.q_dim()),
+            Target::Gate | Target::Up => (c.ff, c.hidden),
+            Target::Down => (c.hidden, c.ff),
+        }
+    }
+
+    /// The PEFT tensor key of this layer's A or B matrix.
+    pub fn peft_key(self, layer: usize, b: bool) -> String {
+        format!(
+            "base_model.model.model.layers.{layer}.{}.{}.lora_{}.weight",
+            self.parent(),
+            self.module(),
+            if b { "B" } else { "A" }
+        )
+    }
+}
+
+/// Shape and scaling of a LoRA adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub rank: usize,
+    /// Alpha (scale numerator).
+    pub alpha: f32,
+    /// rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.
+    pub rslora: bool,
+    /// Adapted layers.
+    pub targets: Vec<Target>,
+}
+
+impl LoraConfig {
+    /// The scale s of `s * B A x`.
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 || self.rank > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA rank {} (1..=256)",
+                self.rank
+            )));
+        }
+        if !self.alpha.is_finite() || self.targets.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA alpha {} / targets {:?}",
+                self.alpha, self.targets
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One adapted layer: A `[rank][in]` and B `[out][rank]`, HF row order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPair {
+    /// Down projection.
+    pub a: Vec<f32>,
+    /// Up projection.
+    pub b: Vec<f32>,
+}
+
+/// A LoRA adapter's weights on the host.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// Shape and scaling.
+    pub config: LoraConfig,
+    /// `(layer, target)` -> matrices (layers not listed are not adapted).
+    pub weights: BTreeMap<(usize, Target), LoraPair>,
+    /// Identity of the base model it was made for ([`Model::identity`]), when known.
+    pub base_identity: Option<u64>,
+    /// Name of the base model (informational).
+    pub base_name: String,
+}
+
+fn fmt_err(path: &Path, d: impl Into<String>) -> Error {
+    Error::format(Some(path), d)
+}
+
+impl LoraAdapter {
+    /// A fresh adapter initialized as PEFT does: A Kaiming-uniform (`a = sqrt(5)`, i.e.
+    /// uniform in `±1/sqrt(in)`), B zero, so it starts as the identity.
+    pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64) -> Result<LoraAdapter> {
+        config.validate()?;
+        let mut rng = Rng::new(seed);
+        let mut weights = BTreeMap::new();
+        for layer in 0..model.n_layers {
+            for &t in &config.targets {
+                let (out, inp) = t.dims(model);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a = rng.vec(config.rank * inp, -bound, bound);
+                weights.insert(
+                    (layer, t),
+                    LoraPair {
+                        a,
+                        b: vec![0.0; out * config.rank],
+                    },
+                );
+            }
+        }
+        Ok(LoraAdapter {
+            config,
+            weights,
+            base_identity: None,
+            base_name: String::new(),
+        })
+    }
+
+    /// One adapter equal to applying all of `parts` (adapter, strength) at once: their
+    /// ranks are concatenated, `A = [s1 A1; s2 A2; ...]` (scales folded into A),
+    /// `B = [B1 B2 ...]`, scale 1 — so `B A x = sum_i s_i B_i A_i x` exactly.
+    pub fn stack(parts: &[(&LoraAdapter, f32)]) -> Result<LoraAdapter> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no adapters to stack".into()))?;
+        if parts.len() == 1 && first.1 == 1.0 {
+            return Ok(first.0.clone());
+        }
+        let rank: usize = parts.iter().map(|(a, _)| a.config.rank).sum();
+        if rank > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "stacked rank {rank} exceeds 256"
+            )));
+        }
+        if parts
+            .iter()
+            .any(|(a, _)| a.base_identity != first.0.base_identity)
+        {
+            return Err(Error::InvalidArgument(
+                "adapters for different base models".into(),
+            ));
+        }
+        let mut keys: Vec<(usize, Target)> = parts
+            .iter()
+            .flat_map(|(a, _)| a.weights.keys().copied())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut targets: Vec<Target> = keys.iter().map(|k| k.1).collect();
+        targets.sort();
+        targets.dedup();
+        let mut weights = BTreeMap::new();
+        for key in keys {
+            // Dimensions from any adapter that has this layer.
+            let (out, inp) = parts
+                .iter()
+                .find_map(|(a, _)| {
+                    a.weights
+                        .get(&key)
+                        .map(|p| (p.b.len() / a.config.rank, p.a.len() / a.config.rank))
+                })
+                .unwrap_or((0, 0));
+            let mut a_rows: Vec<f32> = Vec::with_capacity(rank * inp);
+            let mut b = vec![0.0f32; out * rank];
+            let mut col = 0;
+            for (ad, strength) in parts {
+                let r = ad.config.rank;
+                let s = ad.config.scale() * strength;
+                match ad.weights.get(&key) {
+                    Some(p) => {
+                        a_rows.extend(p.a.iter().map(|v| v * s));
+                        for o in 0..out {
+                            b[o * rank + col..o * rank + col + r]
+                                .copy_from_slice(&p.b[o * r..(o + 1) * r]);
+                        }
+                    }
+                    None => a_rows.extend(std::iter::repeat_n(0.0, r * inp)),
+                }
+                col += r;
+            }
+            weights.insert(key, LoraPair { a: a_rows, b });
+        }
+        Ok(LoraAdapter {
+            config: LoraConfig {
+                rank,
+                alpha: rank as f32,
+                rslora: false,
+                targets,
+            },
+            weights,
+            base_identity: first.0.base_identity,
+            base_name: first.0.base_name.clone(),
+        })
+    }
+
+    /// Trainable parameter count.
+    pub fn n_params(&self) -> usize {
+        self.weights.values().map(|p| p.a.len() + p.b.len()).sum()
+    }
+
+    /// Loads a PEFT adapter directory and checks it against `model` (shapes, and the base
+    /// identity when the adapter records one).
+    pub fn load(dir: &Path, model: &Model) -> Result<LoraAdapter> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| fmt_err(&cfg_path, format!("invalid JSON: {e}")))?;
+        let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+        if let Some(t) = get("peft_type").and_then(|t| t.as_str()) {
+            if t != "LORA" {
+                return Err(Error::Unsupported(format!(
+                    "{}: PEFT type {t} is not LORA",
+                    cfg_path.display()
+                )));
+            }
+        }
+        for unsupported in ["use_dora"] {
+            if get(unsupported).and_then(|b| b.as_bool()).unwrap_or(false) {
+                return Err(Error::Unsupported(format!(
+                    "{}: {unsupported}",
+                    cfg_path.display()
+                )));
+            }
+        }
+        for pattern in ["rank_pattern", "alpha_pattern"] {
+            if get(pattern)
+                .and_then(|m| m.as_object())
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(Error::Unsupported(format!(
+                    "{}: per-module {pattern}",
+                    cfg_path.display()
+                )));
+            }
+        }
+        if get("fan_in_fan_out")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false)
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: fan_in_fan_out",
+                cfg_path.display()
+            )));
+        }
+        let rank = get("r")
+            .and_then(|r| r.as_u64())
+            .ok_or_else(|| fmt_err(&cfg_path, "missing r"))? as usize;
+        let alpha = get("lora_alpha")
+            .and_then(|a| a.as_f64())
+            .unwrap_or(rank as f64) as f32;
+        let rslora = get("use_rslora").and_then(|b| b.as_bool()).unwrap_or(false);
+        let targets: Vec<Target> = match get("target_modules") {
+            Some(serde_json::Value::String(s)) if s == "all-linear" => Target::ALL.to_vec(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .ok_or_else(|| fmt_err(&cfg_path, "target_modules holds a non-string"))
+                        .and_then(Target::parse)
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: target_modules {other}",
+                    cfg_path.display()
+                )))
+            }
+            None => return Err(fmt_err(&cfg_path, "missing target_modules")),
+        };
+        let config = LoraConfig {
+            rank,
+            alpha,
+            rslora,
+            targets,
+        };
+        config.validate()?;
+        let base_identity = get("ember_base_model_identity")
+            .and_then(|s| s.as_str())
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        if let Some(id) = base_identity {
+            if id != model.identity {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the adapter was made for another base model (identity {id:016x}, this model is {:016x})",
+                    dir.display(),
+                    model.identity
+                )));
+            }
+        }
+        let st_path = dir.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&st_path).map_err(|source| Error::Io {
+            path: st_path.clone(),
+            source,
+        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| fmt_err(&st_path, format!("invalid safetensors: {e}")))?;
+        let mc = &model.config;
+        let mut weights = BTreeMap::new();
+        let mut used = 0;
+        for layer in 0..mc.n_layers {
+            for &t in &config.targets {
+                let (ka, kb) = (t.peft_key(layer, false), t.peft_key(layer, true));
+                let (a, b) = match (read_f32(&st, &ka, &st_path)?, read_f32(&st, &kb, &st_path)?) {
+                    (Some(a), Some(b)) => (a, b),
+                    (None, None) => continue,
+                    _ => {
+                        return Err(fmt_err(
+                            &st_path,
+                            format!("layer {layer} {}: only one of lora_A/lora_B", t.module()),
+                        ))
+                    }
+                };
+                let (out, inp) = t.dims(mc);
+                if a.1 != [rank, inp] || b.1 != [out, rank] {
+                    return Err(fmt_err(
+                        &st_path,
+                        format!(
+                            "{ka}: A {:?} and B {:?}, the model needs [{rank}, {inp}] and [{out}, {rank}]",
+                            a.1, b.1
+                        ),
+                    ));
+                }
+                weights.insert((layer, t), LoraPair { a: a.0, b: b.0 });
+                used += 2;
+            }
+        }
+        if used == 0 {
+            return Err(fmt_err(&st_path, "no LoRA weights for this model's layers"));
+        }
+        if let Some(extra) = st.names().into_iter().find(|n| {
+            n.contains("lora_")
+                && !weights
+                    .keys()
+                    .any(|(l, t)| t.peft_key(*l, false) == **n || t.peft_key(*l, true) == **n)
+        }) {
+            return Err(fmt_err(
+                &st_path,
+                format!("tensor {extra} does not belong to this model's layers"),
+            ));
+        }
+        Ok(LoraAdapter {
+            config,
+            weights,
+            base_identity,
+            base_name: get("base_model_name_or_path")
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_string(),
+        })
+    }
+
+    /// Saves the adapter in the PEFT layout (each file written atomically), recording the
+    /// base model's identity.
+    pub fn save(&self, dir: &Path, model: &Model) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let (r, mc) = (self.config.rank, &model.config);
+        for ((layer, t), p) in &self.weights {
+            let (out, inp) = t.dims(mc);
+            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            tensors.push((t.peft_key(*layer, false), vec![r, inp], bytes(&p.a)));
+            tensors.push((t.peft_key(*layer, true), vec![out, r], bytes(&p.b)));
+        }
+        let views = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Internal(format!("safetensors view {n}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        let st = safetensors::serialize(views, Some(meta))
+            .map_err(|e| Error::Internal(format!("safetensors: {e}")))?;
+        write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
+        let mut layers: Vec<usize> = self.weights.keys().map(|(l, _)| *l).collect();
+        layers.dedup();
+        let cfg = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": 0.0,
+            "use_rslora": self.config.rslora,
+            "use_dora": false,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "target_modules": self.config.targets.iter().map(|t| t.module()).collect::<Vec<_>>(),
+            "layers_to_transform": if layers.len() == mc.n_layers { serde_json::Value::Null } else { json!(layers) },
+            "base_model_name_or_path": model.config.name,
+            "ember_base_model_identity": format!("{:016x}", model.identity),
+            "ember_version": crate::VERSION,
+        });
+        write_atomic(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&cfg)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+    }
+}
+
+type NamedF32 = (Vec<f32>, Vec<usize>);
+
+fn read_f32(
+    st: &safetensors::SafeTensors<'_>,
+    name: &str,
+    path: &Path,
+) -> Result<Option<NamedF32>> {
+    let t = match st.tensor(name) {
+        Ok(t) => t,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(e) => return Err(fmt_err(path, format!("{name}: {e}"))),
+    };
+    let b = t.data();
+    let v = match t.dtype() {
+        safetensors::Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "{}: {name} has dtype {other:?}",
+                path.display()
+            )))
+        }
+    };
+    Ok(Some((v, t.shape().to_vec())))
+}
+
+/// llama.cpp's q/k row permutation (HF row `h*hd + j*hd/2 + i` -> row `h*hd + 2i + j`),
+/// applied to B of q and k when the base model stores q/k permuted (GGUF Llama).
+pub fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols.max(1);
+    let hd = rows / heads.max(1);
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let (src, dst) = (h * hd + j * hd / 2 + i, h * hd + 2 * i + j);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+impl LoraPair {
+    /// This pair in the model's own row order (B of q/k permuted for GGUF Llama bases).
+    pub fn for_model(&self, t: Target, model: &Model, rank: usize) -> LoraPair {
+        let c = &model.config;
+        match t {
+            Target::Q if model.qk_permuted => LoraPair {
+                a: self.a.clone(),
+                b: permute_rows(&self.b, c.n_heads, rank),
+            },
+            Target::K if model.qk_permuted => LoraPair {
+                a: self.a.clone(),
+                b: permute_rows(&self.b, c.n_kv_heads, rank),
+            },
+            _ => self.clone(),
+        }
+    }
+}
