@@ -17,6 +17,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("sample", include_str!("../../shaders/sample.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("train", include_str!("../../shaders/train.wgsl")),
 ];
 
 /// The source of shader `name`.

@@ -38,6 +38,7 @@ macro_rules! uniform {
 }
 
 /// One compute dispatch, ready to encode.
+#[derive(Clone)]
 pub struct Dispatch {
     pub(crate) pipeline: Arc<wgpu::ComputePipeline>,
     pub(crate) bind_group: wgpu::BindGroup,

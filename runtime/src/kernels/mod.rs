@@ -14,6 +14,7 @@ pub mod rope;
 pub mod sample;
 pub mod selfcheck;
 pub mod softmax;
+pub mod train;
 
 #[cfg(test)]
 mod portability;

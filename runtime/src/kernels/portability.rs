@@ -23,6 +23,7 @@ fn all_keys() -> Vec<PipelineKey> {
         rope::keys(),
         sample::keys(),
         softmax::keys(),
+        train::keys(),
     ]
     .concat()
 }
@@ -226,4 +227,6 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<kv::KvParams>("kv");
     check_uniform::<kv::RopeStoreParams>("kv");
     check_uniform::<lora::LoraParams>("lora");
+    check_uniform::<train::TrainParams>("train");
+    check_uniform::<train::AdamParams>("train");
 }
