@@ -151,6 +151,12 @@ typedef enum ember_stop_reason {
 } ember_stop_reason;
 
 /**
+ * A LoRA adapter held in host memory (immutable; thread-safe). Attaching it to sessions
+ * copies its weights to the GPU; the handle may be freed afterwards.
+ */
+typedef struct ember_adapter ember_adapter;
+
+/**
  * A GPU device and its caches. Thread-safe: may be shared by any number of threads.
  */
 typedef struct ember_context ember_context;
@@ -408,6 +414,15 @@ typedef struct ember_generate_params {
    * Passed to `on_token`.
    */
   void *user_data;
+  /**
+   * Adapter to generate with: an id from `ember_session_attach_adapter`, or -1 (default)
+   * for the base model.
+   */
+  int32_t adapter;
+  /**
+   * Strength of `adapter` (default 1).
+   */
+  float adapter_scale;
 } ember_generate_params;
 
 /**
@@ -700,6 +715,101 @@ enum ember_status ember_seq_decode(struct ember_session *session, const uint64_t
  * (`EMBER_INTERNAL`), proving no panic crosses the ABI. Not for production use.
  */
 enum ember_status ember_debug_internal_panic(void);
+
+/**
+ * Loads a LoRA adapter saved in the PEFT layout (`adapter_config.json` +
+ * `adapter_model.safetensors`) from directory `dir` and checks it against `model`: shapes,
+ * targets, and the base model identity when the adapter records one (adapters saved by
+ * Ember do). A mismatch gives `EMBER_INVALID_ARGUMENT` or `EMBER_FORMAT` with a message.
+ *
+ * # Safety
+ * `model` live; `dir` NUL-terminated UTF-8; `out` valid.
+ */
+enum ember_status ember_adapter_load(const struct ember_model *model, const char *dir, struct ember_adapter **out);
+
+/**
+ * Frees an adapter handle (sessions it is attached to keep their copy). NULL is a no-op.
+ *
+ * # Safety
+ * `adapter` NULL or live; not used afterwards.
+ */
+void ember_adapter_free(struct ember_adapter *adapter);
+
+/**
+ * Saves an adapter to directory `dir` in the PEFT layout, recording `model`'s identity so
+ * that loading it on another base fails. Each file is written atomically (temporary file,
+ * fsync, rename): an interrupted save leaves the previous files intact.
+ *
+ * # Safety
+ * `adapter`, `model` live; `dir` NUL-terminated UTF-8.
+ */
+enum ember_status ember_adapter_save(const struct ember_adapter *adapter, const struct ember_model *model, const char *dir);
+
+/**
+ * Writes a JSON description of the adapter (rank, alpha, rslora, targets, layers,
+ * parameter count, base model) to `*out_json` (free with `ember_string_free`).
+ *
+ * # Safety
+ * `adapter` live; `out_json` valid.
+ */
+enum ember_status ember_adapter_info_json(const struct ember_adapter *adapter, char **out_json);
+
+/**
+ * Combines `n` adapters made for the same base into one (task arithmetic): the result
+ * applies `sum_i weights[i] * adapter_i` (ranks concatenate, so nothing is approximated).
+ * `weights` may be NULL (all 1). Free the result with `ember_adapter_free`.
+ *
+ * # Safety
+ * `adapters` valid for `n` live handles; `weights` NULL or valid for `n`; `out` valid.
+ */
+enum ember_status ember_adapter_combine(const struct ember_adapter *const *adapters, const float *weights, size_t n, struct ember_adapter **out);
+
+/**
+ * Attaches an adapter to a session under `name` (for logs; may be NULL) without reloading
+ * the base; `*out_id` receives its id in this session (>= 0). Many adapters may be attached:
+ * each sequence chooses one with `ember_seq_set_adapter` or a generation with
+ * `ember_generate_params.adapter`, and sequences with different adapters share one forward
+ * pass. Fails when the adapter was made for another base model.
+ *
+ * # Safety
+ * `session` live (one thread); `adapter` live; `name` NULL or NUL-terminated; `out_id` valid.
+ */
+enum ember_status ember_session_attach_adapter(struct ember_session *session, const struct ember_adapter *adapter, const char *name, int32_t *out_id);
+
+/**
+ * Detaches adapter `id`; sequences that used it continue with the base model.
+ *
+ * # Safety
+ * `session` live (one thread).
+ */
+enum ember_status ember_session_detach_adapter(struct ember_session *session, int32_t id);
+
+/**
+ * Hot-swaps the weights of attached adapter `id` for `adapter`'s (between requests; the
+ * base is not reloaded and the sequences using `id` keep using it). On failure the old
+ * adapter stays attached.
+ *
+ * # Safety
+ * `session` live (one thread); `adapter` live.
+ */
+enum ember_status ember_session_replace_adapter(struct ember_session *session, int32_t id, const struct ember_adapter *adapter);
+
+/**
+ * Sets attached adapter `id`'s strength (1 = as trained, 0 = off, negative subtracts it).
+ *
+ * # Safety
+ * `session` live (one thread).
+ */
+enum ember_status ember_session_set_adapter_scale(struct ember_session *session, int32_t id, float scale);
+
+/**
+ * Chooses the adapter of sequence `seq` (an attached id, or -1 for the base model) and its
+ * strength, for the tokens it processes from now on.
+ *
+ * # Safety
+ * `session` live (one thread).
+ */
+enum ember_status ember_seq_set_adapter(struct ember_session *session, uint64_t seq, int32_t id, float scale);
 
 /**
  * The name of a status code, e.g. `"EMBER_FORMAT"`. Static string; never NULL (unknown

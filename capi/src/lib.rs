@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod adapters;
 mod handles;
 mod status;
 
@@ -21,6 +22,8 @@ use ember::session::{GenerateOptions, SamplerConfig, Session, SessionParams, Sto
 use ember::tokenizer::ChatMessage;
 use ember::Context;
 
+use adapters::adapter_choice;
+pub use adapters::*;
 use handles::{get, get_mut, register, release};
 use status::*;
 pub use status::{ember_last_error, ember_status, ember_status_str};
@@ -30,8 +33,8 @@ pub use status::{ember_last_error, ember_status, ember_status_str};
 pub const EMBER_ABI_VERSION: u32 = 1;
 
 const K_CONTEXT: &str = "ember_context";
-const K_MODEL: &str = "ember_model";
-const K_SESSION: &str = "ember_session";
+pub(crate) const K_MODEL: &str = "ember_model";
+pub(crate) const K_SESSION: &str = "ember_session";
 
 /// A GPU device and its caches. Thread-safe: may be shared by any number of threads.
 pub struct ember_context {
@@ -42,12 +45,12 @@ pub struct ember_context {
 /// sessions on many threads may share one. It stays alive while sessions use it, even after
 /// `ember_model_free`.
 pub struct ember_model {
-    model: Arc<Model>,
+    pub(crate) model: Arc<Model>,
 }
 
 /// A key/value cache with its sequences. Use one session from one thread at a time.
 pub struct ember_session {
-    session: Session,
+    pub(crate) session: Session,
 }
 
 /// Version string of the library (e.g. `"0.1.0"`). Static; never NULL; never free it.
@@ -76,14 +79,14 @@ pub unsafe extern "C" fn ember_string_free(s: *mut c_char) {
     }
 }
 
-fn out_string(out: *mut *mut c_char, s: &str) -> CResult<()> {
+pub(crate) fn out_string(out: *mut *mut c_char, s: &str) -> CResult<()> {
     let c = CString::new(s.replace('\0', " ")).map_err(|_| invalid("string with NUL"))?;
     // SAFETY: `out` was checked non-NULL by the callers.
     unsafe { *out = c.into_raw() };
     Ok(())
 }
 
-unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> CResult<Option<&'a str>> {
+pub(crate) unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> CResult<Option<&'a str>> {
     if p.is_null() {
         return Ok(None);
     }
@@ -94,11 +97,11 @@ unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> CResult<Option<&'a str>> 
         .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
 }
 
-unsafe fn req_str<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
+pub(crate) unsafe fn req_str<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
     unsafe { opt_str(p, what) }?.ok_or_else(|| invalid(format!("{what} is NULL")))
 }
 
-fn non_null<T>(p: *const T, what: &str) -> CResult<()> {
+pub(crate) fn non_null<T>(p: *const T, what: &str) -> CResult<()> {
     if p.is_null() {
         Err(invalid(format!("{what} is NULL")))
     } else {
@@ -110,7 +113,12 @@ fn non_null<T>(p: *const T, what: &str) -> CResult<()> {
 /// ABI version (`min` bytes, today the whole struct) must be present; fields a future
 /// version adds keep their defaults for older callers, fields a newer caller added are
 /// ignored.
-unsafe fn read_params<T: Copy>(p: *const T, default: T, min: usize, what: &str) -> CResult<T> {
+pub(crate) unsafe fn read_params<T: Copy>(
+    p: *const T,
+    default: T,
+    min: usize,
+    what: &str,
+) -> CResult<T> {
     if p.is_null() {
         return Ok(default);
     }
@@ -835,6 +843,11 @@ pub struct ember_generate_params {
     pub on_token: ember_token_callback,
     /// Passed to `on_token`.
     pub user_data: *mut c_void,
+    /// Adapter to generate with: an id from `ember_session_attach_adapter`, or -1 (default)
+    /// for the base model.
+    pub adapter: i32,
+    /// Strength of `adapter` (default 1).
+    pub adapter_scale: f32,
 }
 
 /// Default generation: 128 tokens, default sampling, no stop strings, no template.
@@ -849,6 +862,8 @@ pub extern "C" fn ember_generate_default_params() -> ember_generate_params {
         chat: false,
         on_token: None,
         user_data: std::ptr::null_mut(),
+        adapter: -1,
+        adapter_scale: 1.0,
     }
 }
 
@@ -952,6 +967,7 @@ pub unsafe extern "C" fn ember_session_generate(
                 max_tokens: p.max_tokens as usize,
                 stop,
                 on_token: Some(&mut cb),
+                adapter: adapter_choice(p.adapter, p.adapter_scale)?,
             },
         )?;
         if !result.is_null() {

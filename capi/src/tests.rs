@@ -92,3 +92,150 @@ fn header_is_up_to_date() {
         }
     }
 }
+
+/// A random LoRA adapter on q and v with nonzero B, saved for `model`.
+fn save_random_adapter(model: &ember::model::Model, dir: &std::path::Path, seed: u64) {
+    use ember::adapters::{LoraAdapter, LoraConfig, Target};
+    let mut a = LoraAdapter::init(
+        &model.config,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            targets: vec![Target::Q, Target::V],
+        },
+        seed,
+    )
+    .unwrap();
+    let mut rng = ember::util::Rng::new(seed + 1);
+    for p in a.weights.values_mut() {
+        p.b = rng.vec(p.b.len(), -0.2, 0.2);
+    }
+    a.save(dir, model).unwrap();
+}
+
+#[test]
+fn adapters_load_attach_choose_per_sequence_and_refuse_another_base() {
+    use ember_tests::tiny::{write_tiny_model, TinyVariant};
+    let root = ember_tests::model::temp_dir("capi-adapters");
+    let (base, other, ad_dir) = (root.join("base"), root.join("other"), root.join("ad"));
+    write_tiny_model(&base, TinyVariant::Llama).unwrap();
+    write_tiny_model(&other, TinyVariant::LlamaTied).unwrap();
+    let c = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    unsafe {
+        let mut ctx: *mut ember_context = std::ptr::null_mut();
+        assert_eq!(ember_context_create(std::ptr::null(), &mut ctx), EMBER_OK);
+        let mut model: *mut ember_model = std::ptr::null_mut();
+        let st = ember_model_load(ctx, c(&base).as_ptr(), std::ptr::null(), &mut model);
+        assert_eq!(st, EMBER_OK);
+        save_random_adapter(&(*model).model, &ad_dir, 7);
+
+        let mut ad: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(
+            ember_adapter_load(model, c(&ad_dir).as_ptr(), &mut ad),
+            EMBER_OK
+        );
+        let mut json: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_adapter_info_json(ad, &mut json), EMBER_OK);
+        let info: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(json).to_str().unwrap()).unwrap();
+        ember_string_free(json);
+        assert_eq!(info["rank"], 4);
+        assert_eq!(info["targets"], serde_json::json!(["q_proj", "v_proj"]));
+
+        // Two sequences in one session: one with the adapter, one without.
+        let mut sp = ember_session_default_params();
+        sp.n_ctx = 64;
+        sp.n_seq = 2;
+        let mut s: *mut ember_session = std::ptr::null_mut();
+        assert_eq!(ember_session_create(model, &sp, &mut s), EMBER_OK);
+        let mut id = -1;
+        assert_eq!(
+            ember_session_attach_adapter(s, ad, c"qv".as_ptr(), &mut id),
+            EMBER_OK
+        );
+        assert!(id >= 0);
+        ember_adapter_free(ad); // the session keeps its copy
+        let greedy = {
+            let mut p = ember_sampler_default_params();
+            p.temperature = 0.0;
+            p
+        };
+        let (mut with, mut without) = (0u64, 0u64);
+        assert_eq!(ember_seq_add(s, &greedy, &mut with), EMBER_OK);
+        assert_eq!(ember_seq_add(s, &greedy, &mut without), EMBER_OK);
+        assert_eq!(ember_seq_set_adapter(s, with, id, 1.0), EMBER_OK);
+        let prompt = [5u32, 17, 200, 3, 99, 42, 7];
+        let mut next = [0u32; 2];
+        assert_eq!(
+            ember_seq_prefill(s, with, prompt.as_ptr(), prompt.len(), &mut next[0]),
+            EMBER_OK
+        );
+        assert_eq!(
+            ember_seq_prefill(s, without, prompt.as_ptr(), prompt.len(), &mut next[1]),
+            EMBER_OK
+        );
+        let seqs = [with, without];
+        let mut decoded = [0u32; 2];
+        assert_eq!(
+            ember_seq_decode(s, seqs.as_ptr(), 2, decoded.as_mut_ptr()),
+            EMBER_OK
+        );
+
+        // The same through the Rust API, one sequence at a time.
+        let m = (*model).model.clone();
+        let expect = |with_adapter: bool| {
+            let mut rs = ember::session::Session::new(
+                m.clone(),
+                ember::session::SessionParams {
+                    n_ctx: 64,
+                    n_seq: 1,
+                    n_batch: 16,
+                    kv_budget: 0,
+                },
+            )
+            .unwrap();
+            let seq = rs
+                .add_sequence(ember::session::SamplerConfig::greedy())
+                .unwrap();
+            if with_adapter {
+                let a = ember::adapters::LoraAdapter::load(&ad_dir, &m).unwrap();
+                let aid = rs.attach_adapter("x", std::sync::Arc::new(a)).unwrap();
+                rs.set_sequence_adapter(seq, Some(aid), 1.0).unwrap();
+            }
+            let first = rs.prefill(seq, &prompt).unwrap();
+            (first, rs.decode(&[seq]).unwrap()[0])
+        };
+        assert_eq!((next[0], decoded[0]), expect(true));
+        assert_eq!((next[1], decoded[1]), expect(false));
+
+        // Bad ids and a detached adapter are refused with a message.
+        assert_eq!(
+            ember_seq_set_adapter(s, with, 42, 1.0),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert_eq!(ember_session_set_adapter_scale(s, id, 0.5), EMBER_OK);
+        assert_eq!(ember_session_detach_adapter(s, id), EMBER_OK);
+        assert_eq!(ember_session_detach_adapter(s, id), EMBER_INVALID_ARGUMENT);
+        assert_eq!(ember_session_detach_adapter(s, -7), EMBER_INVALID_ARGUMENT);
+
+        // Another base model refuses the adapter, naming the reason.
+        let mut m2: *mut ember_model = std::ptr::null_mut();
+        assert_eq!(
+            ember_model_load(ctx, c(&other).as_ptr(), std::ptr::null(), &mut m2),
+            EMBER_OK
+        );
+        let mut bad: *mut ember_adapter = std::ptr::null_mut();
+        let st = ember_adapter_load(m2, c(&ad_dir).as_ptr(), &mut bad);
+        assert_ne!(st, EMBER_OK);
+        assert!(bad.is_null());
+        let msg = CStr::from_ptr(ember_last_error()).to_str().unwrap();
+        assert!(msg.contains("base model"), "{msg}");
+
+        ember_session_free(s);
+        ember_model_free(m2);
+        ember_model_free(model);
+        ember_context_free(ctx);
+    }
+    let _ = std::fs::remove_dir_all(root);
+}
