@@ -7,6 +7,8 @@
 //   softmax_backward  dS = P * (dP - sum(P * dP)), in place over dP
 //   xent              per row: loss = w * (logsumexp - logit[target]); dlogits = w * (softmax - onehot)
 //   rows_accumulate   dst[map[r]] += src[r] for rows with a destination
+//   rows_gather       dst[r] = src[map[r]] for rows with a source
+//   fill              dst[..n] = value
 //   sumsq_partial / sumsq_final   sum of squares of a vector (global gradient norm)
 //   adamw             torch's AdamW (decoupled weight decay, bias correction) with optional
 //                     clipping by the global norm; a non-finite norm skips the update
@@ -20,6 +22,10 @@ struct TrainParams {
     accumulate: u32,
     q_rows: u32,
     n: u32,
+    off_src: u32,
+    off_dst: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: TrainParams;
@@ -181,8 +187,27 @@ fn rows_accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (c >= p.cols) { return; }
     for (var r = 0u; r < p.rows; r++) {
         let d = row_map[r];
-        if (d != 0xFFFFFFFFu) { dx[d * p.ld2 + c] += dy[r * p.ld + c]; }
+        if (d != 0xFFFFFFFFu) { dx[p.off_dst + d * p.ld2 + c] += dy[p.off_src + r * p.ld + c]; }
     }
+}
+
+// ---- rows_gather: dst[r][0..cols] = src[map[r]][0..cols] (rows mapped to 0xFFFFFFFF kept) ----
+
+@compute @workgroup_size(64)
+fn rows_gather(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let r = gid.y;
+    if (c >= p.cols || r >= p.rows) { return; }
+    let s = row_map[r];
+    if (s != 0xFFFFFFFFu) { dx[p.off_dst + r * p.ld2 + c] = dy[p.off_src + s * p.ld + c]; }
+}
+
+// ---- fill: dst[0..n] = value (p.eps) ----
+
+@compute @workgroup_size(64)
+fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i < p.n) { dx[i] = p.eps; }
 }
 
 // ---- global norm: sumsq_partial writes one partial sum per workgroup of 256 elements x 16,

@@ -18,6 +18,10 @@ uniform! {
         accumulate: u32,
         q_rows: u32,
         n: u32,
+        off_src: u32,
+        off_dst: u32,
+        _pad0: u32,
+        _pad1: u32,
     }
 }
 
@@ -261,32 +265,63 @@ pub fn xent(
     ctx.dispatch(op, &key(op), &binds, grid(ctx, rows as u32)?)
 }
 
-/// `dst[map[r]][..cols] += src[r][..cols]` for every row `r < rows` whose map entry is not
-/// `u32::MAX` (rows in order: deterministic). Row strides `ld_src`, `ld_dst`.
-#[allow(clippy::too_many_arguments)]
-pub fn rows_accumulate(
+/// Rows moved between two matrices by a row map ([`rows_accumulate`], [`rows_gather`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCopy {
+    /// Entries of the map (rows of `src` for accumulate, of `dst` for gather).
+    pub rows: usize,
+    /// Columns moved per row.
+    pub cols: usize,
+    /// Row stride of `src`.
+    pub ld_src: usize,
+    /// Row stride of `dst`.
+    pub ld_dst: usize,
+    /// First element of `src` (a column offset for fused rows).
+    pub off_src: usize,
+    /// First element of `dst`.
+    pub off_dst: usize,
+}
+
+impl RowCopy {
+    /// Packed rows of `cols` columns.
+    pub fn packed(rows: usize, cols: usize) -> Self {
+        RowCopy {
+            rows,
+            cols,
+            ld_src: cols,
+            ld_dst: cols,
+            off_src: 0,
+            off_dst: 0,
+        }
+    }
+
+    fn params(&self) -> TrainParams {
+        TrainParams {
+            rows: self.rows as u32,
+            cols: self.cols as u32,
+            ld: self.ld_src as u32,
+            ld2: self.ld_dst as u32,
+            off_src: self.off_src as u32,
+            off_dst: self.off_dst as u32,
+            ..Default::default()
+        }
+    }
+}
+
+fn row_map_dispatch(
     ctx: &Context,
+    op: &'static str,
     dst: &Tensor,
     src: &Tensor,
     map: &Tensor,
-    rows: usize,
-    cols: usize,
-    ld_src: usize,
-    ld_dst: usize,
+    c: &RowCopy,
+    groups: [u32; 3],
 ) -> Result<Dispatch> {
-    let op = "rows_accumulate";
-    if rows == 0 || cols == 0 {
-        return Err(Error::shape(op, "empty"));
+    if c.rows == 0 || c.cols == 0 || c.ld_src < c.cols || c.ld_dst < c.cols {
+        return Err(Error::shape(op, format!("{c:?}")));
     }
-    need(op, src, (rows - 1) * ld_src + cols, "src")?;
-    need(op, map, rows, "map")?;
-    let u = ctx.uniform(&TrainParams {
-        rows: rows as u32,
-        cols: cols as u32,
-        ld: ld_src as u32,
-        ld2: ld_dst as u32,
-        ..Default::default()
-    });
+    need(op, map, c.rows, "map")?;
+    let u = ctx.uniform(&c.params());
     let mut binds = vec![
         Bind::U(&u),
         Bind::Skip,
@@ -296,7 +331,83 @@ pub fn rows_accumulate(
     ];
     binds.extend((0..6).map(|_| Bind::Skip));
     binds.push(Bind::T(map));
-    ctx.dispatch(op, &key(op), &binds, [cols.div_ceil(64) as u32, 1, 1])
+    ctx.dispatch(op, &key(op), &binds, groups)
+}
+
+/// `dst[map[r]][..cols] += src[r][..cols]` for every row `r < rows` whose map entry is not
+/// `u32::MAX` (rows in order: deterministic). Gradients of rows that were gathered (soft
+/// prompt and prefix rows shared by every sequence) flow back this way.
+pub fn rows_accumulate(
+    ctx: &Context,
+    dst: &Tensor,
+    src: &Tensor,
+    map: &Tensor,
+    c: &RowCopy,
+) -> Result<Dispatch> {
+    need(
+        "rows_accumulate",
+        src,
+        c.off_src + (c.rows - 1) * c.ld_src + c.cols,
+        "src",
+    )?;
+    row_map_dispatch(
+        ctx,
+        "rows_accumulate",
+        dst,
+        src,
+        map,
+        c,
+        [c.cols.div_ceil(64) as u32, 1, 1],
+    )
+}
+
+/// `dst[r][..cols] = src[map[r]][..cols]` for every row `r < rows` whose map entry is not
+/// `u32::MAX` (others are left alone): places soft prompt rows among token embeddings, and
+/// prefix keys/values among computed ones.
+pub fn rows_gather(
+    ctx: &Context,
+    dst: &Tensor,
+    src: &Tensor,
+    map: &Tensor,
+    c: &RowCopy,
+) -> Result<Dispatch> {
+    need(
+        "rows_gather",
+        dst,
+        c.off_dst + (c.rows - 1) * c.ld_dst + c.cols,
+        "dst",
+    )?;
+    row_map_dispatch(
+        ctx,
+        "rows_gather",
+        dst,
+        src,
+        map,
+        c,
+        [c.cols.div_ceil(64) as u32, c.rows as u32, 1],
+    )
+}
+
+/// `dst[..n] = value`.
+pub fn fill(ctx: &Context, dst: &Tensor, value: f32, n: usize) -> Result<Dispatch> {
+    let op = "fill";
+    if n == 0 || dst.dtype() != DType::F32 {
+        return Err(Error::shape(op, format!("{n} values of {:?}", dst.dtype())));
+    }
+    need(op, dst, n, "dst")?;
+    let u = ctx.uniform(&TrainParams {
+        n: n as u32,
+        eps: value,
+        ..Default::default()
+    });
+    let binds = [
+        Bind::U(&u),
+        Bind::Skip,
+        Bind::Skip,
+        Bind::Skip,
+        Bind::T(dst),
+    ];
+    ctx.dispatch(op, &key(op), &binds, grid(ctx, (n as u32).div_ceil(64))?)
 }
 
 /// Floats of scratch [`grad_norm`] needs for `n` values.
@@ -502,6 +613,8 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
         "softmax_backward",
         "xent",
         "rows_accumulate",
+        "rows_gather",
+        "fill",
         "sumsq_partial",
         "sumsq_final",
         "adamw",
@@ -721,12 +834,39 @@ mod tests {
         let dst = Tensor::from_f32(ctx, &[2, 3], &[1.0; 6]).unwrap();
         let st = Tensor::from_f32(ctx, &[4, 3], &src).unwrap();
         let mt = Tensor::from_slice(ctx, &[4], DType::U32, &map).unwrap();
-        ctx.run(&[rows_accumulate(ctx, &dst, &st, &mt, 4, 3, 3, 3).unwrap()])
+        ctx.run(&[rows_accumulate(ctx, &dst, &st, &mt, &RowCopy::packed(4, 3)).unwrap()])
             .unwrap();
         assert_eq!(
             dst.read_f32(ctx).unwrap(),
             vec![10.0, 11.0, 12.0, 7.0, 9.0, 11.0]
         );
+    }
+
+    #[test]
+    fn rows_gather_places_rows_at_offsets_and_fill_sets_values() {
+        let ctx = ctx();
+        // src: 2 rows of 4 (ld 5, from element 1); dst: 3 rows of stride 6, columns 2..6.
+        let src: Vec<f32> = (0..11).map(|i| i as f32).collect();
+        let st = Tensor::from_f32(ctx, &[11], &src).unwrap();
+        let dst = Tensor::from_f32(ctx, &[18], &[-1.0; 18]).unwrap();
+        let mt = Tensor::from_slice(ctx, &[3], DType::U32, &[1u32, u32::MAX, 0]).unwrap();
+        let c = RowCopy {
+            rows: 3,
+            cols: 4,
+            ld_src: 5,
+            ld_dst: 6,
+            off_src: 1,
+            off_dst: 2,
+        };
+        ctx.run(&[rows_gather(ctx, &dst, &st, &mt, &c).unwrap()])
+            .unwrap();
+        let mut want = vec![-1.0; 18];
+        want[2..6].copy_from_slice(&[6.0, 7.0, 8.0, 9.0]);
+        want[14..18].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(dst.read_f32(ctx).unwrap(), want);
+        ctx.run(&[fill(ctx, &dst, 0.5, 17).unwrap()]).unwrap();
+        let got = dst.read_f32(ctx).unwrap();
+        assert!(got[..17].iter().all(|&v| v == 0.5) && got[17] == 4.0);
     }
 
     #[test]
