@@ -19,6 +19,7 @@ pub mod quant;
 pub mod session;
 pub mod shaders;
 pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, ErrorKind, Result};
