@@ -4,7 +4,7 @@
 //! `base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.lora_{A|B}.weight`,
 //! A `[r][in]`, B `[out][r]`, in HF row order (Ember permutes q/k rows for GGUF bases).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,9 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::Model;
-use crate::util::{write_atomic, Rng};
+use crate::util::Rng;
+
+use super::peft::{self, read_f32, PeftConfig};
 
 /// A linear layer LoRA can adapt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -282,15 +284,10 @@ impl LoraAdapter {
     /// Loads a PEFT adapter directory and checks it against `model` (shapes, and the base
     /// identity when the adapter records one).
     pub fn load(dir: &Path, model: &Model) -> Result<LoraAdapter> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
-            path: cfg_path.clone(),
-            source,
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| fmt_err(&cfg_path, format!("invalid JSON: {e}")))?;
-        let get = |k: &str| v.get(k).filter(|x| !x.is_null());
-        if let Some(t) = get("peft_type").and_then(|t| t.as_str()) {
+        let pc = PeftConfig::read(dir)?;
+        let cfg_path = pc.path.clone();
+        let get = |k: &str| pc.get(k);
+        if let Some(t) = pc.peft_type() {
             if t != "LORA" {
                 return Err(Error::Unsupported(format!(
                     "{}: PEFT type {t} is not LORA",
@@ -298,13 +295,32 @@ impl LoraAdapter {
                 )));
             }
         }
-        for unsupported in ["use_dora"] {
+        for unsupported in ["use_dora", "lora_bias"] {
             if get(unsupported).and_then(|b| b.as_bool()).unwrap_or(false) {
                 return Err(Error::Unsupported(format!(
                     "{}: {unsupported}",
                     cfg_path.display()
                 )));
             }
+        }
+        if get("bias")
+            .and_then(|b| b.as_str())
+            .is_some_and(|b| b != "none")
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: trained biases (bias = {})",
+                cfg_path.display(),
+                get("bias").unwrap_or(&serde_json::Value::Null)
+            )));
+        }
+        if get("modules_to_save")
+            .and_then(|m| m.as_array())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: modules_to_save (fully trained modules besides LoRA)",
+                cfg_path.display()
+            )));
         }
         for pattern in ["rank_pattern", "alpha_pattern"] {
             if get(pattern)
@@ -358,23 +374,8 @@ impl LoraAdapter {
             targets,
         };
         config.validate()?;
-        let base_identity = get("ember_base_model_identity")
-            .and_then(|s| s.as_str())
-            .and_then(|s| u64::from_str_radix(s, 16).ok());
-        if let Some(id) = base_identity {
-            if id != model.identity {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the adapter was made for another base model (identity {id:016x}, this model is {:016x})",
-                    dir.display(),
-                    model.identity
-                )));
-            }
-        }
-        let st_path = dir.join("adapter_model.safetensors");
-        let bytes = std::fs::read(&st_path).map_err(|source| Error::Io {
-            path: st_path.clone(),
-            source,
-        })?;
+        let base_identity = pc.check_base(dir, model)?;
+        let (st_path, bytes) = peft::read_tensors(dir)?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| fmt_err(&st_path, format!("invalid safetensors: {e}")))?;
         let mc = &model.config;
@@ -425,102 +426,55 @@ impl LoraAdapter {
             config,
             weights,
             base_identity,
-            base_name: get("base_model_name_or_path")
-                .and_then(|s| s.as_str())
-                .unwrap_or("")
-                .to_string(),
+            base_name: pc.base_name(),
         })
     }
 
     /// Saves the adapter in the PEFT layout (each file written atomically), recording the
     /// base model's identity.
     pub fn save(&self, dir: &Path, model: &Model) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         let (r, mc) = (self.config.rank, &model.config);
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for ((layer, t), p) in &self.weights {
             let (out, inp) = t.dims(mc);
-            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            tensors.push((t.peft_key(*layer, false), vec![r, inp], bytes(&p.a)));
-            tensors.push((t.peft_key(*layer, true), vec![out, r], bytes(&p.b)));
+            tensors.push((t.peft_key(*layer, false), vec![r, inp], &p.a));
+            tensors.push((t.peft_key(*layer, true), vec![out, r], &p.b));
         }
-        let views = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Internal(format!("safetensors view {n}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        let st = safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::Internal(format!("safetensors: {e}")))?;
-        write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
         let mut layers: Vec<usize> = self.weights.keys().map(|(l, _)| *l).collect();
         layers.dedup();
-        let cfg = json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": r,
-            "lora_alpha": self.config.alpha,
-            "lora_dropout": 0.0,
-            "use_rslora": self.config.rslora,
-            "use_dora": false,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "init_lora_weights": true,
-            "target_modules": self.config.targets.iter().map(|t| t.module()).collect::<Vec<_>>(),
-            "layers_to_transform": if layers.len() == mc.n_layers { serde_json::Value::Null } else { json!(layers) },
-            "base_model_name_or_path": model.config.name,
-            "ember_base_model_identity": format!("{:016x}", model.identity),
-            "ember_version": crate::VERSION,
-        });
-        write_atomic(
-            &dir.join("adapter_config.json"),
-            serde_json::to_string_pretty(&cfg)
-                .unwrap_or_default()
-                .as_bytes(),
-        )
-    }
-}
-
-type NamedF32 = (Vec<f32>, Vec<usize>);
-
-fn read_f32(
-    st: &safetensors::SafeTensors<'_>,
-    name: &str,
-    path: &Path,
-) -> Result<Option<NamedF32>> {
-    let t = match st.tensor(name) {
-        Ok(t) => t,
-        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
-        Err(e) => return Err(fmt_err(path, format!("{name}: {e}"))),
-    };
-    let b = t.data();
-    let v = match t.dtype() {
-        safetensors::Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        safetensors::Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(Error::Unsupported(format!(
-                "{}: {name} has dtype {other:?}",
-                path.display()
-            )))
+        let mut cfg = peft::common_fields(model);
+        for (k, v) in [
+            ("peft_type", json!("LORA")),
+            ("r", json!(r)),
+            ("lora_alpha", json!(self.config.alpha)),
+            ("lora_dropout", json!(0.0)),
+            ("use_rslora", json!(self.config.rslora)),
+            ("use_dora", json!(false)),
+            ("bias", json!("none")),
+            ("fan_in_fan_out", json!(false)),
+            ("init_lora_weights", json!(true)),
+            (
+                "target_modules",
+                json!(self
+                    .config
+                    .targets
+                    .iter()
+                    .map(|t| t.module())
+                    .collect::<Vec<_>>()),
+            ),
+            (
+                "layers_to_transform",
+                if layers.len() == mc.n_layers {
+                    serde_json::Value::Null
+                } else {
+                    json!(layers)
+                },
+            ),
+        ] {
+            cfg.insert(k.into(), v);
         }
-    };
-    Ok(Some((v, t.shape().to_vec())))
+        peft::save(dir, &tensors, &serde_json::Value::Object(cfg))
+    }
 }
 
 /// llama.cpp's q/k row permutation (HF row `h*hd + j*hd/2 + i` -> row `h*hd + 2i + j`),

@@ -330,6 +330,28 @@ impl Model {
         &self.ctx
     }
 
+    /// The embedding rows of `ids` (dequantized), `[ids][hidden]`.
+    pub fn embedding_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token {bad} is outside the vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = &self.ctx;
+        let idt = Tensor::from_slice(ctx, &[ids.len()], crate::gpu::DType::U32, ids)?;
+        let out = Tensor::zeros(
+            ctx,
+            &[ids.len(), self.config.hidden],
+            crate::gpu::DType::F32,
+        )?;
+        ctx.run(&self.embed.gather(ctx, &out, &idt)?)?;
+        out.read_f32(ctx)
+    }
+
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> u64 {
         let l: u64 = self

@@ -212,13 +212,8 @@ impl TrainAttention {
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
         let s = &self.shape;
-        let (hd, qkv_dim, q_dim, kv_dim, g) = (
-            s.head_dim,
-            s.qkv_dim(),
-            s.q_dim(),
-            s.kv_dim(),
-            s.group(),
-        );
+        let (hd, qkv_dim, q_dim, kv_dim, g) =
+            (s.head_dim, s.qkv_dim(), s.q_dim(), s.kv_dim(), s.group());
         let mut ops = vec![fill(ctx, dqkv, 0.0, s.rows * qkv_dim)?];
         for b in &self.blocks {
             if self.blocks.len() > 1 {
@@ -290,13 +285,8 @@ impl TrainAttention {
 
 /// CPU reference of the forward in f64: `out[rows][q_dim]`.
 pub fn attention_train_ref(qkv: &[f64], ranges: &[(usize, usize)], s: &AttnShape) -> Vec<f64> {
-    let (hd, qkv_dim, q_dim, kv_dim, g) = (
-        s.head_dim,
-        s.qkv_dim(),
-        s.q_dim(),
-        s.kv_dim(),
-        s.group(),
-    );
+    let (hd, qkv_dim, q_dim, kv_dim, g) =
+        (s.head_dim, s.qkv_dim(), s.q_dim(), s.kv_dim(), s.group());
     let mut out = vec![0.0; s.rows * q_dim];
     for t in 0..s.rows {
         let (a, e) = ranges[t];
@@ -350,7 +340,10 @@ mod tests {
                 None => (t, t + 1),
             })
             .collect();
-        let flat: Vec<u32> = ranges.iter().flat_map(|&(a, e)| [a as u32, e as u32]).collect();
+        let flat: Vec<u32> = ranges
+            .iter()
+            .flat_map(|&(a, e)| [a as u32, e as u32])
+            .collect();
         let rt = Tensor::from_slice(ctx, &[s.rows, 2], DType::U32, &flat).unwrap();
         let mut rng = Rng::new(11);
         let x = rng.vec(s.rows * qkv_dim, -1.5, 1.5);
@@ -372,10 +365,19 @@ mod tests {
             let out = Tensor::zeros(ctx, &[s.rows, q_dim], DType::F32).unwrap();
             let dqkv = Tensor::zeros(ctx, &[s.rows, qkv_dim], DType::F32).unwrap();
             let mut ops = att.forward(ctx, &qkv, &out, Variant::Auto).unwrap();
-            ops.extend(att.backward(ctx, &qkv, &dout, &dqkv, Variant::Auto).unwrap());
+            ops.extend(
+                att.backward(ctx, &qkv, &dout, &dqkv, Variant::Auto)
+                    .unwrap(),
+            );
             ctx.run(&ops).unwrap();
             let want32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-            assert_close("attention out", &out.read_f32(ctx).unwrap(), &want32, 1e-5, 1e-4);
+            assert_close(
+                "attention out",
+                &out.read_f32(ctx).unwrap(),
+                &want32,
+                1e-5,
+                1e-4,
+            );
             let got = dqkv.read_f32(ctx).unwrap();
             // Every row of q, k and v of a few tokens of each sequence and the padding.
             for t in [0usize, 5, 20, 21, 33, 49, 50, 63] {

@@ -161,12 +161,24 @@ mod tests {
         let (m, cols) = (5, 256);
         let mut rng = Rng::new(3);
         let half = |v: Vec<f32>| -> Vec<u16> {
-            v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()
+            v.iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect()
         };
         let q_rows = 200; // not a multiple of the chunk
         let parts = vec![
-            host("f32", 3, cols, HostMatrix::F32(rng.vec(3 * cols, -1.0, 1.0))),
-            host("f16", 4, cols, HostMatrix::F16(half(rng.vec(4 * cols, -1.0, 1.0)))),
+            host(
+                "f32",
+                3,
+                cols,
+                HostMatrix::F32(rng.vec(3 * cols, -1.0, 1.0)),
+            ),
+            host(
+                "f16",
+                4,
+                cols,
+                HostMatrix::F16(half(rng.vec(4 * cols, -1.0, 1.0))),
+            ),
             host(
                 "q4_k",
                 q_rows,
@@ -202,7 +214,11 @@ mod tests {
             let mut want = vec![0f32; m * cols];
             for i in 0..m {
                 for k in 0..cols {
-                    let mut s = if accumulate { dx0[i * cols + k] as f64 } else { 0.0 };
+                    let mut s = if accumulate {
+                        dx0[i * cols + k] as f64
+                    } else {
+                        0.0
+                    };
                     for o in 0..w_rows {
                         s += dy_h[i * ld_dy + dy_off + o] as f64 * full[o * cols + k] as f64;
                     }

@@ -1,5 +1,441 @@
 //! On-device training: LoRA, soft prompts and prefixes learned with the same WGSL kernels
-//! that run inference, against a frozen base in any stored format.
+//! that run inference, against a frozen base in any stored format (f32, f16, bf16 or a GGUF
+//! quantization, dequantized on the fly).
+//!
+//! A [`Trainer`] owns the trainable parameters (one flat buffer, see [`params`]), the step's
+//! dispatches (built once for a block of rows and replayed, see [`graph`]) and AdamW's
+//! state. [`Trainer::step`] takes a batch of [`Example`]s, packs them into blocks (several
+//! blocks accumulate into one update), and returns the loss; the CPU only writes the
+//! per-row inputs and reads one loss per block back.
 
 pub mod attention;
+pub mod batch;
 pub mod frozen;
+pub mod graph;
+pub mod params;
+pub mod schedule;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::adapters::lora::LoraPair;
+use crate::adapters::{LoraAdapter, LoraConfig, Prefix, SoftPrompt, Target};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Tensor};
+use crate::kernels::rope::RopeTable;
+use crate::kernels::train::{fill, grad_norm, grad_norm_scratch, AdamConfig, AdamW};
+use crate::model::export::unpermute_rows;
+use crate::model::Model;
+
+pub use batch::{pack, Example, Virtual};
+pub use graph::Budgets;
+pub use params::ParamKey;
+pub use schedule::LrSchedule;
+
+/// What is trained (at least one).
+#[derive(Debug, Clone, Default)]
+pub struct Trainables {
+    /// A LoRA adapter to train (its current values are the starting point: a fresh
+    /// [`LoraAdapter::init`], or a loaded one to continue).
+    pub lora: Option<LoraAdapter>,
+    /// A soft prompt to train.
+    pub prompt: Option<SoftPrompt>,
+    /// A prefix to train (not together with a soft prompt).
+    pub prefix: Option<Prefix>,
+}
+
+/// Optimization settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    /// Rows per block: the longest sequence (with its virtual tokens) that fits, and how
+    /// many tokens one forward/backward replay processes (a multiple of 32).
+    pub rows: usize,
+    /// AdamW (its `lr` is the base rate of the schedule).
+    pub adam: AdamConfig,
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Scratch budgets.
+    #[serde(skip)]
+    pub budgets: Budgets,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            rows: 256,
+            adam: AdamConfig {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                max_norm: 1.0,
+                ..Default::default()
+            },
+            schedule: LrSchedule::Constant,
+            budgets: Budgets::default(),
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    /// Updates applied so far (including this one unless skipped).
+    pub step: u32,
+    /// Mean loss over the scored tokens of the batch (before the update).
+    pub loss: f64,
+    /// Global gradient norm (before clipping).
+    pub grad_norm: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Rows processed (tokens, virtual tokens and padding).
+    pub rows: usize,
+    /// Blocks of rows (forward/backward replays) in the step.
+    pub blocks: usize,
+    /// The loss or a gradient was not finite: the update was skipped and the parameters
+    /// are unchanged.
+    pub skipped: bool,
+    /// Wall time of the step.
+    pub secs: f64,
+}
+
+/// Trains adapters of one base model on its device.
+pub struct Trainer {
+    model: Arc<Model>,
+    config: TrainConfig,
+    params: params::ParamStore,
+    graph: graph::Graph,
+    adam: AdamW,
+    optimizer_ops: Vec<Dispatch>,
+    zero_grad: Dispatch,
+    norm: Tensor,
+    lora: Option<(LoraConfig, Vec<(usize, Target)>)>,
+    virt: Virtual,
+    steps: u32,
+    base_name: String,
+}
+
+impl Trainer {
+    /// Prepares training of `trainables` on `model`.
+    pub fn new(model: Arc<Model>, trainables: Trainables, config: TrainConfig) -> Result<Trainer> {
+        graph::check_rows(config.rows)?;
+        let c = &model.config;
+        let ctx = model.context().clone();
+        let mut values = Vec::new();
+        let mut lora = None;
+        let mut base_name = String::new();
+        for id in [
+            trainables.lora.as_ref().and_then(|a| a.base_identity),
+            trainables.prompt.as_ref().and_then(|p| p.base_identity),
+            trainables.prefix.as_ref().and_then(|p| p.base_identity),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if id != model.identity {
+                return Err(Error::InvalidArgument(format!(
+                    "the adapter to train was made for another base model (identity {id:016x}, this model is {:016x})",
+                    model.identity
+                )));
+            }
+        }
+        if let Some(a) = &trainables.lora {
+            base_name = a.base_name.clone();
+            let r = a.config.rank;
+            let mut keys = Vec::new();
+            for (&(l, t), p) in &a.weights {
+                let (out, inp) = t.dims(c);
+                if l >= c.n_layers || p.a.len() != r * inp || p.b.len() != out * r {
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA layer {l} {} does not fit this model",
+                        t.module()
+                    )));
+                }
+                let m = p.for_model(t, &model, r);
+                values.push((ParamKey::LoraA(l, t), m.a));
+                values.push((ParamKey::LoraB(l, t), m.b));
+                keys.push((l, t));
+            }
+            lora = Some((a.config.clone(), keys));
+        }
+        let virt = match (&trainables.prompt, &trainables.prefix) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "train a soft prompt or a prefix, not both".into(),
+                ))
+            }
+            (Some(p), None) => {
+                if p.values.len() != p.n_virtual * c.hidden {
+                    return Err(Error::InvalidArgument(format!(
+                        "soft prompt of {} values for {} tokens of {}",
+                        p.values.len(),
+                        p.n_virtual,
+                        c.hidden
+                    )));
+                }
+                values.push((ParamKey::Prompt, p.values.clone()));
+                Virtual::Prompt(p.n_virtual)
+            }
+            (None, Some(p)) => {
+                if p.layers.len() != c.n_layers
+                    || p.layers
+                        .iter()
+                        .any(|l| l.len() != p.n_virtual * 2 * c.kv_dim())
+                {
+                    return Err(Error::InvalidArgument(
+                        "prefix does not fit this model's layers".into(),
+                    ));
+                }
+                for l in 0..c.n_layers {
+                    values.push((ParamKey::Prefix(l), p.layer_for_model(l, &model, true)));
+                }
+                Virtual::Prefix(p.n_virtual)
+            }
+            (None, None) => Virtual::None,
+        };
+        let params = params::ParamStore::new(&ctx, values)?;
+        let rope = RopeTable::new(&ctx, c.rope, config.rows.max(c.train_ctx.min(1 << 16)))?;
+        let shape = lora.as_ref().map(|(lc, _)| graph::LoraShape {
+            rank: lc.rank,
+            scale: lc.scale(),
+        });
+        let graph = graph::Graph::new(
+            &model,
+            &params,
+            shape,
+            virt,
+            config.rows,
+            &rope,
+            config.budgets,
+        )?;
+        let norm = Tensor::zeros(&ctx, &[1], DType::F32)?;
+        let part = Tensor::zeros(&ctx, &[grad_norm_scratch(params.n)], DType::F32)?;
+        let adam = AdamW::new(
+            &ctx,
+            &params.param,
+            &params.grad,
+            &params.m,
+            &params.v,
+            &norm,
+            params.n,
+        )?;
+        let mut optimizer_ops = grad_norm(&ctx, &norm, &part, &params.grad, params.n)?;
+        optimizer_ops.push(adam.dispatch.clone());
+        let zero_grad = fill(&ctx, &params.grad, 0.0, params.n)?;
+        Ok(Trainer {
+            model,
+            config,
+            params,
+            graph,
+            adam,
+            optimizer_ops,
+            zero_grad,
+            norm,
+            lora,
+            virt,
+            steps: 0,
+            base_name,
+        })
+    }
+
+    /// The base model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Updates applied so far.
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+
+    /// Trainable values.
+    pub fn n_params(&self) -> usize {
+        self.params.n_params()
+    }
+
+    /// Dispatches of one block's forward + backward replay.
+    pub fn dispatches_per_block(&self) -> usize {
+        self.graph.train_ops.len()
+    }
+
+    /// Device bytes of parameters, optimizer state, activations and scratch.
+    pub fn device_bytes(&self) -> u64 {
+        self.params.bytes() + self.graph.bytes
+    }
+
+    /// Sets the base learning rate (the schedule multiplies it).
+    pub fn set_lr(&mut self, lr: f32) {
+        self.config.adam.lr = lr;
+    }
+
+    fn write_block(&self, p: &batch::Packed, weight: f32) -> Result<()> {
+        let ctx = self.model.context();
+        let vocab = self.model.config.vocab as u32;
+        if let Some(&bad) = p.ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let inp = &self.graph.inputs;
+        let w: Vec<f32> = p
+            .targets
+            .iter()
+            .map(|&t| if t == batch::NONE { 0.0 } else { weight })
+            .collect();
+        inp.ids.write(ctx, &p.ids)?;
+        inp.pos.write(ctx, &p.pos)?;
+        inp.targets.write(ctx, &p.targets)?;
+        inp.weights.write(ctx, &w)?;
+        inp.ranges.write(ctx, &p.ranges)?;
+        inp.virt.write(ctx, &p.virt)?;
+        Ok(())
+    }
+
+    fn blocks(&self, examples: &[Example]) -> Result<(Vec<batch::Packed>, usize)> {
+        let blocks = pack(examples, self.config.rows, self.virt)?;
+        let n: usize = blocks.iter().map(|b| b.n_targets()).sum();
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "the batch has no scored tokens (every label is masked)".into(),
+            ));
+        }
+        Ok((blocks, n))
+    }
+
+    fn replay(&self, blocks: &[batch::Packed], n: usize, ops: &[Dispatch]) -> Result<f64> {
+        let ctx = self.model.context();
+        let mut loss = 0.0f64;
+        for b in blocks {
+            self.write_block(b, 1.0 / n as f32)?;
+            ctx.run(ops)?;
+            loss += self
+                .graph
+                .loss
+                .read_f32(ctx)?
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>();
+        }
+        Ok(loss)
+    }
+
+    /// Mean loss of `examples` with the current parameters (no update).
+    pub fn evaluate(&self, examples: &[Example]) -> Result<f64> {
+        let (blocks, n) = self.blocks(examples)?;
+        self.replay(&blocks, n, &self.graph.eval_ops)
+    }
+
+    /// One optimizer step on `examples` (packed into as many blocks as needed; their
+    /// gradients accumulate into one update). A non-finite loss or gradient skips the
+    /// update and leaves every parameter and moment unchanged.
+    pub fn step(&mut self, examples: &[Example]) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let ctx = self.model.context().clone();
+        let (blocks, n) = self.blocks(examples)?;
+        ctx.submit(std::slice::from_ref(&self.zero_grad));
+        let loss = self.replay(&blocks, n, &self.graph.train_ops)?;
+        let lr = (self.config.adam.lr as f64 * self.config.schedule.factor(self.steps)) as f32;
+        let adam = AdamConfig {
+            lr,
+            ..self.config.adam
+        };
+        self.adam.set_step(&ctx, &adam, self.steps + 1);
+        ctx.run(&self.optimizer_ops)?;
+        let grad_norm = self.norm.read_f32(&ctx)?[0];
+        let skipped = !grad_norm.is_finite() || !loss.is_finite();
+        if !skipped {
+            self.steps += 1;
+        }
+        Ok(StepStats {
+            step: self.steps,
+            loss,
+            grad_norm,
+            lr,
+            tokens: n,
+            rows: blocks.len() * self.config.rows,
+            blocks: blocks.len(),
+            skipped,
+            secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The gradients of the last step (host copies, model order), for tests and tools.
+    pub fn gradients(&self) -> Result<HashMap<ParamKey, Vec<f32>>> {
+        self.params.read_gradients(self.model.context())
+    }
+
+    /// The trained LoRA adapter (HF row order, recording the base model).
+    pub fn lora(&self) -> Result<Option<LoraAdapter>> {
+        let Some((config, keys)) = &self.lora else {
+            return Ok(None);
+        };
+        let vals = self.params.read(self.model.context())?;
+        let c = &self.model.config;
+        let mut weights = std::collections::BTreeMap::new();
+        for &(l, t) in keys {
+            let a = vals[&ParamKey::LoraA(l, t)].clone();
+            let mut b = vals[&ParamKey::LoraB(l, t)].clone();
+            if self.model.qk_permuted {
+                match t {
+                    Target::Q => b = unpermute_rows(&b, c.n_heads, config.rank),
+                    Target::K => b = unpermute_rows(&b, c.n_kv_heads, config.rank),
+                    _ => {}
+                }
+            }
+            weights.insert((l, t), LoraPair { a, b });
+        }
+        Ok(Some(LoraAdapter {
+            config: config.clone(),
+            weights,
+            base_identity: Some(self.model.identity),
+            base_name: if self.base_name.is_empty() {
+                self.model.config.name.clone()
+            } else {
+                self.base_name.clone()
+            },
+        }))
+    }
+
+    /// The trained soft prompt.
+    pub fn soft_prompt(&self) -> Result<Option<SoftPrompt>> {
+        let Virtual::Prompt(n) = self.virt else {
+            return Ok(None);
+        };
+        let mut vals = self.params.read(self.model.context())?;
+        Ok(Some(SoftPrompt {
+            n_virtual: n,
+            values: vals.remove(&ParamKey::Prompt).unwrap_or_default(),
+            base_identity: Some(self.model.identity),
+        }))
+    }
+
+    /// The trained prefix (HF head-dimension order).
+    pub fn prefix(&self) -> Result<Option<Prefix>> {
+        let Virtual::Prefix(n) = self.virt else {
+            return Ok(None);
+        };
+        let mut vals = self.params.read(self.model.context())?;
+        let model_order = Prefix {
+            n_virtual: n,
+            layers: (0..self.model.config.n_layers)
+                .map(|l| vals.remove(&ParamKey::Prefix(l)).unwrap_or_default())
+                .collect(),
+            base_identity: Some(self.model.identity),
+        };
+        let layers = (0..self.model.config.n_layers)
+            .map(|l| model_order.layer_for_model(l, &self.model, false))
+            .collect();
+        Ok(Some(Prefix {
+            layers,
+            ..model_order
+        }))
+    }
+}

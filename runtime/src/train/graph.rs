@@ -1,0 +1,736 @@
+//! The dispatches of a training step over a fixed block of rows, built once and replayed
+//! (per-step inputs are written into small buffers).
+//!
+//! Forward: embeddings (soft prompt rows gathered in), each layer from its checkpointed
+//! input `xs[l]` to `xs[l+1]`, the final norm, logits in row chunks and the fused
+//! softmax + cross-entropy that leaves the logits' gradient in place. Backward, layer by
+//! layer from the top: the layer's forward is recomputed from `xs[l]` (per-layer activation
+//! recomputation: only the residual stream is kept for every layer), then gradients flow
+//! through the FFN, the attention and the norms. Frozen weights pass input gradients only;
+//! trainables (LoRA A/B, soft prompt, prefix keys/values) accumulate into the gradient
+//! buffer, so several blocks of rows make one optimizer step (gradient accumulation).
+
+use std::collections::HashMap;
+
+use crate::adapters::Target;
+use crate::error::{Error, Result};
+use crate::gpu::{Context, DType, Dispatch, Tensor};
+use crate::kernels::elementwise::{binary, swiglu, unary, BinaryOp, UnaryOp};
+use crate::kernels::matmul::{matmul, MatmulDesc};
+use crate::kernels::norm::{norm_with, NormDesc, NormKind};
+use crate::kernels::quant::QShape;
+use crate::kernels::rope::{rope, HeadLayout, RopeTable};
+use crate::kernels::train::{
+    rmsnorm_backward, rows_accumulate, rows_gather, swiglu_backward, xent, RowCopy,
+};
+use crate::model::weights::{Linear, Rows};
+use crate::model::Model;
+use crate::train::attention::{AttnShape, TrainAttention};
+use crate::train::batch::Virtual;
+use crate::train::frozen::{linear_backward, Dequant, GradRows};
+use crate::train::params::{ParamKey, ParamStore};
+
+/// Memory budgets of the step's scratch buffers, in floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    /// Attention scores of one query block (each of two buffers).
+    pub scores: usize,
+    /// Dequantized rows of a frozen matrix.
+    pub dequant: usize,
+    /// Logits of one row chunk.
+    pub logits: usize,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            scores: 8 << 20,
+            dequant: 4 << 20,
+            logits: 8 << 20,
+        }
+    }
+}
+
+/// LoRA as trained: rank, scale and the adapted (layer, target) pairs.
+#[derive(Debug, Clone)]
+pub struct LoraShape {
+    /// Rank.
+    pub rank: usize,
+    /// Scale `s` of `s B A x`.
+    pub scale: f32,
+}
+
+/// Per-row inputs of a block, written before each replay.
+pub struct Inputs {
+    /// Token ids `[rows]`.
+    pub ids: Tensor,
+    /// Positions `[rows]`.
+    pub pos: Tensor,
+    /// Predicted token per row (`u32::MAX`: none) `[rows]`.
+    pub targets: Tensor,
+    /// Loss weight per row `[rows]` (1 / tokens scored in the whole step).
+    pub weights: Tensor,
+    /// Key ranges `[rows][2]`.
+    pub ranges: Tensor,
+    /// Virtual row index per row (`u32::MAX`: a token row) `[rows]`.
+    pub virt: Tensor,
+}
+
+/// A step's dispatches and buffers.
+pub struct Graph {
+    /// Rows per block.
+    pub rows: usize,
+    /// Inputs to write before replaying.
+    pub inputs: Inputs,
+    /// Per-row weighted loss after a replay `[rows]`.
+    pub loss: Tensor,
+    /// Forward and loss only.
+    pub eval_ops: Vec<Dispatch>,
+    /// Forward, loss and backward (gradients accumulate).
+    pub train_ops: Vec<Dispatch>,
+    /// Device bytes of activations and scratch.
+    pub bytes: u64,
+}
+
+struct Bufs {
+    xs: Vec<Tensor>,
+    xmid: Tensor,
+    h1: Tensor,
+    h2: Tensor,
+    qkv: Tensor,
+    attn: Tensor,
+    gu: Tensor,
+    ff: Tensor,
+    dx: Tensor,
+    dh: Tensor,
+    dqkv: Tensor,
+    dattn: Tensor,
+    dgu: Tensor,
+    dff: Tensor,
+    t: HashMap<Target, Tensor>,
+    dt: Tensor,
+    logits: Tensor,
+    logit_rows: usize,
+    zeros: Tensor,
+}
+
+struct Builder<'a> {
+    ctx: &'a Context,
+    model: &'a Model,
+    params: &'a ParamStore,
+    lora: Option<LoraShape>,
+    virt: Virtual,
+    rows: usize,
+    rope: &'a RopeTable,
+    att: TrainAttention,
+    dq: Dequant,
+    inputs: Inputs,
+    loss: Tensor,
+    b: Bufs,
+}
+
+/// A view of `rows` rows of `cols` starting at row `r0` (r0 * cols * 4 must be a multiple
+/// of 256 bytes: row chunks are multiples of 64).
+fn rows_of(t: &Tensor, r0: usize, rows: usize, cols: usize) -> Result<Tensor> {
+    Tensor::view(
+        t.buffer().clone(),
+        t.offset() + 4 * (r0 * cols) as u64,
+        &[rows, cols],
+        t.dtype(),
+    )
+}
+
+impl Graph {
+    /// Builds the step for blocks of `rows` rows (a multiple of 32).
+    pub fn new(
+        model: &Model,
+        params: &ParamStore,
+        lora: Option<LoraShape>,
+        virt: Virtual,
+        rows: usize,
+        rope: &RopeTable,
+        budgets: Budgets,
+    ) -> Result<Graph> {
+        let ctx = model.context();
+        let c = &model.config;
+        let m = rows;
+        let f = |n: usize| Tensor::zeros(ctx, &[m, n], DType::F32);
+        let u = |n: usize| Tensor::zeros(ctx, &[m * n], DType::U32);
+        let inputs = Inputs {
+            ids: u(1)?,
+            pos: u(1)?,
+            targets: u(1)?,
+            weights: Tensor::zeros(ctx, &[m], DType::F32)?,
+            ranges: u(2)?,
+            virt: u(1)?,
+        };
+        let att = TrainAttention::new(
+            ctx,
+            AttnShape {
+                rows: m,
+                n_heads: c.n_heads,
+                n_kv: c.n_kv_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+            },
+            &inputs.ranges,
+            budgets.scores,
+        )?;
+        let linears = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain(std::iter::once(&model.lm_head));
+        let dq = Dequant::new(ctx, linears, budgets.dequant)?;
+        let logit_rows = if m <= 64 {
+            m
+        } else {
+            (budgets.logits / c.vocab / 64 * 64).clamp(64, m)
+        };
+        let rank = lora.as_ref().map(|l| l.rank).unwrap_or(1);
+        let mut t = HashMap::new();
+        for k in params.keys() {
+            if let ParamKey::LoraA(_, tg) = k {
+                if !t.contains_key(tg) {
+                    t.insert(*tg, f(rank)?);
+                }
+            }
+        }
+        let b = Bufs {
+            xs: (0..=c.n_layers)
+                .map(|_| f(c.hidden))
+                .collect::<Result<_>>()?,
+            xmid: f(c.hidden)?,
+            h1: f(c.hidden)?,
+            h2: f(c.hidden)?,
+            qkv: f(c.qkv_dim())?,
+            attn: f(c.q_dim())?,
+            gu: f(2 * c.ff)?,
+            ff: f(c.ff)?,
+            dx: f(c.hidden)?,
+            dh: f(c.hidden)?,
+            dqkv: f(c.qkv_dim())?,
+            dattn: f(c.q_dim())?,
+            dgu: f(2 * c.ff)?,
+            dff: f(c.ff)?,
+            t,
+            dt: f(rank)?,
+            logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
+            logit_rows,
+            zeros: Tensor::zeros(ctx, &[virt.rows().max(1) * 2 * c.kv_dim()], DType::F32)?,
+        };
+        let bld = Builder {
+            ctx,
+            model,
+            params,
+            lora,
+            virt,
+            rows: m,
+            rope,
+            att,
+            dq,
+            loss: Tensor::zeros(ctx, &[m], DType::F32)?,
+            inputs,
+            b,
+        };
+        let eval_ops = bld.forward(false)?;
+        let mut train_ops = bld.forward(true)?;
+        for l in (0..c.n_layers).rev() {
+            train_ops.extend(bld.layer_backward(l)?);
+        }
+        train_ops.extend(bld.embed_backward()?);
+        let bytes = bld.bytes();
+        Ok(Graph {
+            rows: m,
+            inputs: bld.inputs,
+            loss: bld.loss,
+            eval_ops,
+            train_ops,
+            bytes,
+        })
+    }
+}
+
+impl Builder<'_> {
+    fn bytes(&self) -> u64 {
+        let b = &self.b;
+        let mut n: u64 = b.xs.iter().map(|t| t.bytes()).sum();
+        for t in [
+            &b.xmid, &b.h1, &b.h2, &b.qkv, &b.attn, &b.gu, &b.ff, &b.dx, &b.dh, &b.dqkv, &b.dattn,
+            &b.dgu, &b.dff, &b.dt, &b.logits, &b.zeros,
+        ] {
+            n += t.bytes();
+        }
+        n += b.t.values().map(|t| t.bytes()).sum::<u64>();
+        n + self.att.bytes() + self.dq.bytes() + 6 * 4 * self.rows as u64
+    }
+
+    fn variant(&self) -> crate::kernels::Variant {
+        self.model.variant
+    }
+
+    fn norm_desc(&self) -> NormDesc {
+        let c = &self.model.config;
+        NormDesc::new(NormKind::Rms, self.rows, c.hidden, c.norm_eps)
+    }
+
+    fn lora_on(&self, l: usize, t: Target) -> bool {
+        self.params.has(ParamKey::LoraA(l, t))
+    }
+
+    fn linear(
+        &self,
+        w: &Linear,
+        y: &Tensor,
+        x: &Tensor,
+        ldx: usize,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let r = Rows {
+            m: self.rows,
+            ldx,
+            ldy,
+            y_off: 0,
+            accumulate,
+            glu: 0,
+        };
+        w.forward(self.ctx, y, x, r, self.variant(), QShape::Auto)
+    }
+
+    /// `t = x A^T` for LoRA target `tg` of layer `l` (nothing when not adapted).
+    fn lora_t(&self, l: usize, tg: Target, x: &Tensor, ldx: usize) -> Result<Vec<Dispatch>> {
+        if !self.lora_on(l, tg) {
+            return Ok(Vec::new());
+        }
+        let (out, inp) = tg.dims(&self.model.config);
+        let _ = out;
+        let r = self.rank();
+        let mut d = MatmulDesc::new(self.rows, r, inp);
+        d.lda = ldx;
+        Ok(vec![matmul(
+            self.ctx,
+            &self.b.t[&tg],
+            x,
+            &self.params.value(ParamKey::LoraA(l, tg))?,
+            &d,
+            self.variant(),
+        )?])
+    }
+
+    /// `y[:, off..] += s t B^T`.
+    fn lora_out(
+        &self,
+        l: usize,
+        tg: Target,
+        y: &Tensor,
+        ldy: usize,
+        off: usize,
+    ) -> Result<Vec<Dispatch>> {
+        if !self.lora_on(l, tg) {
+            return Ok(Vec::new());
+        }
+        let (out, _) = tg.dims(&self.model.config);
+        let mut d = MatmulDesc::new(self.rows, out, self.rank());
+        d.ldc = ldy;
+        d.c_offset = off;
+        d.alpha = self.scale();
+        d.accumulate = true;
+        Ok(vec![matmul(
+            self.ctx,
+            y,
+            &self.b.t[&tg],
+            &self.params.value(ParamKey::LoraB(l, tg))?,
+            &d,
+            self.variant(),
+        )?])
+    }
+
+    /// LoRA gradients of target `tg` from `dy[:, off..]` and input `x`, and the input
+    /// gradient's LoRA part into `dx` (accumulated).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        l: usize,
+        tg: Target,
+        dy: &Tensor,
+        ld_dy: usize,
+        off: usize,
+        x: &Tensor,
+        ldx: usize,
+        dx: &Tensor,
+    ) -> Result<Vec<Dispatch>> {
+        if !self.lora_on(l, tg) {
+            return Ok(Vec::new());
+        }
+        let (out, inp) = tg.dims(&self.model.config);
+        let (m, r, s, v) = (self.rows, self.rank(), self.scale(), self.variant());
+        let a = self.params.value(ParamKey::LoraA(l, tg))?;
+        let bm = self.params.value(ParamKey::LoraB(l, tg))?;
+        let ga = self.params.gradient(ParamKey::LoraA(l, tg))?;
+        let gb = self.params.gradient(ParamKey::LoraB(l, tg))?;
+        let t = &self.b.t[&tg];
+        let mut ops = Vec::new();
+        // dB += s dY^T t
+        let mut d = MatmulDesc::new(out, r, m).layout(true, true);
+        d.lda = ld_dy;
+        d.off_a = off;
+        d.alpha = s;
+        d.accumulate = true;
+        ops.push(matmul(self.ctx, &gb, dy, t, &d, v)?);
+        // dt = s dY B
+        let mut d = MatmulDesc::new(m, r, out).layout(false, true);
+        d.lda = ld_dy;
+        d.off_a = off;
+        d.alpha = s;
+        ops.push(matmul(self.ctx, &self.b.dt, dy, &bm, &d, v)?);
+        // dA += dt^T x
+        let mut d = MatmulDesc::new(r, inp, m).layout(true, true);
+        d.ldb = ldx;
+        d.accumulate = true;
+        ops.push(matmul(self.ctx, &ga, &self.b.dt, x, &d, v)?);
+        // dx += dt A
+        let mut d = MatmulDesc::new(m, inp, r).layout(false, true);
+        d.ldc = ldx;
+        d.accumulate = true;
+        ops.push(matmul(self.ctx, dx, &self.b.dt, &a, &d, v)?);
+        Ok(ops)
+    }
+
+    fn rank(&self) -> usize {
+        self.lora.as_ref().map(|l| l.rank).unwrap_or(1)
+    }
+
+    fn scale(&self) -> f32 {
+        self.lora.as_ref().map(|l| l.scale).unwrap_or(0.0)
+    }
+
+    fn virt_copy(&self, cols: usize, ld_dst: usize, off_dst: usize) -> RowCopy {
+        RowCopy {
+            rows: self.rows,
+            cols,
+            ld_src: cols,
+            ld_dst,
+            off_src: 0,
+            off_dst,
+        }
+    }
+
+    /// Layer `l` from `x_in` into `x_out` (a copy plus residual adds). With `full` false
+    /// only the activations the backward needs are computed (`x_out` then holds the
+    /// attention half's output: the FFN's input).
+    fn layer_forward(
+        &self,
+        l: usize,
+        x_in: &Tensor,
+        x_out: &Tensor,
+        full: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (ctx, c, b, m) = (self.ctx, &self.model.config, &self.b, self.rows);
+        let layer = &self.model.layers[l];
+        let (hd, qkv_dim, q_dim, kv_dim) = (c.head_dim, c.qkv_dim(), c.q_dim(), c.kv_dim());
+        let nd = self.norm_desc();
+        let mut ops = vec![unary(ctx, UnaryOp::Copy, x_out, Some(x_in), m * c.hidden)?];
+        ops.push(norm_with(
+            ctx,
+            &b.h1,
+            x_in,
+            Some(&layer.attn_norm),
+            None,
+            &nd,
+        )?);
+        ops.extend(self.linear(&layer.qkv, &b.qkv, &b.h1, c.hidden, qkv_dim, false)?);
+        if let Some(bias) = &layer.qkv_bias {
+            ops.push(binary(
+                ctx,
+                BinaryOp::Add,
+                &b.qkv,
+                None,
+                bias,
+                m * qkv_dim,
+                qkv_dim,
+            )?);
+        }
+        for (tg, off) in [
+            (Target::Q, 0),
+            (Target::K, q_dim),
+            (Target::V, q_dim + kv_dim),
+        ] {
+            ops.extend(self.lora_t(l, tg, &b.h1, c.hidden)?);
+            ops.extend(self.lora_out(l, tg, &b.qkv, qkv_dim, off)?);
+        }
+        for (heads, offset) in [(c.n_heads, 0), (c.n_kv_heads, q_dim)] {
+            let hl = HeadLayout {
+                tokens: m,
+                heads,
+                head_dim: hd,
+                ld: qkv_dim,
+                offset,
+            };
+            ops.push(rope(ctx, &b.qkv, &self.inputs.pos, self.rope, hl, false)?);
+        }
+        if let Virtual::Prefix(_) = self.virt {
+            let p = self.params.value(ParamKey::Prefix(l))?;
+            let rc = self.virt_copy(2 * kv_dim, qkv_dim, q_dim);
+            ops.push(rows_gather(ctx, &b.qkv, &p, &self.inputs.virt, &rc)?);
+        }
+        ops.extend(self.att.forward(ctx, &b.qkv, &b.attn, self.variant())?);
+        ops.extend(self.linear(&layer.o, x_out, &b.attn, q_dim, c.hidden, true)?);
+        ops.extend(self.lora_t(l, Target::O, &b.attn, q_dim)?);
+        ops.extend(self.lora_out(l, Target::O, x_out, c.hidden, 0)?);
+        ops.push(norm_with(
+            ctx,
+            &b.h2,
+            x_out,
+            Some(&layer.ffn_norm),
+            None,
+            &nd,
+        )?);
+        ops.extend(self.linear(&layer.gate_up, &b.gu, &b.h2, c.hidden, 2 * c.ff, false)?);
+        for (tg, off) in [(Target::Gate, 0), (Target::Up, c.ff)] {
+            ops.extend(self.lora_t(l, tg, &b.h2, c.hidden)?);
+            ops.extend(self.lora_out(l, tg, &b.gu, 2 * c.ff, off)?);
+        }
+        ops.push(swiglu(ctx, &b.ff, &b.gu, None, m, c.ff)?);
+        ops.extend(self.lora_t(l, Target::Down, &b.ff, c.ff)?);
+        if full {
+            ops.extend(self.linear(&layer.down, x_out, &b.ff, c.ff, c.hidden, true)?);
+            ops.extend(self.lora_out(l, Target::Down, x_out, c.hidden, 0)?);
+        }
+        Ok(ops)
+    }
+
+    /// The whole forward and the loss; with `grad`, the loss gradient reaches `dx`.
+    fn forward(&self, grad: bool) -> Result<Vec<Dispatch>> {
+        let (ctx, c, b, m) = (self.ctx, &self.model.config, &self.b, self.rows);
+        let mut ops = self.model.embed.gather(ctx, &b.xs[0], &self.inputs.ids)?;
+        if let Virtual::Prompt(_) = self.virt {
+            let p = self.params.value(ParamKey::Prompt)?;
+            let rc = self.virt_copy(c.hidden, c.hidden, 0);
+            ops.push(rows_gather(ctx, &b.xs[0], &p, &self.inputs.virt, &rc)?);
+        }
+        for l in 0..c.n_layers {
+            // The FFN half adds into xs[l+1] in place after the attention half.
+            ops.extend(self.layer_forward(l, &b.xs[l], &b.xs[l + 1], true)?);
+        }
+        let top = &b.xs[c.n_layers];
+        ops.push(norm_with(
+            ctx,
+            &b.h1,
+            top,
+            Some(&self.model.norm),
+            None,
+            &self.norm_desc(),
+        )?);
+        let tl = b.logit_rows;
+        let mut r0 = 0;
+        while r0 < m {
+            let n = tl.min(m - r0);
+            let h = rows_of(&b.h1, r0, n, c.hidden)?;
+            let r = Rows {
+                m: n,
+                ldx: c.hidden,
+                ldy: c.vocab,
+                y_off: 0,
+                accumulate: false,
+                glu: 0,
+            };
+            ops.extend(self.model.lm_head.forward(
+                ctx,
+                &b.logits,
+                &h,
+                r,
+                self.variant(),
+                QShape::Auto,
+            )?);
+            ops.push(xent(
+                ctx,
+                &b.logits,
+                &rows_of(&self.inputs.targets, r0, n, 1)?,
+                &rows_of(&self.inputs.weights, r0, n, 1)?,
+                &rows_of(&self.loss, r0, n, 1)?,
+                n,
+                c.vocab,
+                c.vocab,
+            )?);
+            if grad {
+                let dh = rows_of(&b.dh, r0, n, c.hidden)?;
+                let gr = GradRows {
+                    m: n,
+                    ld_dy: c.vocab,
+                    dy_off: 0,
+                    ld_dx: c.hidden,
+                    accumulate: false,
+                };
+                ops.extend(linear_backward(
+                    ctx,
+                    &self.model.lm_head,
+                    &dh,
+                    &b.logits,
+                    gr,
+                    &self.dq,
+                    self.variant(),
+                )?);
+            }
+            r0 += n;
+        }
+        if grad {
+            ops.push(rmsnorm_backward(
+                ctx,
+                &b.dx,
+                top,
+                &self.model.norm,
+                &b.dh,
+                m,
+                c.hidden,
+                c.hidden,
+                c.hidden,
+                c.norm_eps,
+                false,
+            )?);
+        }
+        Ok(ops)
+    }
+
+    fn frozen_backward(
+        &self,
+        w: &Linear,
+        dx: &Tensor,
+        dy: &Tensor,
+        ld_dy: usize,
+        ld_dx: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let gr = GradRows {
+            m: self.rows,
+            ld_dy,
+            dy_off: 0,
+            ld_dx,
+            accumulate: false,
+        };
+        linear_backward(self.ctx, w, dx, dy, gr, &self.dq, self.variant())
+    }
+
+    /// `dx` holds dL/dxs[l+1] on entry and dL/dxs[l] on exit.
+    fn layer_backward(&self, l: usize) -> Result<Vec<Dispatch>> {
+        let (ctx, c, b, m) = (self.ctx, &self.model.config, &self.b, self.rows);
+        let layer = &self.model.layers[l];
+        let (hd, qkv_dim, q_dim, kv_dim, ff) =
+            (c.head_dim, c.qkv_dim(), c.q_dim(), c.kv_dim(), c.ff);
+        let mut ops = self.layer_forward(l, &b.xs[l], &b.xmid, false)?;
+        // FFN: x' = xmid + down(swiglu(gate_up(norm(xmid)))).
+        ops.extend(self.frozen_backward(&layer.down, &b.dff, &b.dx, c.hidden, ff)?);
+        ops.extend(self.lora_backward(l, Target::Down, &b.dx, c.hidden, 0, &b.ff, ff, &b.dff)?);
+        ops.push(swiglu_backward(ctx, &b.dgu, &b.gu, &b.dff, m, ff)?);
+        ops.extend(self.frozen_backward(&layer.gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
+        for (tg, off) in [(Target::Gate, 0), (Target::Up, ff)] {
+            ops.extend(self.lora_backward(l, tg, &b.dgu, 2 * ff, off, &b.h2, c.hidden, &b.dh)?);
+        }
+        ops.push(rmsnorm_backward(
+            ctx,
+            &b.dx,
+            &b.xmid,
+            &layer.ffn_norm,
+            &b.dh,
+            m,
+            c.hidden,
+            c.hidden,
+            c.hidden,
+            c.norm_eps,
+            true,
+        )?);
+        // Attention: xmid = x + o(attention(rope(qkv(norm(x))))).
+        ops.extend(self.frozen_backward(&layer.o, &b.dattn, &b.dx, c.hidden, q_dim)?);
+        ops.extend(self.lora_backward(
+            l,
+            Target::O,
+            &b.dx,
+            c.hidden,
+            0,
+            &b.attn,
+            q_dim,
+            &b.dattn,
+        )?);
+        ops.extend(
+            self.att
+                .backward(ctx, &b.qkv, &b.dattn, &b.dqkv, self.variant())?,
+        );
+        if let Virtual::Prefix(_) = self.virt {
+            // The prefix rows' keys and values are parameters: their gradient goes there
+            // and stops (their q/k/v projections were never used).
+            let g = self.params.gradient(ParamKey::Prefix(l))?;
+            let acc = RowCopy {
+                rows: m,
+                cols: 2 * kv_dim,
+                ld_src: qkv_dim,
+                ld_dst: 2 * kv_dim,
+                off_src: q_dim,
+                off_dst: 0,
+            };
+            ops.push(rows_accumulate(ctx, &g, &b.dqkv, &self.inputs.virt, &acc)?);
+            let rc = self.virt_copy(2 * kv_dim, qkv_dim, q_dim);
+            ops.push(rows_gather(ctx, &b.dqkv, &b.zeros, &self.inputs.virt, &rc)?);
+        }
+        for (heads, offset) in [(c.n_heads, 0), (c.n_kv_heads, q_dim)] {
+            let hl = HeadLayout {
+                tokens: m,
+                heads,
+                head_dim: hd,
+                ld: qkv_dim,
+                offset,
+            };
+            ops.push(rope(ctx, &b.dqkv, &self.inputs.pos, self.rope, hl, true)?);
+        }
+        ops.extend(self.frozen_backward(&layer.qkv, &b.dh, &b.dqkv, qkv_dim, c.hidden)?);
+        for (tg, off) in [
+            (Target::Q, 0),
+            (Target::K, q_dim),
+            (Target::V, q_dim + kv_dim),
+        ] {
+            ops.extend(self.lora_backward(l, tg, &b.dqkv, qkv_dim, off, &b.h1, c.hidden, &b.dh)?);
+        }
+        ops.push(rmsnorm_backward(
+            ctx,
+            &b.dx,
+            &b.xs[l],
+            &layer.attn_norm,
+            &b.dh,
+            m,
+            c.hidden,
+            c.hidden,
+            c.hidden,
+            c.norm_eps,
+            true,
+        )?);
+        Ok(ops)
+    }
+
+    /// Soft prompt rows take the gradient of their embeddings.
+    fn embed_backward(&self) -> Result<Vec<Dispatch>> {
+        let c = &self.model.config;
+        match self.virt {
+            Virtual::Prompt(_) => {
+                let g = self.params.gradient(ParamKey::Prompt)?;
+                let rc = RowCopy::packed(self.rows, c.hidden);
+                Ok(vec![rows_accumulate(
+                    self.ctx,
+                    &g,
+                    &self.b.dx,
+                    &self.inputs.virt,
+                    &rc,
+                )?])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Checks that `rows` suits a step block.
+pub fn check_rows(rows: usize) -> Result<()> {
+    if rows == 0 || rows % crate::train::attention::BLOCK_ALIGN != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "training rows per block must be a positive multiple of {} (got {rows})",
+            crate::train::attention::BLOCK_ALIGN
+        )));
+    }
+    Ok(())
+}
