@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod data;
 pub mod frozen;
 pub mod graph;
 pub mod params;
@@ -31,6 +32,7 @@ use crate::model::export::unpermute_rows;
 use crate::model::Model;
 
 pub use batch::{pack, Example, Virtual};
+pub use data::Dataset;
 pub use graph::Budgets;
 pub use params::ParamKey;
 pub use schedule::LrSchedule;
