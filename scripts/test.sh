@@ -32,4 +32,5 @@ EMBER_TEST_MODEL="$(scripts/fetch-model.sh)"
 export EMBER_TEST_MODEL EMBER_REQUIRE_MODEL=1
 
 cargo test --workspace --locked
+scripts/test-cpp.sh
 echo "test.sh: all tests passed"

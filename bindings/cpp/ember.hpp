@@ -1,0 +1,920 @@
+// ember.hpp — header-only C++17 RAII wrapper over Ember's C interface (capi/include/ember.h).
+//
+// Build:  c++ -std=c++17 -I capi/include -I bindings/cpp app.cpp -L target/release -lember
+//
+// Conventions
+// - Every handle class (Context, Model, Session) owns exactly one C handle: move-only, the
+//   destructor frees it, a moved-from object holds no handle (using it throws an Error with
+//   EMBER_INVALID_ARGUMENT; destroying it does nothing).
+// - Every C call's status is checked: a failure throws ember::Error, which carries the
+//   ember_status and the message of ember_last_error() read on the failing thread.
+// - Text goes in as std::string_view. Where the C interface needs a NUL-terminated string the
+//   text is copied into a std::string; text containing a NUL byte there is rejected with
+//   EMBER_INVALID_ARGUMENT before the C call (it would otherwise be cut short silently).
+// - Callbacks are std::function. An exception thrown by a callback is caught before it can
+//   reach the C library, stops the operation, and is rethrown unchanged (same type, same
+//   object) once the C call has returned. No C++ exception ever unwinds through libember.
+//
+// Lifetimes and thread safety (those of ember.h)
+// - A Model keeps the device of its Context alive, and a Session keeps its Model alive, so the
+//   objects may be destroyed in any order; scoped objects are destroyed in reverse order of
+//   construction anyway.
+// - Context and Model are thread-safe: their const methods may be called from any number of
+//   threads at once, and many Sessions on many threads may share one Model (pass it by const
+//   reference; do not move or destroy it while other threads use it).
+// - A Session must be used by one thread at a time; different Sessions run in parallel.
+// - The log callback (set_log_callback) may be called from any thread Ember runs on.
+#ifndef EMBER_HPP
+#define EMBER_HPP
+
+#include <ember.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace ember {
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+/// The exception thrown when an Ember call fails: the C status (status()) and the library's
+/// detailed message (message(), from ember_last_error()). what() is "<STATUS_NAME>: <message>",
+/// e.g. "EMBER_IO: ember_model_load: ...".
+class Error : public std::runtime_error {
+public:
+    /// An error with `status` and the detailed `message` (no status prefix).
+    Error(ember_status status, std::string message)
+        : std::runtime_error(std::string(ember_status_str(static_cast<int32_t>(status))) + ": " +
+                             message),
+          status_(status),
+          message_(std::move(message)) {}
+
+    /// The status of the failed call (never EMBER_OK).
+    ember_status status() const noexcept { return status_; }
+
+    /// The status name, e.g. "EMBER_FORMAT" (a static string).
+    const char* status_name() const noexcept {
+        return ember_status_str(static_cast<int32_t>(status_));
+    }
+
+    /// The library's detailed message (ember_last_error() at the time of the failure).
+    const std::string& message() const noexcept { return message_; }
+
+private:
+    ember_status status_;
+    std::string message_;
+};
+
+namespace detail {
+
+/// Throws Error for a failed `status`, with this thread's ember_last_error().
+inline void check(ember_status status) {
+    if (status == EMBER_OK) return;
+    const char* msg = ember_last_error();
+    std::string m = (msg != nullptr && *msg != '\0')
+                        ? std::string(msg)
+                        : std::string(ember_status_str(static_cast<int32_t>(status)));
+    throw Error(status, std::move(m));
+}
+
+/// Copies `s` into a NUL-terminated string for the C interface; rejects embedded NULs.
+inline std::string c_string(std::string_view s, const char* what) {
+    if (s.find('\0') != std::string_view::npos) {
+        throw Error(EMBER_INVALID_ARGUMENT,
+                    std::string("ember.hpp: ") + what + " contains a NUL byte");
+    }
+    return std::string(s);
+}
+
+/// Takes ownership of a string Ember returned through `char **` and frees it.
+inline std::string take_string(char* s) {
+    if (s == nullptr) return std::string();
+    struct Free {
+        char* p;
+        ~Free() { ember_string_free(p); }
+    } guard{s};
+    return std::string(s);
+}
+
+/// A non-NULL pointer for an empty input (the C interface rejects NULL even when n is 0 in
+/// some calls; any pointer is valid for zero elements).
+template <typename T>
+inline const T* non_null(const T* p) noexcept {
+    static const T dummy{};
+    return p != nullptr ? p : &dummy;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------
+// Small value types
+// ---------------------------------------------------------------------------------------
+
+/// A minimal read-only view of contiguous elements (C++17 has no std::span): built from a
+/// pointer and a count, a std::vector, a std::array, a std::span (C++20), an initializer list
+/// (valid for the full expression only) or any contiguous container with data() and size().
+/// It does not own the elements: they must outlive the view.
+template <typename T>
+class span {
+public:
+    /// Element type (const-qualified as given).
+    using element_type = T;
+    /// Value type (without const).
+    using value_type = std::remove_cv_t<T>;
+
+    /// An empty view.
+    constexpr span() noexcept = default;
+    /// `size` elements starting at `data` (`data` may be NULL when `size` is 0).
+    constexpr span(T* data, std::size_t size) noexcept : data_(data), size_(size) {}
+    /// The elements of a contiguous container (vector, array, std::span, ...).
+    template <typename C,
+              typename = std::enable_if_t<
+                  !std::is_same_v<std::decay_t<C>, span> &&
+                  std::is_convertible_v<decltype(std::declval<C&>().data()), T*> &&
+                  std::is_convertible_v<decltype(std::declval<C&>().size()), std::size_t>>>
+    constexpr span(C& c) noexcept : data_(c.data()), size_(c.size()) {}
+    /// The elements of a temporary or const contiguous container (read-only views only).
+    template <typename C,
+              typename = std::enable_if_t<
+                  std::is_const_v<T> && !std::is_same_v<std::decay_t<C>, span> &&
+                  std::is_convertible_v<decltype(std::declval<const C&>().data()), T*> &&
+                  std::is_convertible_v<decltype(std::declval<const C&>().size()), std::size_t>>,
+              typename = void>
+    constexpr span(const C& c) noexcept : data_(c.data()), size_(c.size()) {}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winit-list-lifetime"
+#endif
+    /// The elements of a braced list, e.g. `session.evaluate({1, 2, 3})`: like any view of a
+    /// temporary, valid until the end of the full expression (so only as an argument).
+    template <typename U = T, typename = std::enable_if_t<std::is_const_v<U>>>
+    constexpr span(std::initializer_list<value_type> il) noexcept
+        : data_(il.begin()), size_(il.size()) {}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+    /// Pointer to the first element (may be NULL when empty).
+    constexpr T* data() const noexcept { return data_; }
+    /// Number of elements.
+    constexpr std::size_t size() const noexcept { return size_; }
+    /// Whether there are no elements.
+    constexpr bool empty() const noexcept { return size_ == 0; }
+    /// Element `i` (unchecked).
+    constexpr T& operator[](std::size_t i) const noexcept { return data_[i]; }
+    /// Iterator to the first element.
+    constexpr T* begin() const noexcept { return data_; }
+    /// Iterator past the last element.
+    constexpr T* end() const noexcept { return data_ + size_; }
+
+private:
+    T* data_ = nullptr;
+    std::size_t size_ = 0;
+};
+
+/// The library's version string, e.g. "0.1.0".
+inline std::string version() { return ember_version(); }
+
+/// Whether the loaded library has the ABI of the ember.h this code was compiled against.
+inline bool abi_compatible() noexcept { return ember_abi_version() == EMBER_ABI_VERSION; }
+
+/// Log levels of set_log_callback.
+enum class LogLevel : int {
+    /// Errors.
+    Error = EMBER_LOG_ERROR,
+    /// Warnings.
+    Warn = EMBER_LOG_WARN,
+    /// Information (device chosen, model loaded).
+    Info = EMBER_LOG_INFO,
+    /// Debugging detail.
+    Debug = EMBER_LOG_DEBUG,
+};
+
+/// Receives Ember's log messages (the view is valid only during the call).
+using LogCallback = std::function<void(LogLevel, std::string_view)>;
+
+namespace detail {
+
+struct LogState {
+    std::mutex mutex;
+    std::shared_ptr<const LogCallback> callback;
+};
+
+// Never destroyed, so a message logged by another thread during exit finds it alive.
+inline LogState& log_state() {
+    static LogState* state = new LogState();
+    return *state;
+}
+
+inline void log_trampoline(enum ember_log_level level, const char* message, void*) noexcept {
+    std::shared_ptr<const LogCallback> cb;
+    {
+        LogState& s = log_state();
+        std::lock_guard<std::mutex> lock(s.mutex);
+        cb = s.callback;
+    }
+    if (!cb || !*cb) return;
+    try {
+        (*cb)(static_cast<LogLevel>(level), message != nullptr ? message : "");
+    } catch (...) {
+        // A log callback cannot stop anything: its exceptions are dropped.
+    }
+}
+
+}  // namespace detail
+
+/// Sets the process-wide log callback (an empty function clears it). Thread-safe. The
+/// callback may run on any thread Ember uses, also while it is being replaced (the old one
+/// finishes its call). Exceptions it throws are caught and dropped.
+inline void set_log_callback(LogCallback callback) {
+    detail::LogState& s = detail::log_state();
+    const bool on = static_cast<bool>(callback);
+    {
+        std::lock_guard<std::mutex> lock(s.mutex);
+        s.callback = on ? std::make_shared<const LogCallback>(std::move(callback)) : nullptr;
+    }
+    ember_set_log_callback(on ? &detail::log_trampoline : nullptr, nullptr);
+}
+
+/// How to create a Context; the defaults are ember_context_default_params()'s.
+struct ContextParams {
+    /// "vulkan", "metal", "dx12", "gl" or "any"; empty reads the EMBER_BACKEND variable.
+    std::string backend;
+    /// Adapter index ("0") or name substring; empty reads the EMBER_ADAPTER variable.
+    std::string adapter;
+    /// Device memory budget in bytes (0: the device's limits).
+    uint64_t memory_budget;
+    /// Do not use SHADER_F16 even if available.
+    bool disable_f16;
+    /// Do not use subgroup operations even if available.
+    bool disable_subgroups;
+
+    /// The library's defaults.
+    ContextParams() {
+        const ember_context_params d = ember_context_default_params();
+        if (d.backend != nullptr) backend = d.backend;
+        if (d.adapter != nullptr) adapter = d.adapter;
+        memory_budget = d.memory_budget;
+        disable_f16 = d.disable_f16;
+        disable_subgroups = d.disable_subgroups;
+    }
+};
+
+/// Sizes of a Session; the defaults are ember_session_default_params()'s.
+struct SessionParams {
+    /// Tokens each sequence can hold (0: the model's training context, capped by kv_budget).
+    uint32_t n_ctx;
+    /// Sequences that can be active at once.
+    uint32_t n_seq;
+    /// Tokens per prefill chunk.
+    uint32_t n_batch;
+    /// Bytes the key/value cache may take (0: no limit beyond the device's).
+    uint64_t kv_budget;
+
+    /// The library's defaults (2048 tokens, 1 sequence, 256-token prefill chunks).
+    SessionParams() {
+        const ember_session_params d = ember_session_default_params();
+        n_ctx = d.n_ctx;
+        n_seq = d.n_seq;
+        n_batch = d.n_batch;
+        kv_budget = d.kv_budget;
+    }
+
+    /// The C struct (struct_size set).
+    ember_session_params to_c() const {
+        ember_session_params p = ember_session_default_params();
+        p.n_ctx = n_ctx;
+        p.n_seq = n_seq;
+        p.n_batch = n_batch;
+        p.kv_budget = kv_budget;
+        return p;
+    }
+};
+
+/// How a sequence picks tokens; the defaults are ember_sampler_default_params()'s
+/// (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalty, seed 0).
+struct SamplerParams {
+    /// Temperature; 0 = greedy.
+    float temperature;
+    /// Top-k (0 = off; at most 1024 tokens are considered).
+    uint32_t top_k;
+    /// Top-p (1 = off).
+    float top_p;
+    /// Min-p (0 = off).
+    float min_p;
+    /// Repetition penalty (1 = off).
+    float repeat_penalty;
+    /// Recent tokens the penalty looks at (at most 256).
+    uint32_t repeat_last_n;
+    /// Random seed.
+    uint64_t seed;
+
+    /// The library's defaults.
+    SamplerParams() : SamplerParams(ember_sampler_default_params()) {}
+
+    /// The values of a C struct.
+    explicit SamplerParams(const ember_sampler_params& p)
+        : temperature(p.temperature),
+          top_k(p.top_k),
+          top_p(p.top_p),
+          min_p(p.min_p),
+          repeat_penalty(p.repeat_penalty),
+          repeat_last_n(p.repeat_last_n),
+          seed(p.seed) {}
+
+    /// Greedy decoding (temperature 0; the other fields keep their defaults).
+    static SamplerParams greedy() {
+        SamplerParams p;
+        p.temperature = 0.0f;
+        return p;
+    }
+
+    /// The C struct (struct_size set).
+    ember_sampler_params to_c() const {
+        ember_sampler_params p = ember_sampler_default_params();
+        p.temperature = temperature;
+        p.top_k = top_k;
+        p.top_p = top_p;
+        p.min_p = min_p;
+        p.repeat_penalty = repeat_penalty;
+        p.repeat_last_n = repeat_last_n;
+        p.seed = seed;
+        return p;
+    }
+};
+
+/// What Session::generate produces; the defaults are ember_generate_default_params()'s
+/// (128 tokens, default sampling, no stop strings, no chat template, base model).
+struct GenerateParams {
+    /// Tokens to generate at most.
+    uint32_t max_tokens;
+    /// Sampling.
+    SamplerParams sampler;
+    /// Stop strings: generation ends when one appears (it is not included in the text).
+    std::vector<std::string> stop;
+    /// Wrap the prompt as a user message of the model's chat template.
+    bool chat;
+    /// Adapter to generate with: an id from ember_session_attach_adapter (on
+    /// Session::get()), or -1 for the base model.
+    int32_t adapter;
+    /// Strength of `adapter` (default 1).
+    float adapter_scale;
+
+    /// The library's defaults.
+    GenerateParams() {
+        const ember_generate_params d = ember_generate_default_params();
+        max_tokens = d.max_tokens;
+        sampler = SamplerParams(d.sampler);
+        chat = d.chat;
+        adapter = d.adapter;
+        adapter_scale = d.adapter_scale;
+    }
+};
+
+/// Why a generation ended (the values of ember_stop_reason).
+enum class StopReason : int {
+    /// End-of-generation token.
+    Eos = EMBER_STOP_EOS,
+    /// max_tokens reached.
+    Length = EMBER_STOP_LENGTH,
+    /// A stop string appeared (not included in the text).
+    StopString = EMBER_STOP_STRING,
+    /// The context is full.
+    Context = EMBER_STOP_CONTEXT,
+    /// The token callback returned false.
+    Callback = EMBER_STOP_CALLBACK,
+};
+
+/// A short name of a stop reason: "eos", "length", "stop_string", "context" or "callback".
+inline const char* to_string(StopReason r) noexcept {
+    switch (r) {
+        case StopReason::Eos: return "eos";
+        case StopReason::Length: return "length";
+        case StopReason::StopString: return "stop_string";
+        case StopReason::Context: return "context";
+        case StopReason::Callback: return "callback";
+    }
+    return "unknown";
+}
+
+/// The outcome of Session::generate.
+struct Generation {
+    /// The generated text (without the prompt, without a matched stop string).
+    std::string text;
+    /// Prompt tokens (after the chat template and BOS, when used).
+    uint32_t n_prompt_tokens = 0;
+    /// Generated tokens.
+    uint32_t n_tokens = 0;
+    /// Why it ended.
+    StopReason stop_reason = StopReason::Length;
+    /// Prompt processing speed (tokens/s).
+    double prefill_tok_s = 0.0;
+    /// Generation speed (tokens/s).
+    double decode_tok_s = 0.0;
+};
+
+/// Numbers describing a loaded model (ember_model_info).
+struct ModelInfo {
+    /// Vocabulary size.
+    uint32_t vocab = 0;
+    /// Hidden size.
+    uint32_t hidden = 0;
+    /// Transformer blocks.
+    uint32_t n_layers = 0;
+    /// Query heads.
+    uint32_t n_heads = 0;
+    /// Key/value heads.
+    uint32_t n_kv_heads = 0;
+    /// Head size.
+    uint32_t head_dim = 0;
+    /// Feed-forward size.
+    uint32_t ff = 0;
+    /// Training context length.
+    uint32_t train_ctx = 0;
+    /// BOS token id, or -1.
+    int32_t bos = -1;
+    /// EOS token id, or -1.
+    int32_t eos = -1;
+    /// Parameter count.
+    uint64_t n_params = 0;
+    /// Device bytes taken by the weights.
+    uint64_t weight_bytes = 0;
+};
+
+/// One chat message for Model::apply_chat_template.
+struct ChatMessage {
+    /// "system", "user" or "assistant".
+    std::string role;
+    /// The text.
+    std::string content;
+};
+
+/// Perplexity of a text (Session::perplexity).
+struct Perplexity {
+    /// The perplexity (llama.cpp's definition).
+    double ppl = 0.0;
+    /// Number of tokens scored.
+    std::size_t scored = 0;
+};
+
+/// Load progress: receives the fraction done (0..1); return false to abort the load.
+using ProgressCallback = std::function<bool(float)>;
+
+/// Token streaming: receives each generated token and the text it completes (empty while a
+/// UTF-8 character is incomplete; the view is valid only during the call). Return false to
+/// stop: the Generation then reports StopReason::Callback.
+using TokenCallback = std::function<bool(uint32_t, std::string_view)>;
+
+// ---------------------------------------------------------------------------------------
+// Context
+// ---------------------------------------------------------------------------------------
+
+/// A GPU device and its caches (ember_context). Move-only; thread-safe.
+class Context {
+public:
+    /// Creates a context with `params` (defaults: the adapter chosen by EMBER_BACKEND /
+    /// EMBER_ADAPTER or the first suitable one). Throws Error (EMBER_DEVICE_LOST when there is
+    /// no GPU adapter; EMBER_UNSUPPORTED when the library's ABI differs from this header's).
+    explicit Context(const ContextParams& params = ContextParams()) {
+        if (!abi_compatible()) {
+            throw Error(EMBER_UNSUPPORTED,
+                        "ember.hpp: libember ABI " + std::to_string(ember_abi_version()) +
+                            " differs from the header's " + std::to_string(EMBER_ABI_VERSION));
+        }
+        ember_context_params p = ember_context_default_params();
+        p.backend = params.backend.empty() ? nullptr : params.backend.c_str();
+        p.adapter = params.adapter.empty() ? nullptr : params.adapter.c_str();
+        p.memory_budget = params.memory_budget;
+        p.disable_f16 = params.disable_f16;
+        p.disable_subgroups = params.disable_subgroups;
+        detail::check(ember_context_create(&p, &handle_));
+    }
+
+    /// Takes ownership of a handle from ember_context_create (may be NULL).
+    static Context adopt(ember_context* handle) noexcept { return Context(handle); }
+
+    /// Not copyable: one owner per handle (move it instead).
+    Context(const Context&) = delete;
+    /// Not copyable: one owner per handle (move it instead).
+    Context& operator=(const Context&) = delete;
+    /// Takes over `other`'s handle; `other` is left empty.
+    Context(Context&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    /// Frees this context's handle and takes over `other`'s.
+    Context& operator=(Context&& other) noexcept {
+        if (this != &other) {
+            ember_context_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+    /// Frees the handle (models and sessions made from it keep the device alive).
+    ~Context() { ember_context_free(handle_); }
+
+    /// A JSON description of the adapter (name, backend, driver, features, limits).
+    std::string info_json() const {
+        char* s = nullptr;
+        detail::check(ember_context_info_json(handle_, &s));
+        return detail::take_string(s);
+    }
+
+    /// The C handle (still owned by this object), for calls this wrapper lacks.
+    ember_context* get() const noexcept { return handle_; }
+    /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
+    ember_context* release() noexcept { return std::exchange(handle_, nullptr); }
+    /// Whether this object holds a handle.
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    explicit Context(ember_context* handle) noexcept : handle_(handle) {}
+    ember_context* handle_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------
+
+namespace detail {
+
+struct ProgressState {
+    const ProgressCallback* fn;
+    std::exception_ptr error;
+};
+
+inline bool progress_trampoline(float progress, void* user_data) noexcept {
+    auto* s = static_cast<ProgressState*>(user_data);
+    try {
+        return (*s->fn)(progress);
+    } catch (...) {
+        s->error = std::current_exception();
+        return false;
+    }
+}
+
+}  // namespace detail
+
+/// A loaded model: weights on the device, tokenizer, configuration (ember_model). Move-only.
+///
+/// Thread safety: a Model is immutable, and every const method may be called from several
+/// threads at once (as ember.h allows); many Sessions on many threads may share one Model by
+/// const reference. Only moving, assigning or destroying the Model object itself must not
+/// race with its use.
+class Model {
+public:
+    /// Loads a GGUF file or an HF model directory onto `ctx`'s device. `progress` (optional)
+    /// is called on this thread with the fraction done; returning false aborts (Error with
+    /// EMBER_ABORTED); an exception it throws aborts the load and is rethrown from here.
+    /// Throws Error: EMBER_IO (missing or unreadable file), EMBER_FORMAT (malformed file),
+    /// EMBER_UNSUPPORTED, EMBER_OUT_OF_MEMORY, EMBER_INVALID_ARGUMENT (e.g. a NUL in `path`).
+    Model(const Context& ctx, std::string_view path, const ProgressCallback& progress = {}) {
+        const std::string p = detail::c_string(path, "path");
+        ember_model_params params = ember_model_default_params();
+        detail::ProgressState state{&progress, nullptr};
+        if (progress) {
+            params.progress = &detail::progress_trampoline;
+            params.progress_user_data = &state;
+        }
+        const ember_status st = ember_model_load(ctx.get(), p.c_str(), &params, &handle_);
+        if (state.error) {
+            ember_model_free(handle_);  // NULL on failure; freed if the load still succeeded
+            handle_ = nullptr;
+            std::rethrow_exception(state.error);
+        }
+        detail::check(st);
+    }
+
+    /// Takes ownership of a handle from ember_model_load (may be NULL).
+    static Model adopt(ember_model* handle) noexcept { return Model(handle); }
+
+    /// Not copyable: one owner per handle (move it instead).
+    Model(const Model&) = delete;
+    /// Not copyable: one owner per handle (move it instead).
+    Model& operator=(const Model&) = delete;
+    /// Takes over `other`'s handle; `other` is left empty.
+    Model(Model&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    /// Frees this model's handle and takes over `other`'s.
+    Model& operator=(Model&& other) noexcept {
+        if (this != &other) {
+            ember_model_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+    /// Frees the handle (sessions created from it keep working until they are freed).
+    ~Model() { ember_model_free(handle_); }
+
+    /// Sizes and special tokens of the model.
+    ModelInfo info() const {
+        ember_model_info c{};
+        c.struct_size = sizeof(ember_model_info);
+        detail::check(ember_model_get_info(handle_, &c));
+        ModelInfo i;
+        i.vocab = c.vocab;
+        i.hidden = c.hidden;
+        i.n_layers = c.n_layers;
+        i.n_heads = c.n_heads;
+        i.n_kv_heads = c.n_kv_heads;
+        i.head_dim = c.head_dim;
+        i.ff = c.ff;
+        i.train_ctx = c.train_ctx;
+        i.bos = c.bos;
+        i.eos = c.eos;
+        i.n_params = c.n_params;
+        i.weight_bytes = c.weight_bytes;
+        return i;
+    }
+
+    /// A JSON description of the model (config, source, weight formats).
+    std::string info_json() const {
+        char* s = nullptr;
+        detail::check(ember_model_info_json(handle_, &s));
+        return detail::take_string(s);
+    }
+
+    /// Token ids of UTF-8 `text`. `add_bos` adds the model's BOS if its tokenizer asks for
+    /// one; `parse_special` turns special-token text such as "<|im_start|>" into its id.
+    std::vector<uint32_t> tokenize(std::string_view text, bool add_bos = true,
+                                   bool parse_special = false) const {
+        const char* t = text.empty() ? "" : text.data();
+        // Most text needs well under one token per 3 bytes; larger outputs take a second call.
+        std::vector<uint32_t> ids(text.size() / 3 + 8);
+        std::size_t n = 0;
+        ember_status st = ember_tokenize(handle_, t, text.size(), add_bos, parse_special,
+                                         ids.data(), ids.size(), &n);
+        if (st == EMBER_BUFFER_TOO_SMALL) {
+            ids.resize(n);
+            st = ember_tokenize(handle_, t, text.size(), add_bos, parse_special, ids.data(),
+                                ids.size(), &n);
+        }
+        detail::check(st);
+        ids.resize(n);
+        return ids;
+    }
+
+    /// UTF-8 text of `tokens`; `skip_special` leaves out control tokens. Throws Error with
+    /// EMBER_INVALID_ARGUMENT for an id outside the vocabulary.
+    std::string detokenize(span<const uint32_t> tokens, bool skip_special = false) const {
+        const uint32_t* ids = detail::non_null(tokens.data());
+        std::string out(tokens.size() * 4 + 16, '\0');
+        std::size_t len = 0;
+        ember_status st = ember_detokenize(handle_, ids, tokens.size(), skip_special, &out[0],
+                                           out.size(), &len);
+        if (st == EMBER_BUFFER_TOO_SMALL) {
+            out.assign(len + 1, '\0');
+            st = ember_detokenize(handle_, ids, tokens.size(), skip_special, &out[0],
+                                  out.size(), &len);
+        }
+        detail::check(st);
+        out.resize(len);
+        return out;
+    }
+
+    /// UTF-8 text of `n` tokens at `tokens`.
+    std::string detokenize(const uint32_t* tokens, std::size_t n,
+                           bool skip_special = false) const {
+        return detokenize(span<const uint32_t>(tokens, n), skip_special);
+    }
+
+    /// Whether `token` ends generation (EOS, end-of-turn). False on an empty Model.
+    bool is_eog(uint32_t token) const noexcept { return ember_token_is_eog(handle_, token); }
+
+    /// Renders `messages` with the model's chat template; `add_generation_prompt` appends the
+    /// opening of the assistant's turn. Throws Error (e.g. EMBER_UNSUPPORTED or
+    /// EMBER_FORMAT when the model has no usable template).
+    std::string apply_chat_template(const std::vector<ChatMessage>& messages,
+                                    bool add_generation_prompt = true) const {
+        std::vector<std::string> owned;
+        owned.reserve(messages.size() * 2);
+        std::vector<ember_chat_message> c(messages.size());
+        for (std::size_t i = 0; i < messages.size(); ++i) {
+            owned.push_back(detail::c_string(messages[i].role, "chat message role"));
+            owned.push_back(detail::c_string(messages[i].content, "chat message content"));
+        }
+        for (std::size_t i = 0; i < messages.size(); ++i) {
+            c[i].role = owned[2 * i].c_str();
+            c[i].content = owned[2 * i + 1].c_str();
+        }
+        char* s = nullptr;
+        detail::check(ember_chat_template_apply(handle_, detail::non_null(c.data()), c.size(),
+                                                add_generation_prompt, &s));
+        return detail::take_string(s);
+    }
+
+    /// The C handle (still owned by this object), for calls this wrapper lacks.
+    ember_model* get() const noexcept { return handle_; }
+    /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
+    ember_model* release() noexcept { return std::exchange(handle_, nullptr); }
+    /// Whether this object holds a handle.
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    explicit Model(ember_model* handle) noexcept : handle_(handle) {}
+    ember_model* handle_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------
+// Session
+// ---------------------------------------------------------------------------------------
+
+namespace detail {
+
+struct TokenState {
+    const TokenCallback* fn;
+    std::exception_ptr error;
+};
+
+inline bool token_trampoline(uint32_t token, const char* piece, std::size_t piece_len,
+                             void* user_data) noexcept {
+    auto* s = static_cast<TokenState*>(user_data);
+    try {
+        return (*s->fn)(token, piece != nullptr ? std::string_view(piece, piece_len)
+                                                : std::string_view());
+    } catch (...) {
+        s->error = std::current_exception();
+        return false;
+    }
+}
+
+}  // namespace detail
+
+/// A key/value cache with its sequences (ember_session). Move-only. Use one Session from
+/// one thread at a time; different Sessions (also of one Model) run in parallel.
+class Session {
+public:
+    /// Creates a session on `model` (which it keeps alive). Throws Error (e.g.
+    /// EMBER_OUT_OF_MEMORY when the cache does not fit).
+    explicit Session(const Model& model, const SessionParams& params = SessionParams()) {
+        const ember_session_params p = params.to_c();
+        detail::check(ember_session_create(model.get(), &p, &handle_));
+    }
+
+    /// Takes ownership of a handle from ember_session_create (may be NULL).
+    static Session adopt(ember_session* handle) noexcept { return Session(handle); }
+
+    /// Not copyable: one owner per handle (move it instead).
+    Session(const Session&) = delete;
+    /// Not copyable: one owner per handle (move it instead).
+    Session& operator=(const Session&) = delete;
+    /// Takes over `other`'s handle; `other` is left empty.
+    Session(Session&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    /// Frees this session's handle and takes over `other`'s.
+    Session& operator=(Session&& other) noexcept {
+        if (this != &other) {
+            ember_session_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+    /// Frees the handle and its cache.
+    ~Session() { ember_session_free(handle_); }
+
+    /// Forgets every sequence (the cache is reused).
+    void reset() { detail::check(ember_session_reset(handle_)); }
+
+    /// Generates a continuation of `prompt` in a fresh sequence (the session needs a free
+    /// sequence slot). `on_token` (optional) streams each token on this thread; when it
+    /// returns false the generation stops and the result says StopReason::Callback (no
+    /// exception). An exception thrown by `on_token` stops the generation and is rethrown
+    /// from here unchanged. Throws Error for a failed call, and EMBER_INVALID_ARGUMENT for a
+    /// NUL byte in `prompt` or a stop string.
+    Generation generate(std::string_view prompt, const GenerateParams& params = GenerateParams(),
+                        const TokenCallback& on_token = {}) {
+        const std::string p = detail::c_string(prompt, "prompt");
+        std::vector<std::string> stop;
+        stop.reserve(params.stop.size());
+        for (const std::string& s : params.stop) stop.push_back(detail::c_string(s, "stop string"));
+        std::vector<const char*> stop_ptrs;
+        stop_ptrs.reserve(stop.size());
+        for (const std::string& s : stop) stop_ptrs.push_back(s.c_str());
+
+        ember_generate_params g = ember_generate_default_params();
+        g.max_tokens = params.max_tokens;
+        g.sampler = params.sampler.to_c();
+        g.stop = stop_ptrs.empty() ? nullptr : stop_ptrs.data();
+        g.n_stop = stop_ptrs.size();
+        g.chat = params.chat;
+        g.adapter = params.adapter;
+        g.adapter_scale = params.adapter_scale;
+        detail::TokenState state{&on_token, nullptr};
+        if (on_token) {
+            g.on_token = &detail::token_trampoline;
+            g.user_data = &state;
+        }
+
+        ember_generate_result r{};
+        r.struct_size = sizeof(ember_generate_result);
+        char* text = nullptr;
+        const ember_status st = ember_session_generate(handle_, p.c_str(), &g, &r, &text);
+        std::string out = detail::take_string(text);  // freed even when throwing below
+        if (state.error) std::rethrow_exception(state.error);
+        const bool stopped_by_callback =
+            st == EMBER_ABORTED && r.stop_reason == EMBER_STOP_CALLBACK;
+        if (!stopped_by_callback) detail::check(st);
+
+        Generation result;
+        result.text = std::move(out);
+        result.n_prompt_tokens = r.n_prompt_tokens;
+        result.n_tokens = r.n_tokens;
+        result.stop_reason = static_cast<StopReason>(r.stop_reason);
+        result.prefill_tok_s = r.prefill_tok_s;
+        result.decode_tok_s = r.decode_tok_s;
+        return result;
+    }
+
+    /// Runs `tokens` through a fresh sequence and returns the logits of every position:
+    /// tokens.size() * vocab floats, row-major (row i holds the logits after token i).
+    std::vector<float> evaluate(span<const uint32_t> tokens) {
+        const uint32_t* ids = detail::non_null(tokens.data());
+        float probe = 0.0f;
+        std::size_t need = 0;
+        // A zero-capacity call only reports the size (EMBER_BUFFER_TOO_SMALL), computing nothing.
+        ember_status st = ember_session_evaluate(handle_, ids, tokens.size(), &probe, 0, &need);
+        if (st == EMBER_OK) return {};
+        if (st != EMBER_BUFFER_TOO_SMALL) detail::check(st);
+        std::vector<float> logits(need);
+        detail::check(ember_session_evaluate(handle_, ids, tokens.size(), logits.data(),
+                                             logits.size(), &need));
+        logits.resize(need);
+        return logits;
+    }
+
+    /// Logits of `n` tokens at `tokens` (see the span overload).
+    std::vector<float> evaluate(const uint32_t* tokens, std::size_t n) {
+        return evaluate(span<const uint32_t>(tokens, n));
+    }
+
+    /// Perplexity of UTF-8 `text` (tokenized without BOS) over consecutive windows of
+    /// `window` tokens (at most the session's context), llama.cpp's definition.
+    Perplexity perplexity(std::string_view text, uint32_t window) {
+        const std::string t = detail::c_string(text, "text");
+        Perplexity p;
+        detail::check(ember_session_perplexity(handle_, t.c_str(), window, &p.ppl, &p.scored));
+        return p;
+    }
+
+    /// Adds a sequence that samples with `sampler`; returns its id.
+    uint64_t add_sequence(const SamplerParams& sampler = SamplerParams()) {
+        const ember_sampler_params s = sampler.to_c();
+        uint64_t id = 0;
+        detail::check(ember_seq_add(handle_, &s, &id));
+        return id;
+    }
+
+    /// Removes sequence `seq`, freeing its cache region.
+    void remove_sequence(uint64_t seq) { detail::check(ember_seq_remove(handle_, seq)); }
+
+    /// Feeds prompt `tokens` to sequence `seq`; returns the token it samples next.
+    uint32_t prefill(uint64_t seq, span<const uint32_t> tokens) {
+        uint32_t next = 0;
+        detail::check(ember_seq_prefill(handle_, seq, detail::non_null(tokens.data()),
+                                        tokens.size(), &next));
+        return next;
+    }
+
+    /// Feeds `n` prompt tokens at `tokens` to sequence `seq` (see the span overload).
+    uint32_t prefill(uint64_t seq, const uint32_t* tokens, std::size_t n) {
+        return prefill(seq, span<const uint32_t>(tokens, n));
+    }
+
+    /// One batched decode step: each sequence in `seqs` feeds the token it last sampled and
+    /// samples the next; returns those, in the order of `seqs`.
+    std::vector<uint32_t> decode(span<const uint64_t> seqs) {
+        std::vector<uint32_t> next(seqs.size());
+        uint32_t none = 0;  // a valid pointer for an empty step
+        detail::check(ember_seq_decode(handle_, detail::non_null(seqs.data()), seqs.size(),
+                                       next.empty() ? &none : next.data()));
+        return next;
+    }
+
+    /// One batched decode step over `n` sequences at `seqs`, writing their next tokens to
+    /// `next` (room for `n`).
+    void decode(const uint64_t* seqs, std::size_t n, uint32_t* next) {
+        detail::check(ember_seq_decode(handle_, seqs, n, next));
+    }
+
+    /// The C handle (still owned by this object), for calls this wrapper lacks (adapters).
+    ember_session* get() const noexcept { return handle_; }
+    /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
+    ember_session* release() noexcept { return std::exchange(handle_, nullptr); }
+    /// Whether this object holds a handle.
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    explicit Session(ember_session* handle) noexcept : handle_(handle) {}
+    ember_session* handle_ = nullptr;
+};
+
+}  // namespace ember
+
+#endif  // EMBER_HPP
