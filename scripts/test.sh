@@ -33,4 +33,5 @@ export EMBER_TEST_MODEL EMBER_REQUIRE_MODEL=1
 
 cargo test --workspace --locked
 scripts/test-cpp.sh
+scripts/test-python.sh
 echo "test.sh: all tests passed"
