@@ -404,7 +404,10 @@ fn qmm_tiled(@builtin(workgroup_id) wg: vec3<u32>,
 }
 
 // Embedding rows: y[t][0..k] = dequantized row ids[t] for ids in row_start .. row_start + n
-// (the rows this binding holds); one workgroup per (token, 64 groups).
+// (the rows this binding holds); one workgroup per (token, 64 groups). With TRANSPOSE the
+// rows become columns: y[c][t] (stride ldy), the layout training's input gradient wants.
+override TRANSPOSE: bool = false;
+
 @compute @workgroup_size(64)
 fn gather(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
@@ -420,6 +423,17 @@ fn gather(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let b = vec4<f32>(w.b);
     let vals = array<vec4<f32>, 8>(fma(w.q0, a, b), fma(w.q1, a, b), fma(w.q2, a, b), fma(w.q3, a, b),
                                    fma(w.q4, a2, b), fma(w.q5, a2, b), fma(w.q6, a2, b), fma(w.q7, a2, b));
+    if (TRANSPOSE) {
+        let col = g * 32u;
+        for (var c = 0u; c < 8u; c++) {
+            let r = (col + 4u * c) * p.ldy + t;
+            y[r] = vals[c].x;
+            y[r + p.ldy] = vals[c].y;
+            y[r + 2u * p.ldy] = vals[c].z;
+            y[r + 3u * p.ldy] = vals[c].w;
+        }
+        return;
+    }
     for (var c = 0u; c < 8u; c++) {
         y[base + 4u * c] = vals[c].x;
         y[base + 4u * c + 1u] = vals[c].y;

@@ -93,6 +93,36 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
         }
     }
+    // Training layouts: input gradients read B as [K][N] (b_kn); weight gradients also read
+    // A as [K][M] (a_km).
+    let train_shapes: &[(usize, usize, usize, bool, bool)] = if a.quick {
+        &[(256, 576, 512, false, true)]
+    } else {
+        &[
+            (256, 576, 3072, false, true),
+            (256, 576, 3072, false, false),
+            (256, 1536, 576, false, true),
+            (576, 8, 256, true, true),
+            (8, 576, 256, true, true),
+        ]
+    };
+    for &variant in &vs {
+        for &(m, n, k, a_km, b_kn) in train_shapes {
+            let x = Tensor::from_f32(&ctx, &[m * k], &rng.vec(m * k, -1.0, 1.0))?;
+            let w = Tensor::from_f32(&ctx, &[n * k], &rng.vec(n * k, -1.0, 1.0))?;
+            let y = Tensor::zeros(&ctx, &[m, n], DType::F32)?;
+            let d = MatmulDesc::new(m, n, k).layout(a_km, b_kn);
+            let op = matmul(&ctx, &y, &x, &w, &d, variant)?;
+            let s = time_ops(&ctx, std::slice::from_ref(&op), reps, rounds)?;
+            let r = json!({"kernel": "matmul", "weights": "f32", "a_km": a_km, "b_kn": b_kn,
+                "variant": format!("{variant:?}").to_lowercase(), "m": m, "n": n, "k": k,
+                "ms": s * 1e3, "gflops": 2.0 * (m * n * k) as f64 / s / 1e9});
+            if !a.json {
+                eprintln!("{r}");
+            }
+            results.push(r);
+        }
+    }
     let mv_shapes: &[(usize, usize)] = if a.quick {
         &[(1536, 576)]
     } else {

@@ -3,6 +3,7 @@
 mod bench_kernels;
 mod info;
 mod model_cmds;
+mod train_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,10 @@ enum Command {
     Bench(model_cmds::BenchArgs),
     /// Convert a GGUF model into an HF directory (safetensors, f32 or f16).
     Convert(model_cmds::ConvertArgs),
+    /// Teach the model on a dataset: LoRA, soft prompt or prefix, trained on this GPU.
+    Finetune(train_cmds::FinetuneArgs),
+    /// Training speed against the forward pass, and memory, as JSON.
+    BenchTrain(train_cmds::BenchTrainArgs),
 }
 
 fn main() {
@@ -48,6 +53,8 @@ fn main() {
         Command::Perplexity(a) => model_cmds::run_perplexity(a),
         Command::Bench(a) => model_cmds::run_bench(a),
         Command::Convert(a) => model_cmds::run_convert(a),
+        Command::Finetune(a) => train_cmds::run_finetune(a),
+        Command::BenchTrain(a) => train_cmds::run_bench_train(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

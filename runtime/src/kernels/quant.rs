@@ -173,7 +173,11 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
                 }
             }
         }
-        v.push(base_key("gather", ty, false, false, false));
+        for t in [false, true] {
+            v.push(
+                base_key("gather", ty, false, false, false).constant("TRANSPOSE", t as u32 as f64),
+            );
+        }
     }
     v
 }
@@ -286,6 +290,28 @@ pub fn qmatmul(
 /// `[n_ids][w.cols]` f32; `ids` are u32 row indices below `w.rows`, checked by the caller
 /// when written — rows out of range are left untouched).
 pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<Vec<Dispatch>> {
+    gather_impl(ctx, out, ids, w, false)
+}
+
+/// [`gather`] into columns: `out[c][t]` (`[w.cols][n_ids]`) is element `c` of row `ids[t]`,
+/// i.e. the dequantized rows transposed (training multiplies by `W` from this layout at
+/// full speed).
+pub fn gather_transposed(
+    ctx: &Context,
+    out: &Tensor,
+    ids: &Tensor,
+    w: &QMatrix,
+) -> Result<Vec<Dispatch>> {
+    gather_impl(ctx, out, ids, w, true)
+}
+
+fn gather_impl(
+    ctx: &Context,
+    out: &Tensor,
+    ids: &Tensor,
+    w: &QMatrix,
+    transpose: bool,
+) -> Result<Vec<Dispatch>> {
     let n_ids = ids.numel();
     if ids.dtype() != DType::U32 || out.dtype() != DType::F32 || out.numel() < n_ids * w.cols {
         return Err(Error::shape(
@@ -299,7 +325,8 @@ pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<
             ),
         ));
     }
-    let key = base_key("gather", w.ty, false, false, false);
+    let key = base_key("gather", w.ty, false, false, false)
+        .constant("TRANSPOSE", transpose as u32 as f64);
     let mut ops = Vec::new();
     for c in &w.chunks {
         let params = QuantParams {
@@ -307,7 +334,7 @@ pub fn gather(ctx: &Context, out: &Tensor, ids: &Tensor, w: &QMatrix) -> Result<
             n: to_u32(c.rows, "rows")?,
             k: to_u32(w.cols, "cols")?,
             ldx: 0,
-            ldy: to_u32(w.cols, "cols")?,
+            ldy: to_u32(if transpose { n_ids } else { w.cols }, "ldy")?,
             y_offset: 0,
             row_start: to_u32(c.row_start, "row_start")?,
             n_ids: to_u32(n_ids, "ids")?,

@@ -38,7 +38,9 @@ impl Dataset {
             path: path.to_path_buf(),
             source,
         })?;
-        let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json")
+        let jsonl = path
+            .extension()
+            .is_some_and(|e| e == "jsonl" || e == "json")
             || text.trim_start().starts_with('{');
         if jsonl {
             Self::from_jsonl(&text, tok, max_tokens)
@@ -55,8 +57,9 @@ impl Dataset {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| Error::InvalidArgument(format!("line {}: invalid JSON: {e}", i + 1)))?;
+            let v: Value = serde_json::from_str(line).map_err(|e| {
+                Error::InvalidArgument(format!("line {}: invalid JSON: {e}", i + 1))
+            })?;
             let e = record(&v, tok)
                 .map_err(|e| Error::InvalidArgument(format!("line {}: {e}", i + 1)))?;
             d.push(e, max_tokens);
@@ -71,7 +74,9 @@ impl Dataset {
     pub fn from_text(text: &str, tok: &Tokenizer, max_tokens: usize) -> Result<Dataset> {
         let ids = tok.encode(text, true, false)?;
         if ids.len() < 2 {
-            return Err(Error::InvalidArgument("the text has fewer than 2 tokens".into()));
+            return Err(Error::InvalidArgument(
+                "the text has fewer than 2 tokens".into(),
+            ));
         }
         Ok(Dataset {
             examples: ids
@@ -129,7 +134,10 @@ pub fn record(v: &Value, tok: &Tokenizer) -> Result<Example> {
             .ok_or_else(|| Error::InvalidArgument("\"messages\" must be a list".into()))?;
         let mut messages = Vec::with_capacity(list.len());
         for m in list {
-            messages.push(ChatMessage::new(text_field(m, "role")?, text_field(m, "content")?));
+            messages.push(ChatMessage::new(
+                text_field(m, "role")?,
+                text_field(m, "content")?,
+            ));
         }
         return chat_example(&messages, tok);
     }
@@ -144,7 +152,11 @@ pub fn record(v: &Value, tok: &Tokenizer) -> Result<Example> {
         return Ok(Example { tokens, loss });
     }
     if v.get("text").is_some() {
-        return Ok(Example::all(tok.encode(text_field(v, "text")?, true, false)?));
+        return Ok(Example::all(tok.encode(
+            text_field(v, "text")?,
+            true,
+            false,
+        )?));
     }
     Err(Error::InvalidArgument(
         "a record needs \"messages\", \"prompt\" + \"completion\", or \"text\"".into(),
@@ -171,7 +183,12 @@ pub fn chat_example(messages: &[ChatMessage], tok: &Tokenizer) -> Result<Example
         let start = tok.apply_chat_template(&messages[..i], true)?.len();
         let end = tok.apply_chat_template(&messages[..=i], false)?.len();
         let prev = cuts.last().map(|c| c.0).unwrap_or(0);
-        if start < prev || end < start || end > full.len() || !full.is_char_boundary(start) || !full.is_char_boundary(end) {
+        if start < prev
+            || end < start
+            || end > full.len()
+            || !full.is_char_boundary(start)
+            || !full.is_char_boundary(end)
+        {
             return Err(Error::Unsupported(
                 "the chat template does not render conversations prefix by prefix".into(),
             ));

@@ -2,14 +2,14 @@
 //!
 //! Dense (f32/f16) weights feed the matmul directly (`B` read as `[K][N]`). Quantized ones
 //! are dequantized on the fly, QLoRA-style: a chunk of rows at a time is expanded to f32
-//! in a scratch buffer by the embedding-gather kernel (bit-exact ggml dequantization), then
-//! multiplied. The scratch is bounded, so the lm_head of a large vocabulary costs a few
+//! in a scratch buffer by the embedding-gather kernel (bit-exact ggml dequantization),
+//! transposed so that the product reads it in the matmul's fast layout, then multiplied. The scratch is bounded, so the lm_head of a large vocabulary costs a few
 //! chunks rather than an f32 copy of the whole table.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::matmul::{matmul, MatmulDesc};
-use crate::kernels::quant::gather;
+use crate::kernels::quant::gather_transposed;
 use crate::kernels::Variant;
 use crate::model::weights::{Linear, Mat};
 
@@ -89,22 +89,30 @@ pub fn linear_backward(
 ) -> Result<Vec<Dispatch>> {
     let mut ops = Vec::new();
     let mut first = !r.accumulate;
-    let mut push = |ops: &mut Vec<Dispatch>, b: &Tensor, row0: usize, n: usize| -> Result<()> {
-        let mut d = MatmulDesc::new(r.m, w.cols, n).layout(false, true);
+    // `b` holds the block's rows as `[n][cols]` (b_kn), or transposed `[cols][n]`.
+    let mut push = |ops: &mut Vec<Dispatch>,
+                    b: &Tensor,
+                    row0: usize,
+                    n: usize,
+                    transposed: bool|
+     -> Result<()> {
+        let mut d = MatmulDesc::new(r.m, w.cols, n).layout(false, !transposed);
         d.lda = r.ld_dy;
         d.off_a = r.dy_off + row0;
         d.ldc = r.ld_dx;
-        d.ldb = w.cols;
+        d.ldb = if transposed { n } else { w.cols };
         d.accumulate = !first;
         first = false;
-        ops.push(matmul(ctx, dx, dy, b, &d, variant)?);
+        let mut op = matmul(ctx, dx, dy, b, &d, variant)?;
+        op.name = "frozen_dx";
+        ops.push(op);
         Ok(())
     };
     for (off, mat) in &w.parts {
         match mat {
             Mat::Dense(d) => {
                 for c in &d.chunks {
-                    push(&mut ops, &c.t, off + c.row_start, c.rows)?;
+                    push(&mut ops, &c.t, off + c.row_start, c.rows, false)?;
                 }
             }
             Mat::Quant(q) => {
@@ -124,8 +132,11 @@ pub fn linear_backward(
                         &[n],
                         DType::U32,
                     )?;
-                    ops.extend(gather(ctx, &dq.scratch, &ids, q)?);
-                    push(&mut ops, &dq.scratch, off + r0, n)?;
+                    for mut op in gather_transposed(ctx, &dq.scratch, &ids, q)? {
+                        op.name = "dequant";
+                        ops.push(op);
+                    }
+                    push(&mut ops, &dq.scratch, off + r0, n, true)?;
                     r0 += n;
                 }
             }

@@ -308,14 +308,17 @@ impl Builder<'_> {
         let r = self.rank();
         let mut d = MatmulDesc::new(self.rows, r, inp);
         d.lda = ldx;
-        Ok(vec![matmul(
-            self.ctx,
-            &self.b.t[&tg],
-            x,
-            &self.params.value(ParamKey::LoraA(l, tg))?,
-            &d,
-            self.variant(),
-        )?])
+        Ok(vec![tagged(
+            "lora_fwd",
+            matmul(
+                self.ctx,
+                &self.b.t[&tg],
+                x,
+                &self.params.value(ParamKey::LoraA(l, tg))?,
+                &d,
+                self.variant(),
+            )?,
+        )])
     }
 
     /// `y[:, off..] += s t B^T`.
@@ -336,14 +339,17 @@ impl Builder<'_> {
         d.c_offset = off;
         d.alpha = self.scale();
         d.accumulate = true;
-        Ok(vec![matmul(
-            self.ctx,
-            y,
-            &self.b.t[&tg],
-            &self.params.value(ParamKey::LoraB(l, tg))?,
-            &d,
-            self.variant(),
-        )?])
+        Ok(vec![tagged(
+            "lora_fwd",
+            matmul(
+                self.ctx,
+                y,
+                &self.b.t[&tg],
+                &self.params.value(ParamKey::LoraB(l, tg))?,
+                &d,
+                self.variant(),
+            )?,
+        )])
     }
 
     /// LoRA gradients of target `tg` from `dy[:, off..]` and input `x`, and the input
@@ -394,7 +400,7 @@ impl Builder<'_> {
         d.ldc = ldx;
         d.accumulate = true;
         ops.push(matmul(self.ctx, dx, &self.b.dt, &a, &d, v)?);
-        Ok(ops)
+        Ok(ops.into_iter().map(|o| tagged("lora_bwd", o)).collect())
     }
 
     fn rank(&self) -> usize {
@@ -722,6 +728,11 @@ impl Builder<'_> {
             _ => Ok(Vec::new()),
         }
     }
+}
+
+fn tagged(name: &'static str, mut op: Dispatch) -> Dispatch {
+    op.name = name;
+    op
 }
 
 /// Checks that `rows` suits a step block.

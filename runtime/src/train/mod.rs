@@ -369,6 +369,14 @@ impl Trainer {
         })
     }
 
+    /// Runs one block of `examples` forward and backward dispatch by dispatch and returns
+    /// the time per kernel as (name, count, seconds), slowest first (profiling only).
+    pub fn profile(&self, examples: &[Example]) -> Result<Vec<(String, usize, f64)>> {
+        let (blocks, n) = self.blocks(examples)?;
+        self.write_block(&blocks[0], 1.0 / n as f32)?;
+        self.model.context().profile(&self.graph.train_ops)
+    }
+
     /// The gradients of the last step (host copies, model order), for tests and tools.
     pub fn gradients(&self) -> Result<HashMap<ParamKey, Vec<f32>>> {
         self.params.read_gradients(self.model.context())
