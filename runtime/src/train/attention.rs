@@ -211,20 +211,21 @@ impl TrainAttention {
     }
 
     /// Dispatches of the backward: `dqkv[rows][qkv_dim]` (overwritten) from `d_out`
-    /// (`[rows][q_dim]`). Unless the plan has several blocks, the forward of the same
-    /// inputs must have been the last use of this object (its probabilities are reused).
+    /// (`[rows][q_dim]`). The probabilities are recomputed from q and k when `recompute`
+    /// or when the plan has several blocks; otherwise the forward of the same inputs must
+    /// have been the last use of this object (its probabilities are reused).
     pub fn backward(
         &self,
         ctx: &Context,
         qkv: &Tensor,
         d_out: &Tensor,
         dqkv: &Tensor,
+        recompute: bool,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
-        Ok(tag(
-            self.backward_ops(ctx, qkv, d_out, dqkv, variant)?,
-            "attn_bwd",
-        ))
+        let recompute = recompute || self.blocks.len() > 1;
+        let ops = self.backward_ops(ctx, qkv, d_out, dqkv, recompute, variant)?;
+        Ok(tag(ops, "attn_bwd"))
     }
 
     fn backward_ops(
@@ -233,6 +234,7 @@ impl TrainAttention {
         qkv: &Tensor,
         d_out: &Tensor,
         dqkv: &Tensor,
+        recompute: bool,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
         let s = &self.shape;
@@ -240,7 +242,7 @@ impl TrainAttention {
             (s.head_dim, s.qkv_dim(), s.q_dim(), s.kv_dim(), s.group());
         let mut ops = vec![fill(ctx, dqkv, 0.0, s.rows * qkv_dim)?];
         for b in &self.blocks {
-            if self.blocks.len() > 1 {
+            if recompute {
                 ops.extend(self.probabilities(ctx, b, qkv, variant)?);
             }
             // dP = dO V^T

@@ -39,6 +39,10 @@ pub struct Budgets {
     pub dequant: usize,
     /// Logits of one row chunk.
     pub logits: usize,
+    /// Activations kept for the backward. When every layer's fit, the backward reads
+    /// them; otherwise each layer's forward is recomputed from its input (per-layer
+    /// activation recomputation: only the residual stream is kept), so long sequences fit.
+    pub activations: usize,
 }
 
 impl Default for Budgets {
@@ -47,6 +51,7 @@ impl Default for Budgets {
             scores: 8 << 20,
             dequant: 4 << 20,
             logits: 8 << 20,
+            activations: 64 << 20,
         }
     }
 }
@@ -92,8 +97,8 @@ pub struct Graph {
     pub bytes: u64,
 }
 
-struct Bufs {
-    xs: Vec<Tensor>,
+/// One layer's activations that the backward reads.
+struct Acts {
     xmid: Tensor,
     h1: Tensor,
     h2: Tensor,
@@ -101,13 +106,62 @@ struct Bufs {
     attn: Tensor,
     gu: Tensor,
     ff: Tensor,
+    t: HashMap<Target, Tensor>,
+}
+
+impl Acts {
+    fn new(
+        ctx: &Context,
+        c: &crate::model::config::ModelConfig,
+        m: usize,
+        targets: &[Target],
+        rank: usize,
+    ) -> Result<Acts> {
+        let f = |n: usize| Tensor::zeros(ctx, &[m, n], DType::F32);
+        let mut t = HashMap::new();
+        for &tg in targets {
+            t.insert(tg, f(rank)?);
+        }
+        Ok(Acts {
+            xmid: f(c.hidden)?,
+            h1: f(c.hidden)?,
+            h2: f(c.hidden)?,
+            qkv: f(c.qkv_dim())?,
+            attn: f(c.q_dim())?,
+            gu: f(2 * c.ff)?,
+            ff: f(c.ff)?,
+            t,
+        })
+    }
+
+    /// Floats per row.
+    fn per_row(c: &crate::model::config::ModelConfig, n_targets: usize, rank: usize) -> usize {
+        3 * c.hidden + c.qkv_dim() + c.q_dim() + 3 * c.ff + n_targets * rank
+    }
+
+    fn bytes(&self) -> u64 {
+        [
+            &self.xmid, &self.h1, &self.h2, &self.qkv, &self.attn, &self.gu, &self.ff,
+        ]
+        .iter()
+        .map(|t| t.bytes())
+        .sum::<u64>()
+            + self.t.values().map(|t| t.bytes()).sum::<u64>()
+    }
+}
+
+struct Bufs {
+    xs: Vec<Tensor>,
+    /// Every layer's activations when they fit the budget, else one set reused.
+    acts: Vec<Acts>,
+    /// Final norm output.
+    hf: Tensor,
     dx: Tensor,
     dh: Tensor,
     dqkv: Tensor,
     dattn: Tensor,
     dgu: Tensor,
     dff: Tensor,
-    t: HashMap<Target, Tensor>,
     dt: Tensor,
     logits: Tensor,
     logit_rows: usize,
@@ -122,6 +176,7 @@ struct Builder<'a> {
     virt: Virtual,
     rows: usize,
     rope: &'a RopeTable,
+    keep: bool,
     att: TrainAttention,
     dq: Dequant,
     inputs: Inputs,
@@ -188,32 +243,32 @@ impl Graph {
             (budgets.logits / c.vocab / 64 * 64).clamp(64, m)
         };
         let rank = lora.as_ref().map(|l| l.rank).unwrap_or(1);
-        let mut t = HashMap::new();
-        for k in params.keys() {
-            if let ParamKey::LoraA(_, tg) = k {
-                if !t.contains_key(tg) {
-                    t.insert(*tg, f(rank)?);
-                }
-            }
-        }
+        let mut targets: Vec<Target> = params
+            .keys()
+            .iter()
+            .filter_map(|k| match k {
+                ParamKey::LoraA(_, tg) => Some(*tg),
+                _ => None,
+            })
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let keep = Acts::per_row(c, targets.len(), rank) * m * c.n_layers <= budgets.activations;
+        let acts = (0..if keep { c.n_layers } else { 1 })
+            .map(|_| Acts::new(ctx, c, m, &targets, rank))
+            .collect::<Result<Vec<_>>>()?;
         let b = Bufs {
             xs: (0..=c.n_layers)
                 .map(|_| f(c.hidden))
                 .collect::<Result<_>>()?,
-            xmid: f(c.hidden)?,
-            h1: f(c.hidden)?,
-            h2: f(c.hidden)?,
-            qkv: f(c.qkv_dim())?,
-            attn: f(c.q_dim())?,
-            gu: f(2 * c.ff)?,
-            ff: f(c.ff)?,
+            acts,
+            hf: f(c.hidden)?,
             dx: f(c.hidden)?,
             dh: f(c.hidden)?,
             dqkv: f(c.qkv_dim())?,
             dattn: f(c.q_dim())?,
             dgu: f(2 * c.ff)?,
             dff: f(c.ff)?,
-            t,
             dt: f(rank)?,
             logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
             logit_rows,
@@ -227,6 +282,7 @@ impl Graph {
             virt,
             rows: m,
             rope,
+            keep,
             att,
             dq,
             loss: Tensor::zeros(ctx, &[m], DType::F32)?,
@@ -256,13 +312,16 @@ impl Builder<'_> {
         let b = &self.b;
         let mut n: u64 = b.xs.iter().map(|t| t.bytes()).sum();
         for t in [
-            &b.xmid, &b.h1, &b.h2, &b.qkv, &b.attn, &b.gu, &b.ff, &b.dx, &b.dh, &b.dqkv, &b.dattn,
-            &b.dgu, &b.dff, &b.dt, &b.logits, &b.zeros,
+            &b.hf, &b.dx, &b.dh, &b.dqkv, &b.dattn, &b.dgu, &b.dff, &b.dt, &b.logits, &b.zeros,
         ] {
             n += t.bytes();
         }
-        n += b.t.values().map(|t| t.bytes()).sum::<u64>();
+        n += b.acts.iter().map(|a| a.bytes()).sum::<u64>();
         n + self.att.bytes() + self.dq.bytes() + 6 * 4 * self.rows as u64
+    }
+
+    fn acts(&self, l: usize) -> &Acts {
+        &self.b.acts[if self.keep { l } else { 0 }]
     }
 
     fn variant(&self) -> crate::kernels::Variant {
@@ -312,7 +371,7 @@ impl Builder<'_> {
             "lora_fwd",
             matmul(
                 self.ctx,
-                &self.b.t[&tg],
+                &self.acts(l).t[&tg],
                 x,
                 &self.params.value(ParamKey::LoraA(l, tg))?,
                 &d,
@@ -344,7 +403,7 @@ impl Builder<'_> {
             matmul(
                 self.ctx,
                 y,
-                &self.b.t[&tg],
+                &self.acts(l).t[&tg],
                 &self.params.value(ParamKey::LoraB(l, tg))?,
                 &d,
                 self.variant(),
@@ -375,7 +434,7 @@ impl Builder<'_> {
         let bm = self.params.value(ParamKey::LoraB(l, tg))?;
         let ga = self.params.gradient(ParamKey::LoraA(l, tg))?;
         let gb = self.params.gradient(ParamKey::LoraB(l, tg))?;
-        let t = &self.b.t[&tg];
+        let t = &self.acts(l).t[&tg];
         let mut ops = Vec::new();
         // dB += s dY^T t
         let mut d = MatmulDesc::new(out, r, m).layout(true, true);
@@ -422,35 +481,41 @@ impl Builder<'_> {
         }
     }
 
-    /// Layer `l` from `x_in` into `x_out` (a copy plus residual adds). With `full` false
-    /// only the activations the backward needs are computed (`x_out` then holds the
-    /// attention half's output: the FFN's input).
+    /// Layer `l` from `x_in`: the attention half's output (the FFN's input) into the
+    /// layer's `xmid`, and with `x_out`, the layer's output (a copy plus residual adds).
+    /// Without `x_out` only the activations the backward needs are computed.
     fn layer_forward(
         &self,
         l: usize,
         x_in: &Tensor,
-        x_out: &Tensor,
-        full: bool,
+        x_out: Option<&Tensor>,
     ) -> Result<Vec<Dispatch>> {
-        let (ctx, c, b, m) = (self.ctx, &self.model.config, &self.b, self.rows);
+        let (ctx, c, m) = (self.ctx, &self.model.config, self.rows);
+        let a = self.acts(l);
         let layer = &self.model.layers[l];
         let (hd, qkv_dim, q_dim, kv_dim) = (c.head_dim, c.qkv_dim(), c.q_dim(), c.kv_dim());
         let nd = self.norm_desc();
-        let mut ops = vec![unary(ctx, UnaryOp::Copy, x_out, Some(x_in), m * c.hidden)?];
+        let mut ops = vec![unary(
+            ctx,
+            UnaryOp::Copy,
+            &a.xmid,
+            Some(x_in),
+            m * c.hidden,
+        )?];
         ops.push(norm_with(
             ctx,
-            &b.h1,
+            &a.h1,
             x_in,
             Some(&layer.attn_norm),
             None,
             &nd,
         )?);
-        ops.extend(self.linear(&layer.qkv, &b.qkv, &b.h1, c.hidden, qkv_dim, false)?);
+        ops.extend(self.linear(&layer.qkv, &a.qkv, &a.h1, c.hidden, qkv_dim, false)?);
         if let Some(bias) = &layer.qkv_bias {
             ops.push(binary(
                 ctx,
                 BinaryOp::Add,
-                &b.qkv,
+                &a.qkv,
                 None,
                 bias,
                 m * qkv_dim,
@@ -462,8 +527,8 @@ impl Builder<'_> {
             (Target::K, q_dim),
             (Target::V, q_dim + kv_dim),
         ] {
-            ops.extend(self.lora_t(l, tg, &b.h1, c.hidden)?);
-            ops.extend(self.lora_out(l, tg, &b.qkv, qkv_dim, off)?);
+            ops.extend(self.lora_t(l, tg, &a.h1, c.hidden)?);
+            ops.extend(self.lora_out(l, tg, &a.qkv, qkv_dim, off)?);
         }
         for (heads, offset) in [(c.n_heads, 0), (c.n_kv_heads, q_dim)] {
             let hl = HeadLayout {
@@ -473,34 +538,41 @@ impl Builder<'_> {
                 ld: qkv_dim,
                 offset,
             };
-            ops.push(rope(ctx, &b.qkv, &self.inputs.pos, self.rope, hl, false)?);
+            ops.push(rope(ctx, &a.qkv, &self.inputs.pos, self.rope, hl, false)?);
         }
         if let Virtual::Prefix(_) = self.virt {
             let p = self.params.value(ParamKey::Prefix(l))?;
             let rc = self.virt_copy(2 * kv_dim, qkv_dim, q_dim);
-            ops.push(rows_gather(ctx, &b.qkv, &p, &self.inputs.virt, &rc)?);
+            ops.push(rows_gather(ctx, &a.qkv, &p, &self.inputs.virt, &rc)?);
         }
-        ops.extend(self.att.forward(ctx, &b.qkv, &b.attn, self.variant())?);
-        ops.extend(self.linear(&layer.o, x_out, &b.attn, q_dim, c.hidden, true)?);
-        ops.extend(self.lora_t(l, Target::O, &b.attn, q_dim)?);
-        ops.extend(self.lora_out(l, Target::O, x_out, c.hidden, 0)?);
+        ops.extend(self.att.forward(ctx, &a.qkv, &a.attn, self.variant())?);
+        ops.extend(self.linear(&layer.o, &a.xmid, &a.attn, q_dim, c.hidden, true)?);
+        ops.extend(self.lora_t(l, Target::O, &a.attn, q_dim)?);
+        ops.extend(self.lora_out(l, Target::O, &a.xmid, c.hidden, 0)?);
         ops.push(norm_with(
             ctx,
-            &b.h2,
-            x_out,
+            &a.h2,
+            &a.xmid,
             Some(&layer.ffn_norm),
             None,
             &nd,
         )?);
-        ops.extend(self.linear(&layer.gate_up, &b.gu, &b.h2, c.hidden, 2 * c.ff, false)?);
+        ops.extend(self.linear(&layer.gate_up, &a.gu, &a.h2, c.hidden, 2 * c.ff, false)?);
         for (tg, off) in [(Target::Gate, 0), (Target::Up, c.ff)] {
-            ops.extend(self.lora_t(l, tg, &b.h2, c.hidden)?);
-            ops.extend(self.lora_out(l, tg, &b.gu, 2 * c.ff, off)?);
+            ops.extend(self.lora_t(l, tg, &a.h2, c.hidden)?);
+            ops.extend(self.lora_out(l, tg, &a.gu, 2 * c.ff, off)?);
         }
-        ops.push(swiglu(ctx, &b.ff, &b.gu, None, m, c.ff)?);
-        ops.extend(self.lora_t(l, Target::Down, &b.ff, c.ff)?);
-        if full {
-            ops.extend(self.linear(&layer.down, x_out, &b.ff, c.ff, c.hidden, true)?);
+        ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
+        ops.extend(self.lora_t(l, Target::Down, &a.ff, c.ff)?);
+        if let Some(x_out) = x_out {
+            ops.push(unary(
+                ctx,
+                UnaryOp::Copy,
+                x_out,
+                Some(&a.xmid),
+                m * c.hidden,
+            )?);
+            ops.extend(self.linear(&layer.down, x_out, &a.ff, c.ff, c.hidden, true)?);
             ops.extend(self.lora_out(l, Target::Down, x_out, c.hidden, 0)?);
         }
         Ok(ops)
@@ -516,13 +588,12 @@ impl Builder<'_> {
             ops.push(rows_gather(ctx, &b.xs[0], &p, &self.inputs.virt, &rc)?);
         }
         for l in 0..c.n_layers {
-            // The FFN half adds into xs[l+1] in place after the attention half.
-            ops.extend(self.layer_forward(l, &b.xs[l], &b.xs[l + 1], true)?);
+            ops.extend(self.layer_forward(l, &b.xs[l], Some(&b.xs[l + 1]))?);
         }
         let top = &b.xs[c.n_layers];
         ops.push(norm_with(
             ctx,
-            &b.h1,
+            &b.hf,
             top,
             Some(&self.model.norm),
             None,
@@ -532,7 +603,7 @@ impl Builder<'_> {
         let mut r0 = 0;
         while r0 < m {
             let n = tl.min(m - r0);
-            let h = rows_of(&b.h1, r0, n, c.hidden)?;
+            let h = rows_of(&b.hf, r0, n, c.hidden)?;
             let r = Rows {
                 m: n,
                 ldx: c.hidden,
@@ -622,19 +693,24 @@ impl Builder<'_> {
         let layer = &self.model.layers[l];
         let (hd, qkv_dim, q_dim, kv_dim, ff) =
             (c.head_dim, c.qkv_dim(), c.q_dim(), c.kv_dim(), c.ff);
-        let mut ops = self.layer_forward(l, &b.xs[l], &b.xmid, false)?;
+        let a = self.acts(l);
+        let mut ops = if self.keep {
+            Vec::new()
+        } else {
+            self.layer_forward(l, &b.xs[l], None)?
+        };
         // FFN: x' = xmid + down(swiglu(gate_up(norm(xmid)))).
         ops.extend(self.frozen_backward(&layer.down, &b.dff, &b.dx, c.hidden, ff)?);
-        ops.extend(self.lora_backward(l, Target::Down, &b.dx, c.hidden, 0, &b.ff, ff, &b.dff)?);
-        ops.push(swiglu_backward(ctx, &b.dgu, &b.gu, &b.dff, m, ff)?);
+        ops.extend(self.lora_backward(l, Target::Down, &b.dx, c.hidden, 0, &a.ff, ff, &b.dff)?);
+        ops.push(swiglu_backward(ctx, &b.dgu, &a.gu, &b.dff, m, ff)?);
         ops.extend(self.frozen_backward(&layer.gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
         for (tg, off) in [(Target::Gate, 0), (Target::Up, ff)] {
-            ops.extend(self.lora_backward(l, tg, &b.dgu, 2 * ff, off, &b.h2, c.hidden, &b.dh)?);
+            ops.extend(self.lora_backward(l, tg, &b.dgu, 2 * ff, off, &a.h2, c.hidden, &b.dh)?);
         }
         ops.push(rmsnorm_backward(
             ctx,
             &b.dx,
-            &b.xmid,
+            &a.xmid,
             &layer.ffn_norm,
             &b.dh,
             m,
@@ -652,13 +728,13 @@ impl Builder<'_> {
             &b.dx,
             c.hidden,
             0,
-            &b.attn,
+            &a.attn,
             q_dim,
             &b.dattn,
         )?);
         ops.extend(
             self.att
-                .backward(ctx, &b.qkv, &b.dattn, &b.dqkv, self.variant())?,
+                .backward(ctx, &a.qkv, &b.dattn, &b.dqkv, self.keep, self.variant())?,
         );
         if let Virtual::Prefix(_) = self.virt {
             // The prefix rows' keys and values are parameters: their gradient goes there
@@ -692,7 +768,7 @@ impl Builder<'_> {
             (Target::K, q_dim),
             (Target::V, q_dim + kv_dim),
         ] {
-            ops.extend(self.lora_backward(l, tg, &b.dqkv, qkv_dim, off, &b.h1, c.hidden, &b.dh)?);
+            ops.extend(self.lora_backward(l, tg, &b.dqkv, qkv_dim, off, &a.h1, c.hidden, &b.dh)?);
         }
         ops.push(rmsnorm_backward(
             ctx,
