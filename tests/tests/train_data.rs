@@ -61,7 +61,8 @@ fn chat_records_score_only_the_assistant_turns() {
     assert_eq!(e.tokens, whole);
 
     let pc: serde_json::Value =
-        serde_json::from_str(r#"{"prompt":"The capital of Zorbia is","completion":" Quill."}"#).unwrap();
+        serde_json::from_str(r#"{"prompt":"The capital of Zorbia is","completion":" Quill."}"#)
+            .unwrap();
     let e = record(&pc, &tok).unwrap();
     assert_eq!(scored_text(&tok, &e), " Quill.<|im_end|>");
     let bad = Dataset::from_jsonl("{\"text\":\"ok\"}\n{\"oops\":1}\n", &tok, 64).unwrap_err();
@@ -71,7 +72,10 @@ fn chat_records_score_only_the_assistant_turns() {
         &tok,
     )
     .unwrap_err();
-    assert!(no_assistant.to_string().contains("assistant"), "{no_assistant}");
+    assert!(
+        no_assistant.to_string().contains("assistant"),
+        "{no_assistant}"
+    );
 }
 
 #[test]
@@ -87,10 +91,16 @@ fn datasets_truncate_and_shuffle_by_seed() {
     assert_eq!((d.examples.len(), d.truncated), (10, 10));
     assert!(d.examples.iter().all(|e| e.tokens.len() == 5));
     let a = d.epoch(3, 7, 0);
-    assert_eq!(a.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
+    assert_eq!(
+        a.iter().map(|b| b.len()).collect::<Vec<_>>(),
+        vec![3, 3, 3, 1]
+    );
     assert_eq!(a, d.epoch(3, 7, 0));
     assert_ne!(a, d.epoch(3, 7, 1));
     assert_ne!(a, d.epoch(3, 8, 0));
     let plain = Dataset::from_text("one two three four five six seven eight", &tok, 3).unwrap();
-    assert!(plain.examples.iter().all(|e| e.tokens.len() <= 3 && e.loss.iter().all(|&l| l)));
+    assert!(plain
+        .examples
+        .iter()
+        .all(|e| e.tokens.len() <= 3 && e.loss.iter().all(|&l| l)));
 }

@@ -1,16 +1,17 @@
 //! Training parity with transformers + peft (float64 on CPU torch, `scripts/ref/tiny_lora.py`,
-//! fixtures in `tests/fixtures/lora/`): gradients of one batch, then 20 AdamW steps of LoRA
-//! on q,v, on all seven linears, with clipping, with a loss mask, and of prompt tuning,
-//! starting from the same initialization. Each step's loss must match within 1e-3
-//! relative and the final adapter within 1e-4.
+//! fixtures in `tests/fixtures/lora/`): the gradients of one batch, then 20 AdamW steps of
+//! LoRA on q,v, on all seven linears, with clipping, with a loss mask, with warmup + cosine,
+//! and of prompt tuning and prefix tuning, starting from the same initialization. Each
+//! step's loss must match within 1e-3 relative and the final values within 1e-4.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ember::adapters::{LoraAdapter, SoftPrompt, Target};
+use ember::adapters::{LoraAdapter, Prefix, SoftPrompt, Target};
 use ember::kernels::train::AdamConfig;
 use ember::model::{LoadOptions, Model};
 use ember::train::{Example, LrSchedule, ParamKey, TrainConfig, Trainables, Trainer};
+use ember::util::max_abs_diff;
 use ember::Context;
 use ember_tests::model::temp_dir;
 use ember_tests::tiny::{write_tiny_model, TinyVariant};
@@ -20,9 +21,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/lora")
 }
 
-fn training() -> Value {
-    let t = std::fs::read_to_string(fixtures().join("training.json")).unwrap();
-    serde_json::from_str(&t).unwrap()
+fn json(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(rel)).unwrap()).unwrap()
 }
 
 fn tiny() -> Arc<Model> {
@@ -36,8 +36,9 @@ fn tiny() -> Arc<Model> {
     Arc::new(m)
 }
 
-fn batch(t: &Value, i: usize, mask_last: Option<usize>) -> Vec<Example> {
-    t["batches"][i]
+/// Batch `i`; with `masked`, the first `masked` positions of each sequence are not scored.
+fn batch(i: usize, masked: usize) -> Vec<Example> {
+    json("batches.json")["batches"][i]
         .as_array()
         .unwrap()
         .iter()
@@ -48,25 +49,10 @@ fn batch(t: &Value, i: usize, mask_last: Option<usize>) -> Vec<Example> {
                 .iter()
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
-            let n = tokens.len();
-            let loss = (0..n)
-                .map(|j| mask_last.is_none_or(|k| j + k >= n))
-                .collect();
+            let loss = (0..tokens.len()).map(|j| j >= masked).collect();
             Example { tokens, loss }
         })
         .collect()
-}
-
-fn adam(run: &Value) -> AdamConfig {
-    let o = &run["optimizer"];
-    AdamConfig {
-        lr: o["lr"].as_f64().unwrap() as f32,
-        beta1: o["betas"][0].as_f64().unwrap() as f32,
-        beta2: o["betas"][1].as_f64().unwrap() as f32,
-        eps: o["eps"].as_f64().unwrap() as f32,
-        weight_decay: o["weight_decay"].as_f64().unwrap() as f32,
-        max_norm: run["clip_grad_norm"].as_f64().unwrap_or(0.0) as f32,
-    }
 }
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -77,35 +63,101 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
-/// Trains `name` for 20 steps and checks losses, gradient norms and the final values.
-fn train_run(model: &Arc<Model>, name: &str, mask_last: Option<usize>) {
-    let t = training();
-    let run = &t["runs"][name];
-    let init = fixtures().join(run["init"].as_str().unwrap());
-    let prompt = name.starts_with("prompt");
-    let trainables = if prompt {
-        Trainables {
-            prompt: Some(SoftPrompt::load(&init, model).unwrap()),
+fn adam(run: &Value) -> AdamConfig {
+    let o = &run["config"]["optimizer"];
+    AdamConfig {
+        lr: o["lr"].as_f64().unwrap() as f32,
+        beta1: o["betas"][0].as_f64().unwrap() as f32,
+        beta2: o["betas"][1].as_f64().unwrap() as f32,
+        eps: o["eps"].as_f64().unwrap() as f32,
+        weight_decay: o["weight_decay"].as_f64().unwrap() as f32,
+        max_norm: run["config"]["max_grad_norm"].as_f64().unwrap_or(0.0) as f32,
+    }
+}
+
+enum Kind {
+    Lora,
+    Prompt,
+    Prefix,
+}
+
+fn trainables(model: &Model, kind: &Kind, dir: &Path) -> Trainables {
+    match kind {
+        Kind::Lora => Trainables {
+            lora: Some(LoraAdapter::load(dir, model).unwrap()),
             ..Default::default()
-        }
-    } else {
-        Trainables {
-            lora: Some(LoraAdapter::load(&init, model).unwrap()),
+        },
+        Kind::Prompt => Trainables {
+            prompt: Some(SoftPrompt::load(dir, model).unwrap()),
             ..Default::default()
+        },
+        Kind::Prefix => Trainables {
+            prefix: Some(Prefix::load(dir, model).unwrap()),
+            ..Default::default()
+        },
+    }
+}
+
+/// The largest difference between the trained values and the fixture's `final/`.
+fn final_diff(tr: &Trainer, model: &Model, kind: &Kind, dir: &Path) -> f32 {
+    match kind {
+        Kind::Lora => {
+            let want = LoraAdapter::load(dir, model).unwrap();
+            let got = tr.lora().unwrap().unwrap();
+            assert_eq!(got.weights.len(), want.weights.len());
+            want.weights
+                .iter()
+                .map(|(k, w)| {
+                    let g = &got.weights[k];
+                    max_abs_diff(&g.a, &w.a).max(max_abs_diff(&g.b, &w.b))
+                })
+                .fold(0.0, f32::max)
         }
-    };
+        Kind::Prompt => {
+            let want = SoftPrompt::load(dir, model).unwrap();
+            max_abs_diff(&tr.soft_prompt().unwrap().unwrap().values, &want.values)
+        }
+        Kind::Prefix => {
+            let want = Prefix::load(dir, model).unwrap();
+            let got = tr.prefix().unwrap().unwrap();
+            got.layers
+                .iter()
+                .zip(&want.layers)
+                .map(|(a, b)| max_abs_diff(a, b))
+                .fold(0.0, f32::max)
+        }
+    }
+}
+
+/// Trains run `name` for 20 steps and checks losses, gradient norms, learning rates and the
+/// final values.
+fn train_run(name: &str, kind: Kind, masked: usize, schedule: LrSchedule) {
+    let model = tiny();
+    let run = json(&format!("{name}/run.json"));
+    let base = fixtures().join(name);
     let config = TrainConfig {
         rows: 32,
-        adam: adam(run),
-        schedule: LrSchedule::Constant,
+        adam: adam(&run),
+        schedule,
         ..Default::default()
     };
-    let mut tr = Trainer::new(model.clone(), trainables, config).unwrap();
-    let (losses, norms) = (floats(&run["losses"]), floats(&run["grad_norms"]));
+    let mut tr = Trainer::new(
+        model.clone(),
+        trainables(&model, &kind, &base.join("init")),
+        config,
+    )
+    .unwrap();
+    let (losses, norms, lrs) = (
+        floats(&run["losses"]),
+        floats(&run["grad_norms"]),
+        floats(&run["lr"]),
+    );
+    let mut worst = 0.0f64;
     for i in 0..losses.len() {
-        let s = tr.step(&batch(&t, i, mask_last)).unwrap();
+        let s = tr.step(&batch(i, masked)).unwrap();
         assert!(!s.skipped);
         let rel = (s.loss - losses[i]).abs() / losses[i];
+        worst = worst.max(rel);
         assert!(
             rel < 1e-3,
             "{name} step {i}: loss {} vs peft {}",
@@ -119,33 +171,52 @@ fn train_run(model: &Arc<Model>, name: &str, mask_last: Option<usize>) {
             s.grad_norm,
             norms[i]
         );
+        assert!(
+            (s.lr as f64 - lrs[i]).abs() <= 1e-7 * lrs[i].max(1e-3),
+            "{name} step {i}: lr {} vs {}",
+            s.lr,
+            lrs[i]
+        );
     }
-    let fin = fixtures().join(run["final"].as_str().unwrap());
-    let worst = if prompt {
-        let want = SoftPrompt::load(&fin, model).unwrap();
-        let got = tr.soft_prompt().unwrap().unwrap();
-        ember::util::max_abs_diff(&got.values, &want.values)
-    } else {
-        let want = LoraAdapter::load(&fin, model).unwrap();
-        let got = tr.lora().unwrap().unwrap();
-        assert_eq!(got.weights.len(), want.weights.len());
-        want.weights
-            .iter()
-            .map(|(k, w)| {
-                let g = &got.weights[k];
-                ember::util::max_abs_diff(&g.a, &w.a).max(ember::util::max_abs_diff(&g.b, &w.b))
-            })
-            .fold(0.0, f32::max)
-    };
-    eprintln!("{name}: final max abs diff {worst:e}");
-    assert!(worst < 1e-4, "{name}: final parameters differ by {worst}");
+    let d = final_diff(&tr, &model, &kind, &base.join("final"));
+    eprintln!("{name}: worst loss rel err {worst:.2e}, final max abs diff {d:.2e}");
+    assert!(d < 1e-4, "{name}: final values differ by {d}");
 }
 
-#[test]
-fn gradients_of_one_batch_match_peft() {
-    let model = tiny();
-    let t = training();
-    let ad = LoraAdapter::load(&fixtures().join("qv_random"), &model).unwrap();
+fn grads_fixture() -> Vec<(String, Vec<f64>)> {
+    let bytes = std::fs::read(fixtures().join("grads.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.names()
+        .into_iter()
+        .map(|n| {
+            let v = st
+                .tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (n.to_string(), v)
+        })
+        .collect()
+}
+
+fn assert_grad(name: &str, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() < 1e-5 * scale + 1e-7,
+            "{name}[{i}]: {g} vs {w} (max {scale})"
+        );
+    }
+}
+
+/// One step at learning rate 0 leaves the batch-0 gradients in the trainer.
+fn gradients(
+    model: &Arc<Model>,
+    t: Trainables,
+) -> (f64, std::collections::HashMap<ParamKey, Vec<f32>>) {
     let config = TrainConfig {
         rows: 32,
         adam: AdamConfig {
@@ -154,80 +225,112 @@ fn gradients_of_one_batch_match_peft() {
         },
         ..Default::default()
     };
-    let mut tr = Trainer::new(
-        model.clone(),
-        Trainables {
-            lora: Some(ad),
-            ..Default::default()
-        },
-        config,
-    )
-    .unwrap();
-    let s = tr.step(&batch(&t, 0, None)).unwrap();
-    let logits: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("logits.json")).unwrap())
-            .unwrap();
-    let want_loss = logits["checks"]["qv_random_batch0_loss"].as_f64().unwrap();
-    assert!(
-        (s.loss - want_loss).abs() < 1e-5 * want_loss,
-        "{} vs {want_loss}",
-        s.loss
+    let mut tr = Trainer::new(model.clone(), t, config).unwrap();
+    let s = tr.step(&batch(0, 0)).unwrap();
+    (s.loss, tr.gradients().unwrap())
+}
+
+#[test]
+fn gradients_of_one_batch_match_peft() {
+    let model = tiny();
+    let want = grads_fixture();
+    let get = |k: &str| &want.iter().find(|(n, _)| n == k).unwrap().1;
+    // LoRA with random A and B: both gradients nonzero.
+    let (loss, g) = gradients(
+        &model,
+        trainables(&model, &Kind::Lora, &fixtures().join("qv_random")),
     );
-    let grads = tr.gradients().unwrap();
-    let bytes = std::fs::read(fixtures().join("grads.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want_loss = json("logits.json")["checks"]["qv_random_batch0_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (loss - want_loss).abs() < 1e-5 * want_loss,
+        "{loss} vs {want_loss}"
+    );
     let mut checked = 0;
     for l in 0..2 {
         for tg in [Target::Q, Target::V] {
             for b in [false, true] {
-                let name = format!("qv_random/{}", tg.peft_key(l, b));
-                let view = st.tensor(&name).unwrap();
-                let want: Vec<f64> = view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
                 let key = if b {
                     ParamKey::LoraB(l, tg)
                 } else {
                     ParamKey::LoraA(l, tg)
                 };
-                let got = &grads[&key];
-                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g as f64 - w).abs() < 1e-5 * scale + 1e-7,
-                        "{name}[{i}]: {g} vs {w} (max {scale})"
-                    );
-                }
+                let name = format!("qv_random/{}", tg.peft_key(l, b));
+                assert_grad(&name, &g[&key], get(&name));
                 checked += 1;
             }
         }
     }
     assert_eq!(checked, 8);
+    // Soft prompt and prefix at their initial values.
+    let (_, g) = gradients(
+        &model,
+        trainables(
+            &model,
+            &Kind::Prompt,
+            &fixtures().join("prompt_tuning/init"),
+        ),
+    );
+    assert_grad(
+        "prompt",
+        &g[&ParamKey::Prompt],
+        get("prompt_tuning/step0/prompt_embeddings"),
+    );
+    let (_, g) = gradients(
+        &model,
+        trainables(
+            &model,
+            &Kind::Prefix,
+            &fixtures().join("prefix_tuning/init"),
+        ),
+    );
+    // PEFT's [n][layers * 2 kv] rows against Ember's per-layer [n][2 kv] blocks.
+    let want = get("prefix_tuning/step0/prompt_embeddings");
+    let (n, w) = (4, 2 * model.config.kv_dim());
+    for l in 0..model.config.n_layers {
+        let wl: Vec<f64> = (0..n)
+            .flat_map(|j| want[j * 2 * w + l * w..][..w].iter().copied())
+            .collect();
+        assert_grad(&format!("prefix layer {l}"), &g[&ParamKey::Prefix(l)], &wl);
+    }
 }
 
 #[test]
 fn lora_on_q_and_v_trains_like_peft() {
-    train_run(&tiny(), "train_qv", None);
+    train_run("train_qv", Kind::Lora, 0, LrSchedule::Constant);
 }
 
 #[test]
 fn lora_on_every_linear_trains_like_peft() {
-    train_run(&tiny(), "train_all", None);
+    train_run("train_all", Kind::Lora, 0, LrSchedule::Constant);
 }
 
 #[test]
 fn clipping_by_global_norm_trains_like_peft() {
-    train_run(&tiny(), "train_qv_clip", None);
+    train_run("train_qv_clip", Kind::Lora, 0, LrSchedule::Constant);
 }
 
 #[test]
 fn loss_mask_trains_like_peft() {
-    train_run(&tiny(), "train_qv_mask", Some(4));
+    train_run("train_qv_mask", Kind::Lora, 5, LrSchedule::Constant);
+}
+
+#[test]
+fn warmup_and_cosine_schedule_trains_like_peft() {
+    let schedule = LrSchedule::Cosine {
+        warmup: 3,
+        total: 20,
+    };
+    train_run("train_qv_cosine", Kind::Lora, 0, schedule);
 }
 
 #[test]
 fn prompt_tuning_trains_like_peft() {
-    train_run(&tiny(), "prompt_tuning", None);
+    train_run("prompt_tuning", Kind::Prompt, 0, LrSchedule::Constant);
+}
+
+#[test]
+fn prefix_tuning_trains_like_peft() {
+    train_run("prefix_tuning", Kind::Prefix, 0, LrSchedule::Constant);
 }

@@ -191,7 +191,8 @@ impl Prefix {
         for (k, v) in [
             ("peft_type", json!("PREFIX_TUNING")),
             ("num_virtual_tokens", json!(self.n_virtual)),
-            ("token_dim", json!(c.hidden)),
+            // PEFT's own value for grouped-query models: one key/value row per layer.
+            ("token_dim", json!(c.kv_dim())),
             ("num_transformer_submodules", json!(1)),
             ("num_attention_heads", json!(c.n_kv_heads)),
             ("num_layers", json!(c.n_layers)),

@@ -41,8 +41,9 @@ pub enum Virtual {
     /// Soft prompt rows: learned embeddings in place of token embeddings; they take the
     /// first positions and the real tokens follow them.
     Prompt(usize),
-    /// Prefix rows: only their keys and values exist (learned, per layer); the real tokens
-    /// keep positions from 0.
+    /// Prefix rows: only their keys and values exist (learned, per layer, without RoPE);
+    /// the real tokens follow at positions `n, n+1, ...` (as in PEFT, where the prefix is
+    /// a key/value cache of length `n`).
     Prefix(usize),
 }
 
@@ -107,10 +108,7 @@ impl Packed {
                 _ => 0,
             };
         }
-        let pos0 = match v {
-            Virtual::Prompt(n) => n,
-            _ => 0,
-        };
+        let pos0 = v.rows();
         if let Virtual::Prompt(n) = v {
             if n > 0 && e.loss[0] {
                 self.targets[start + n - 1] = e.tokens[0];
@@ -193,7 +191,7 @@ mod tests {
         );
         assert_eq!(q.n_targets(), 3);
         let pre = pack(&[b], 4, Virtual::Prefix(2)).unwrap();
-        assert_eq!(pre[0].pos, vec![0, 0, 0, 1]);
+        assert_eq!(pre[0].pos, vec![0, 0, 2, 3]);
         let long = Example::all(vec![1; 9]);
         let e = pack(&[long], 8, Virtual::None).unwrap_err().to_string();
         assert!(e.contains("example 0 needs 9 rows"), "{e}");
