@@ -402,7 +402,7 @@ mod tests {
             let dqkv = Tensor::zeros(ctx, &[s.rows, qkv_dim], DType::F32).unwrap();
             let mut ops = att.forward(ctx, &qkv, &out, Variant::Auto).unwrap();
             ops.extend(
-                att.backward(ctx, &qkv, &dout, &dqkv, Variant::Auto)
+                att.backward(ctx, &qkv, &dout, &dqkv, false, Variant::Auto)
                     .unwrap(),
             );
             ctx.run(&ops).unwrap();
