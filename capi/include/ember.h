@@ -56,6 +56,41 @@
 #define EMBER_ABI_VERSION 1
 
 /**
+ * LoRA target bits for `ember_train_params.lora_targets`.
+ */
+#define EMBER_TARGET_Q 1
+
+/**
+ * Key projection.
+ */
+#define EMBER_TARGET_K 2
+
+/**
+ * Value projection.
+ */
+#define EMBER_TARGET_V 4
+
+/**
+ * Attention output projection.
+ */
+#define EMBER_TARGET_O 8
+
+/**
+ * FFN gate projection.
+ */
+#define EMBER_TARGET_GATE 16
+
+/**
+ * FFN up projection.
+ */
+#define EMBER_TARGET_UP 32
+
+/**
+ * FFN down projection.
+ */
+#define EMBER_TARGET_DOWN 64
+
+/**
  * Log levels passed to the log callback.
  */
 typedef enum ember_log_level {
@@ -151,6 +186,24 @@ typedef enum ember_stop_reason {
 } ember_stop_reason;
 
 /**
+ * Learning-rate schedules.
+ */
+typedef enum ember_lr_schedule {
+  /**
+   * The base rate throughout.
+   */
+  EMBER_LR_CONSTANT = 0,
+  /**
+   * Linear warmup, then cosine decay to 0 at `total_steps`.
+   */
+  EMBER_LR_COSINE = 1,
+  /**
+   * Linear warmup, then constant (continual training).
+   */
+  EMBER_LR_WARMUP_CONSTANT = 2,
+} ember_lr_schedule;
+
+/**
  * A LoRA adapter held in host memory (immutable; thread-safe). Attaching it to sessions
  * copies its weights to the GPU; the handle may be freed afterwards.
  */
@@ -172,6 +225,12 @@ typedef struct ember_model ember_model;
  * A key/value cache with its sequences. Use one session from one thread at a time.
  */
 typedef struct ember_session ember_session;
+
+/**
+ * Trains adapters (LoRA, soft prompt or prefix) of one model on its GPU. Use one trainer
+ * from one thread at a time; the model may serve sessions meanwhile.
+ */
+typedef struct ember_trainer ember_trainer;
 
 /**
  * Receives Ember's log messages: `message` is NUL-terminated and valid only during the
@@ -454,6 +513,132 @@ typedef struct ember_generate_result {
    */
   double decode_tok_s;
 } ember_generate_result;
+
+/**
+ * What to train and how. Get defaults from `ember_train_default_params()`.
+ */
+typedef struct ember_train_params {
+  /**
+   * `sizeof(ember_train_params)`.
+   */
+  uint32_t struct_size;
+  /**
+   * LoRA rank (0: no LoRA). Default 8.
+   */
+  uint32_t lora_rank;
+  /**
+   * LoRA alpha (0: twice the rank).
+   */
+  float lora_alpha;
+  /**
+   * Scale by alpha / sqrt(rank) instead of alpha / rank.
+   */
+  bool rslora;
+  /**
+   * `EMBER_TARGET_*` bits (0: all seven projections).
+   */
+  uint32_t lora_targets;
+  /**
+   * Train a soft prompt of this many virtual tokens (0: none).
+   */
+  uint32_t prompt_tokens;
+  /**
+   * Train a prefix of this many virtual tokens (0: none; not with a soft prompt).
+   */
+  uint32_t prefix_tokens;
+  /**
+   * Continue training this LoRA adapter instead of a fresh one (NULL: fresh).
+   */
+  const struct ember_adapter *init_adapter;
+  /**
+   * Longest sequence in tokens, virtual tokens included (a multiple of 32). Default 256.
+   */
+  uint32_t seq_len;
+  /**
+   * Base learning rate. Default 1e-3.
+   */
+  float lr;
+  /**
+   * AdamW weight decay. Default 0.
+   */
+  float weight_decay;
+  /**
+   * Clip gradients to this global norm (0: off). Default 1.
+   */
+  float max_grad_norm;
+  /**
+   * AdamW beta1 (0.9).
+   */
+  float beta1;
+  /**
+   * AdamW beta2 (0.999).
+   */
+  float beta2;
+  /**
+   * AdamW epsilon (1e-8).
+   */
+  float eps;
+  /**
+   * Learning-rate schedule. Default cosine.
+   */
+  enum ember_lr_schedule schedule;
+  /**
+   * Warmup steps.
+   */
+  uint32_t warmup_steps;
+  /**
+   * Steps of the whole run (for the cosine schedule).
+   */
+  uint32_t total_steps;
+  /**
+   * Seed of the initialization and of shuffling.
+   */
+  uint64_t seed;
+} ember_train_params;
+
+/**
+ * What one optimizer step did.
+ */
+typedef struct ember_step_result {
+  /**
+   * `sizeof(ember_step_result)`: set it before the call.
+   */
+  uint32_t struct_size;
+  /**
+   * Updates applied so far.
+   */
+  uint32_t step;
+  /**
+   * Mean loss over the scored tokens (before the update).
+   */
+  double loss;
+  /**
+   * Global gradient norm (before clipping).
+   */
+  float grad_norm;
+  /**
+   * Learning rate used.
+   */
+  float lr;
+  /**
+   * Tokens scored.
+   */
+  uint64_t tokens;
+  /**
+   * The loss or a gradient was not finite: the update was skipped, nothing changed.
+   */
+  bool skipped;
+  /**
+   * Seconds the step took.
+   */
+  double seconds;
+} ember_step_result;
+
+/**
+ * Progress of `ember_trainer_train_file`: called after every step; return false to stop
+ * (the call then returns `EMBER_ABORTED`, with the steps done so far kept).
+ */
+typedef bool (*ember_train_callback)(uint32_t step, uint32_t total, const struct ember_step_result *result, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -823,6 +1008,101 @@ const char *ember_status_str(int32_t status);
  * keep it. Never NULL.
  */
 const char *ember_last_error(void);
+
+/**
+ * Default training: LoRA rank 8 on every projection, sequences of 256 tokens, AdamW at
+ * 1e-3 with clipping at 1, cosine schedule over 100 steps with 5 warmup steps.
+ */
+struct ember_train_params ember_train_default_params(void);
+
+/**
+ * Prepares training on `model` (its weights stay frozen in their stored format). Fails
+ * with `EMBER_INVALID_ARGUMENT` when nothing is to be trained, the sequence length is not a
+ * multiple of 32, or `init_adapter` belongs to another base.
+ *
+ * # Safety
+ * `model` live; `params` NULL or valid (with `init_adapter` NULL or live); `out` valid.
+ */
+enum ember_status ember_trainer_create(const struct ember_model *model, const struct ember_train_params *params, struct ember_trainer **out);
+
+/**
+ * Frees a trainer (its GPU buffers). NULL is a no-op.
+ *
+ * # Safety
+ * `trainer` NULL or live; not used afterwards.
+ */
+void ember_trainer_free(struct ember_trainer *trainer);
+
+/**
+ * One optimizer step on the JSONL records in `jsonl` (one record per line:
+ * `{"messages": [...]}` scored on assistant turns, `{"prompt", "completion"}`, or
+ * `{"text"}`). All records form one batch (their gradients accumulate into one update).
+ *
+ * # Safety
+ * `trainer` live (one thread); `jsonl` NUL-terminated UTF-8; `result` NULL or valid with
+ * `struct_size` set.
+ */
+enum ember_status ember_trainer_step(struct ember_trainer *trainer, const char *jsonl, struct ember_step_result *result);
+
+/**
+ * One optimizer step on raw token sequences: `n_seqs` sequences whose lengths are in
+ * `lengths`, concatenated in `tokens`; `loss_mask` (NULL: every token) holds one byte per
+ * token, nonzero where the token is scored.
+ *
+ * # Safety
+ * `trainer` live (one thread); `lengths` valid for `n_seqs`; `tokens` (and `loss_mask`
+ * unless NULL) valid for the sum of the lengths; `result` NULL or valid.
+ */
+enum ember_status ember_trainer_step_tokens(struct ember_trainer *trainer, const uint32_t *tokens, const uint8_t *loss_mask, const size_t *lengths, size_t n_seqs, struct ember_step_result *result);
+
+/**
+ * Trains `steps` optimizer steps on the file at `path` (JSONL records or plain text) in
+ * batches of `batch_size` sequences, reshuffled every epoch by the trainer's seed.
+ * `*final_loss` (optional) receives the last step's loss.
+ *
+ * # Safety
+ * `trainer` live (one thread); `path` NUL-terminated UTF-8; `callback` NULL or valid;
+ * `final_loss` NULL or valid.
+ */
+enum ember_status ember_trainer_train_file(struct ember_trainer *trainer, const char *path, uint32_t steps, uint32_t batch_size, ember_train_callback callback, void *user_data, double *final_loss);
+
+/**
+ * Mean loss of the JSONL records in `jsonl` with the current parameters (no update).
+ *
+ * # Safety
+ * `trainer` live; `jsonl` NUL-terminated UTF-8; `loss` valid.
+ */
+enum ember_status ember_trainer_evaluate(struct ember_trainer *trainer, const char *jsonl, double *loss);
+
+/**
+ * A snapshot of the trained LoRA adapter as an adapter handle: attach it to sessions, or
+ * hot-swap it into one with `ember_session_replace_adapter`, while training goes on. Free
+ * it with `ember_adapter_free`. `EMBER_UNSUPPORTED` when the trainer trains no LoRA.
+ *
+ * # Safety
+ * `trainer` live; `out` valid.
+ */
+enum ember_status ember_trainer_get_adapter(struct ember_trainer *trainer, struct ember_adapter **out);
+
+/**
+ * Saves what is trained to directory `dir` in the PEFT layout, recording the base model:
+ * a LoRA adapter alone goes to `dir`; with a soft prompt or prefix, each goes to
+ * `dir/lora`, `dir/prompt` or `dir/prefix`. Every file is written atomically (temporary
+ * file, fsync, rename): an interrupted save leaves the previous files intact.
+ *
+ * # Safety
+ * `trainer` live; `dir` NUL-terminated UTF-8.
+ */
+enum ember_status ember_trainer_save(struct ember_trainer *trainer, const char *dir);
+
+/**
+ * Writes a JSON description (trainable parameters, steps, settings, device memory) to
+ * `*out_json` (free with `ember_string_free`).
+ *
+ * # Safety
+ * `trainer` live; `out_json` valid.
+ */
+enum ember_status ember_trainer_info_json(struct ember_trainer *trainer, char **out_json);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -11,6 +11,7 @@
 mod adapters;
 mod handles;
 mod status;
+mod train;
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ pub use adapters::*;
 use handles::{get, get_mut, register, release};
 use status::*;
 pub use status::{ember_last_error, ember_status, ember_status_str};
+pub use train::*;
 
 /// ABI version of this header. `ember_abi_version()` returns the library's; they must be
 /// equal (checked by `EMBER_CHECK_ABI()` in C code).

@@ -239,3 +239,170 @@ fn adapters_load_attach_choose_per_sequence_and_refuse_another_base() {
     }
     let _ = std::fs::remove_dir_all(root);
 }
+
+unsafe extern "C" fn stop_after_two(
+    step: u32,
+    _total: u32,
+    r: *const ember_step_result,
+    user: *mut std::ffi::c_void,
+) -> bool {
+    let seen = unsafe { &mut *(user as *mut Vec<(u32, f64)>) };
+    seen.push((step, unsafe { (*r).loss }));
+    step < 2
+}
+
+#[test]
+fn trainer_learns_saves_snapshots_and_reports_errors() {
+    use ember_tests::tiny::{write_tiny_model, TinyVariant};
+    let root = ember_tests::model::temp_dir("capi-trainer");
+    write_tiny_model(&root.join("base"), TinyVariant::Llama).unwrap();
+    let c = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    unsafe {
+        let mut ctx: *mut ember_context = std::ptr::null_mut();
+        assert_eq!(ember_context_create(std::ptr::null(), &mut ctx), EMBER_OK);
+        let mut model: *mut ember_model = std::ptr::null_mut();
+        let st = ember_model_load(
+            ctx,
+            c(&root.join("base")).as_ptr(),
+            std::ptr::null(),
+            &mut model,
+        );
+        assert_eq!(st, EMBER_OK);
+
+        // Bad settings are refused with a message.
+        let mut p = ember_train_default_params();
+        p.seq_len = 33;
+        let mut tr: *mut ember_trainer = std::ptr::null_mut();
+        assert_eq!(
+            ember_trainer_create(model, &p, &mut tr),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(CStr::from_ptr(ember_last_error())
+            .to_str()
+            .unwrap()
+            .contains("multiple of 32"));
+        p = ember_train_default_params();
+        p.lora_rank = 0;
+        assert_eq!(
+            ember_trainer_create(model, &p, &mut tr),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(CStr::from_ptr(ember_last_error())
+            .to_str()
+            .unwrap()
+            .contains("nothing to train"));
+
+        p = ember_train_default_params();
+        p.lora_rank = 4;
+        p.lora_targets = EMBER_TARGET_Q | EMBER_TARGET_V;
+        p.seq_len = 32;
+        p.lr = 1e-2;
+        p.schedule = ember_lr_schedule::EMBER_LR_CONSTANT;
+        assert_eq!(ember_trainer_create(model, &p, &mut tr), EMBER_OK);
+
+        // The same two sequences, over and over: the loss falls.
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 37 % 250 + 3) as u32).collect();
+        let lengths = [12usize, 8];
+        let mut mask = [1u8; 20];
+        mask[..3].fill(0);
+        let mut losses = Vec::new();
+        for _ in 0..8 {
+            let mut r = ember_step_result {
+                struct_size: std::mem::size_of::<ember_step_result>() as u32,
+                ..Default::default()
+            };
+            let st = ember_trainer_step_tokens(
+                tr,
+                tokens.as_ptr(),
+                mask.as_ptr(),
+                lengths.as_ptr(),
+                2,
+                &mut r,
+            );
+            assert_eq!(st, EMBER_OK);
+            assert!(!r.skipped && r.tokens == 16, "{r:?}");
+            losses.push(r.loss);
+        }
+        assert!(losses[7] < 0.8 * losses[0], "{losses:?}");
+        let bad = [999u32; 4];
+        let one = [4usize];
+        let st = ember_trainer_step_tokens(
+            tr,
+            bad.as_ptr(),
+            std::ptr::null(),
+            one.as_ptr(),
+            1,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, EMBER_INVALID_ARGUMENT);
+        assert!(CStr::from_ptr(ember_last_error())
+            .to_str()
+            .unwrap()
+            .contains("vocabulary"));
+
+        // A snapshot serves in a session; a save loads back as the same adapter.
+        let mut snap: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(ember_trainer_get_adapter(tr, &mut snap), EMBER_OK);
+        let mut s: *mut ember_session = std::ptr::null_mut();
+        assert_eq!(
+            ember_session_create(model, std::ptr::null(), &mut s),
+            EMBER_OK
+        );
+        let mut id = -1;
+        assert_eq!(
+            ember_session_attach_adapter(s, snap, std::ptr::null(), &mut id),
+            EMBER_OK
+        );
+        let dir = root.join("saved");
+        assert_eq!(ember_trainer_save(tr, c(&dir).as_ptr()), EMBER_OK);
+        let mut loaded: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(
+            ember_adapter_load(model, c(&dir).as_ptr(), &mut loaded),
+            EMBER_OK
+        );
+        let (l, r) = (&*loaded, &*snap);
+        assert_eq!(l.adapter.weights, r.adapter.weights);
+
+        // Whole-file training with a callback that stops after two steps.
+        let data = root.join("data.jsonl");
+        let lines: String = (0..6)
+            .map(|i| format!("{{\"text\":\"sample {i} of some training text\"}}\n"))
+            .collect();
+        std::fs::write(&data, lines).unwrap();
+        let mut seen: Vec<(u32, f64)> = Vec::new();
+        let mut last = 0.0f64;
+        let st = ember_trainer_train_file(
+            tr,
+            c(&data).as_ptr(),
+            5,
+            2,
+            Some(stop_after_two),
+            &mut seen as *mut _ as *mut std::ffi::c_void,
+            &mut last,
+        );
+        assert_eq!(st, EMBER_ABORTED);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(last, seen[1].1);
+        let mut json: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_trainer_info_json(tr, &mut json), EMBER_OK);
+        let info: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(json).to_str().unwrap()).unwrap();
+        ember_string_free(json);
+        assert_eq!(info["steps"], 10);
+        let mut loss = 0.0;
+        let rec = c"{\"text\":\"sample 1 of some training text\"}";
+        assert_eq!(
+            ember_trainer_evaluate(tr, rec.as_ptr(), &mut loss),
+            EMBER_OK
+        );
+        assert!(loss.is_finite() && loss > 0.0);
+
+        ember_adapter_free(loaded);
+        ember_adapter_free(snap);
+        ember_session_free(s);
+        ember_trainer_free(tr);
+        ember_model_free(model);
+        ember_context_free(ctx);
+    }
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -40,6 +40,8 @@ enum Command {
     Finetune(train_cmds::FinetuneArgs),
     /// Training speed against the forward pass, and memory, as JSON.
     BenchTrain(train_cmds::BenchTrainArgs),
+    /// Ask the questions of a JSONL file (chat template, greedy) and score the answers.
+    EvalQa(train_cmds::EvalQaArgs),
 }
 
 fn main() {
@@ -55,6 +57,7 @@ fn main() {
         Command::Convert(a) => model_cmds::run_convert(a),
         Command::Finetune(a) => train_cmds::run_finetune(a),
         Command::BenchTrain(a) => train_cmds::run_bench_train(a),
+        Command::EvalQa(a) => train_cmds::run_eval_qa(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

@@ -101,7 +101,7 @@ pub fn load_model(ctx: &Context, path: &std::path::Path) -> Result<Arc<Model>> {
     Ok(Arc::new(model?))
 }
 
-fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Session> {
+pub fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Session> {
     Session::new(
         model.clone(),
         SessionParams {
@@ -115,7 +115,7 @@ fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Session> {
 
 /// Loads `--adapter DIR[:SCALE]` arguments into one adapter attached to `sess` (several
 /// adapters are stacked: they apply together).
-fn attach_adapters(sess: &mut Session, args: &[String]) -> Result<Option<(AdapterId, f32)>> {
+pub fn attach_adapters(sess: &mut Session, args: &[String]) -> Result<Option<(AdapterId, f32)>> {
     if args.is_empty() {
         return Ok(None);
     }

@@ -1,7 +1,7 @@
 //! Commands that teach a model: finetune (LoRA, soft prompt or prefix on a JSONL dataset)
 //! and bench-train (training speed and memory).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
@@ -13,7 +13,9 @@ use ember::util::Rng;
 use ember::{Context, Error, Result};
 use serde_json::json;
 
-use crate::model_cmds::{load_model, peak_rss_mb};
+use crate::model_cmds::{
+    attach_adapters, generate_text, load_model, peak_rss_mb, session, ModelArgs,
+};
 
 /// What to train and how.
 #[derive(Args, Clone)]
@@ -91,7 +93,11 @@ impl AdapterArgs {
             t.prompt = Some(SoftPrompt::from_tokens(model, &ids, self.prompt_tokens)?);
         }
         if self.prefix_tokens > 0 {
-            t.prefix = Some(Prefix::random(&model.config, self.prefix_tokens, self.seed)?);
+            t.prefix = Some(Prefix::random(
+                &model.config,
+                self.prefix_tokens,
+                self.seed,
+            )?);
         }
         if t.lora.is_none() && t.prompt.is_none() && t.prefix.is_none() {
             return Err(Error::InvalidArgument(
@@ -141,29 +147,6 @@ pub struct FinetuneArgs {
     json: bool,
 }
 
-fn save_trained(tr: &Trainer, out: &Path) -> Result<Vec<PathBuf>> {
-    let model = tr.model();
-    let mut saved = Vec::new();
-    let lora = tr.lora()?;
-    let prompt = tr.soft_prompt()?;
-    let prefix = tr.prefix()?;
-    let several = lora.is_some() as u8 + prompt.is_some() as u8 + prefix.is_some() as u8 > 1;
-    let sub = |name: &str| if several { out.join(name) } else { out.to_path_buf() };
-    if let Some(a) = lora {
-        a.save(&sub("lora"), model)?;
-        saved.push(sub("lora"));
-    }
-    if let Some(p) = prompt {
-        p.save(&sub("prompt"), model)?;
-        saved.push(sub("prompt"));
-    }
-    if let Some(p) = prefix {
-        p.save(&sub("prefix"), model)?;
-        saved.push(sub("prefix"));
-    }
-    Ok(saved)
-}
-
 pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     let ctx = Context::new()?;
     let model = load_model(&ctx, &a.model)?;
@@ -188,6 +171,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
             ..Default::default()
         },
         schedule: LrSchedule::parse(&a.schedule, warmup, steps)?,
+        seed: a.adapter.seed,
         ..Default::default()
     };
     let mut tr = Trainer::new(model.clone(), t, config)?;
@@ -217,7 +201,8 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let t0 = Instant::now();
-    let (mut tokens, mut rows, mut skipped, mut last_loss, mut first_loss) = (0usize, 0usize, 0, f64::NAN, f64::NAN);
+    let (mut tokens, mut rows, mut skipped, mut last_loss, mut first_loss) =
+        (0usize, 0usize, 0, f64::NAN, f64::NAN);
     let mut epoch = 0u64;
     let mut done = 0u32;
     'outer: loop {
@@ -249,7 +234,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         epoch += 1;
     }
     bar.finish_and_clear();
-    let saved = save_trained(&tr, &a.out)?;
+    let saved = tr.save(&a.out)?;
     let secs = t0.elapsed().as_secs_f64();
     let summary = json!({
         "model": a.model, "data": a.data, "out": saved,
@@ -341,7 +326,11 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         let prof = tr.profile(&batch)?;
         let total: f64 = prof.iter().map(|p| p.2).sum();
         for (name, n, s) in prof {
-            eprintln!("{name:<18} x{n:<5} {:9.1} ms {:5.1}%", s * 1e3, 100.0 * s / total);
+            eprintln!(
+                "{name:<18} x{n:<5} {:9.1} ms {:5.1}%",
+                s * 1e3,
+                100.0 * s / total
+            );
         }
     }
     let info = ctx.info();
@@ -370,6 +359,82 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
             step_s / prefill_s,
             (tr.device_bytes() + model.weight_bytes()) as f64 / 1e6,
             peak_rss_mb()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalQaArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL of {"question": ..., "expect": ...}: an answer counts when it contains
+    /// `expect` (case-insensitive).
+    #[arg(long)]
+    questions: PathBuf,
+    /// Tokens to generate per answer at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 48)]
+    n: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Asks each question through the chat template (greedy) and scores the answers.
+pub fn run_eval_qa(a: EvalQaArgs) -> Result<()> {
+    let ctx = Context::new()?;
+    let model = load_model(&ctx, &a.model.model)?;
+    let mut sess = session(&model, &a.model, 1)?;
+    let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
+    let text = std::fs::read_to_string(&a.questions).map_err(|source| Error::Io {
+        path: a.questions.clone(),
+        source,
+    })?;
+    let mut rows = Vec::new();
+    let mut correct = 0;
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(Some(&a.questions), format!("line {}: {e}", i + 1)))?;
+        let (Some(q), Some(expect)) = (v["question"].as_str(), v["expect"].as_str()) else {
+            return Err(Error::format(
+                Some(&a.questions),
+                format!("line {}: needs \"question\" and \"expect\" strings", i + 1),
+            ));
+        };
+        let prompt = model
+            .tokenizer
+            .apply_chat_template(&[ember::tokenizer::ChatMessage::new("user", q)], true)?;
+        sess.reset();
+        let g = generate_text(
+            &mut sess,
+            &prompt,
+            ember::session::SamplerConfig::greedy(),
+            a.n,
+            &[],
+            adapter,
+            &mut |_| {},
+        )?;
+        let ok = g.text.to_lowercase().contains(&expect.to_lowercase());
+        correct += ok as usize;
+        if !a.json {
+            eprintln!(
+                "[{}] {q}\n    -> {}",
+                if ok { "ok" } else { "--" },
+                g.text.trim()
+            );
+        }
+        rows.push(json!({"question": q, "expect": expect, "answer": g.text, "correct": ok}));
+    }
+    let n = rows.len().max(1);
+    let v = json!({"questions": rows.len(), "correct": correct, "accuracy": correct as f64 / n as f64,
+                   "adapters": a.model.adapters, "answers": rows});
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!(
+            "{correct}/{} answers contain the expected fact ({:.0}%)",
+            rows.len(),
+            100.0 * correct as f64 / n as f64
         );
     }
     Ok(())

@@ -59,6 +59,8 @@ pub struct TrainConfig {
     pub adam: AdamConfig,
     /// Learning-rate schedule.
     pub schedule: LrSchedule,
+    /// Seed for shuffling data (initialization is the trainables' own).
+    pub seed: u64,
     /// Scratch budgets.
     #[serde(skip)]
     pub budgets: Budgets,
@@ -75,6 +77,7 @@ impl Default for TrainConfig {
                 ..Default::default()
             },
             schedule: LrSchedule::Constant,
+            seed: 0,
             budgets: Budgets::default(),
         }
     }
@@ -271,6 +274,47 @@ impl Trainer {
     /// Device bytes of parameters, optimizer state, activations and scratch.
     pub fn device_bytes(&self) -> u64 {
         self.params.bytes() + self.graph.bytes
+    }
+
+    /// Virtual tokens (soft prompt or prefix) in front of every sequence.
+    pub fn virtual_tokens(&self) -> usize {
+        self.virt.rows()
+    }
+
+    /// The data-shuffling seed.
+    pub fn seed(&self) -> u64 {
+        self.config.seed
+    }
+
+    /// Saves what is trained to `dir` in the PEFT layout, recording the base model: a
+    /// LoRA adapter, soft prompt or prefix alone goes to `dir`; several go to `dir/lora`,
+    /// `dir/prompt` and `dir/prefix`. Every file is written atomically. Returns the
+    /// directories written.
+    pub fn save(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+        let model = &self.model;
+        let (lora, prompt, prefix) = (self.lora()?, self.soft_prompt()?, self.prefix()?);
+        let several = lora.is_some() as u8 + prompt.is_some() as u8 + prefix.is_some() as u8 > 1;
+        let sub = |name: &str| {
+            if several {
+                dir.join(name)
+            } else {
+                dir.to_path_buf()
+            }
+        };
+        let mut saved = Vec::new();
+        if let Some(a) = lora {
+            a.save(&sub("lora"), model)?;
+            saved.push(sub("lora"));
+        }
+        if let Some(p) = prompt {
+            p.save(&sub("prompt"), model)?;
+            saved.push(sub("prompt"));
+        }
+        if let Some(p) = prefix {
+            p.save(&sub("prefix"), model)?;
+            saved.push(sub("prefix"));
+        }
+        Ok(saved)
     }
 
     /// Sets the base learning rate (the schedule multiplies it).
