@@ -204,8 +204,9 @@ typedef enum ember_lr_schedule {
 } ember_lr_schedule;
 
 /**
- * A LoRA adapter held in host memory (immutable; thread-safe). Attaching it to sessions
- * copies its weights to the GPU; the handle may be freed afterwards.
+ * An adapter held in host memory (immutable; thread-safe): LoRA, soft prompt or prefix.
+ * Attaching it to sessions copies its weights to the GPU; the handle may be freed
+ * afterwards.
  */
 typedef struct ember_adapter ember_adapter;
 
@@ -902,10 +903,13 @@ enum ember_status ember_seq_decode(struct ember_session *session, const uint64_t
 enum ember_status ember_debug_internal_panic(void);
 
 /**
- * Loads a LoRA adapter saved in the PEFT layout (`adapter_config.json` +
- * `adapter_model.safetensors`) from directory `dir` and checks it against `model`: shapes,
- * targets, and the base model identity when the adapter records one (adapters saved by
- * Ember do). A mismatch gives `EMBER_INVALID_ARGUMENT` or `EMBER_FORMAT` with a message.
+ * Loads an adapter saved in the PEFT layout (`adapter_config.json` +
+ * `adapter_model.safetensors`) from directory `dir` — LoRA, prompt tuning (soft prompt) or
+ * prefix tuning — and checks it against `model`: shapes, targets, and the base model
+ * identity when the adapter records one (adapters saved by Ember do). A mismatch gives
+ * `EMBER_INVALID_ARGUMENT` or `EMBER_FORMAT` with a message. A directory that holds
+ * several kinds (subdirectories `lora/`, `prompt/`, `prefix/`, as a trainer saves them)
+ * gives `EMBER_INVALID_ARGUMENT`: load each subdirectory.
  *
  * # Safety
  * `model` live; `dir` NUL-terminated UTF-8; `out` valid.
@@ -954,7 +958,8 @@ enum ember_status ember_adapter_combine(const struct ember_adapter *const *adapt
  * the base; `*out_id` receives its id in this session (>= 0). Many adapters may be attached:
  * each sequence chooses one with `ember_seq_set_adapter` or a generation with
  * `ember_generate_params.adapter`, and sequences with different adapters share one forward
- * pass. Fails when the adapter was made for another base model.
+ * pass. A soft prompt or prefix is attached the same way; a sequence that chooses it starts
+ * with its virtual tokens. Fails when the adapter was made for another base model.
  *
  * # Safety
  * `session` live (one thread); `adapter` live; `name` NULL or NUL-terminated; `out_id` valid.
@@ -989,7 +994,10 @@ enum ember_status ember_session_set_adapter_scale(struct ember_session *session,
 
 /**
  * Chooses the adapter of sequence `seq` (an attached id, or -1 for the base model) and its
- * strength, for the tokens it processes from now on.
+ * strength, for the tokens it processes from now on. The id of an attached soft prompt or
+ * prefix instead puts its virtual tokens at the start of the sequence, which must be empty
+ * (`scale` unused); a sequence may have one LoRA adapter and one prompt adapter: choose
+ * the LoRA first. -1 removes the LoRA adapter only.
  *
  * # Safety
  * `session` live (one thread).

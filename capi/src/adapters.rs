@@ -5,7 +5,7 @@ use std::ffi::c_char;
 use std::path::Path;
 use std::sync::Arc;
 
-use ember::adapters::LoraAdapter;
+use ember::adapters::{load_dir, Loaded, LoraAdapter, PromptAdapter};
 use ember::session::{AdapterId, SeqId};
 
 use crate::handles::{get, get_mut, register, release};
@@ -14,10 +14,36 @@ use crate::{ember_model, ember_session, non_null, out_string, req_str, K_MODEL, 
 
 pub(crate) const K_ADAPTER: &str = "ember_adapter";
 
-/// A LoRA adapter held in host memory (immutable; thread-safe). Attaching it to sessions
-/// copies its weights to the GPU; the handle may be freed afterwards.
+/// An adapter held in host memory (immutable; thread-safe): LoRA, soft prompt or prefix.
+/// Attaching it to sessions copies its weights to the GPU; the handle may be freed
+/// afterwards.
 pub struct ember_adapter {
-    pub(crate) adapter: Arc<LoraAdapter>,
+    pub(crate) held: Held,
+}
+
+/// What an adapter handle holds.
+pub(crate) enum Held {
+    Lora(Arc<LoraAdapter>),
+    Prompt(PromptAdapter),
+}
+
+impl ember_adapter {
+    pub(crate) fn lora(a: LoraAdapter) -> ember_adapter {
+        ember_adapter {
+            held: Held::Lora(Arc::new(a)),
+        }
+    }
+
+    /// The LoRA adapter, or UNSUPPORTED naming `what` cannot take a prompt adapter.
+    pub(crate) fn as_lora(&self, what: &str) -> CResult<&Arc<LoraAdapter>> {
+        match &self.held {
+            Held::Lora(a) => Ok(a),
+            Held::Prompt(_) => Err(CError(
+                EMBER_UNSUPPORTED,
+                format!("{what} takes LoRA adapters, not a soft prompt or prefix"),
+            )),
+        }
+    }
 }
 
 /// An attached adapter's id as the session knows it, or `None` for -1.
@@ -35,10 +61,13 @@ fn attached_id(id: i32) -> CResult<AdapterId> {
         .ok_or_else(|| invalid("adapter id -1 names no adapter"))
 }
 
-/// Loads a LoRA adapter saved in the PEFT layout (`adapter_config.json` +
-/// `adapter_model.safetensors`) from directory `dir` and checks it against `model`: shapes,
-/// targets, and the base model identity when the adapter records one (adapters saved by
-/// Ember do). A mismatch gives `EMBER_INVALID_ARGUMENT` or `EMBER_FORMAT` with a message.
+/// Loads an adapter saved in the PEFT layout (`adapter_config.json` +
+/// `adapter_model.safetensors`) from directory `dir` — LoRA, prompt tuning (soft prompt) or
+/// prefix tuning — and checks it against `model`: shapes, targets, and the base model
+/// identity when the adapter records one (adapters saved by Ember do). A mismatch gives
+/// `EMBER_INVALID_ARGUMENT` or `EMBER_FORMAT` with a message. A directory that holds
+/// several kinds (subdirectories `lora/`, `prompt/`, `prefix/`, as a trainer saves them)
+/// gives `EMBER_INVALID_ARGUMENT`: load each subdirectory.
 ///
 /// # Safety
 /// `model` live; `dir` NUL-terminated UTF-8; `out` valid.
@@ -53,15 +82,18 @@ pub unsafe extern "C" fn ember_adapter_load(
         unsafe { *out = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
         let dir = unsafe { req_str(dir, "dir") }?;
-        let adapter = LoraAdapter::load(Path::new(dir), &m.model)?;
-        unsafe {
-            *out = register(
-                K_ADAPTER,
-                ember_adapter {
-                    adapter: Arc::new(adapter),
-                },
-            )
+        let mut loaded = load_dir(Path::new(dir), &m.model)?;
+        if loaded.len() != 1 {
+            return Err(invalid(format!(
+                "{dir} holds {} adapters (lora/, prompt/, prefix/): load each directory",
+                loaded.len()
+            )));
+        }
+        let held = match loaded.remove(0) {
+            Loaded::Lora(a) => Held::Lora(Arc::new(a)),
+            Loaded::Prompt(p) => Held::Prompt(p),
         };
+        unsafe { *out = register(K_ADAPTER, ember_adapter { held }) };
         Ok(())
     })
 }
@@ -93,7 +125,12 @@ pub unsafe extern "C" fn ember_adapter_save(
         let a = unsafe { get(K_ADAPTER, adapter) }?;
         let m = unsafe { get(K_MODEL, model) }?;
         let dir = unsafe { req_str(dir, "dir") }?;
-        a.adapter.save(Path::new(dir), &m.model)?;
+        let dir = Path::new(dir);
+        match &a.held {
+            Held::Lora(l) => l.save(dir, &m.model)?,
+            Held::Prompt(PromptAdapter::Soft(p)) => p.save(dir, &m.model)?,
+            Held::Prompt(PromptAdapter::Prefix(p)) => p.save(dir, &m.model)?,
+        }
         Ok(())
     })
 }
@@ -111,7 +148,21 @@ pub unsafe extern "C" fn ember_adapter_info_json(
     guard("ember_adapter_info_json", || {
         non_null(out_json, "out_json")?;
         unsafe { *out_json = std::ptr::null_mut() };
-        let a = &unsafe { get(K_ADAPTER, adapter) }?.adapter;
+        let a = match &unsafe { get(K_ADAPTER, adapter) }?.held {
+            Held::Lora(a) => a,
+            Held::Prompt(p) => {
+                let (kind, base) = match p {
+                    PromptAdapter::Soft(p) => ("prompt_tuning", p.base_identity),
+                    PromptAdapter::Prefix(p) => ("prefix_tuning", p.base_identity),
+                };
+                let v = serde_json::json!({
+                    "kind": kind,
+                    "n_virtual": p.n_virtual(),
+                    "base_identity": base.map(|i| format!("{i:016x}")),
+                });
+                return out_string(out_json, &v.to_string());
+            }
+        };
         let mut layers: Vec<usize> = a.weights.keys().map(|(l, _)| *l).collect();
         layers.dedup();
         let mut targets: Vec<&str> = a.config.targets.iter().map(|t| t.module()).collect();
@@ -164,17 +215,10 @@ pub unsafe extern "C" fn ember_adapter_combine(
             if !w[i].is_finite() {
                 return Err(invalid(format!("weights[{i}] is {}", w[i])));
             }
-            parts.push((&*a.adapter, w[i]));
+            parts.push((&**a.as_lora("ember_adapter_combine")?, w[i]));
         }
         let combined = LoraAdapter::stack(&parts)?;
-        unsafe {
-            *out = register(
-                K_ADAPTER,
-                ember_adapter {
-                    adapter: Arc::new(combined),
-                },
-            )
-        };
+        unsafe { *out = register(K_ADAPTER, ember_adapter::lora(combined)) };
         Ok(())
     })
 }
@@ -183,7 +227,8 @@ pub unsafe extern "C" fn ember_adapter_combine(
 /// the base; `*out_id` receives its id in this session (>= 0). Many adapters may be attached:
 /// each sequence chooses one with `ember_seq_set_adapter` or a generation with
 /// `ember_generate_params.adapter`, and sequences with different adapters share one forward
-/// pass. Fails when the adapter was made for another base model.
+/// pass. A soft prompt or prefix is attached the same way; a sequence that chooses it starts
+/// with its virtual tokens. Fails when the adapter was made for another base model.
 ///
 /// # Safety
 /// `session` live (one thread); `adapter` live; `name` NULL or NUL-terminated; `out_id` valid.
@@ -200,7 +245,10 @@ pub unsafe extern "C" fn ember_session_attach_adapter(
         let s = unsafe { get_mut(K_SESSION, session) }?;
         let a = unsafe { get(K_ADAPTER, adapter) }?;
         let name = unsafe { crate::opt_str(name, "name") }?.unwrap_or("adapter");
-        let id = s.session.attach_adapter(name, a.adapter.clone())?;
+        let id = match &a.held {
+            Held::Lora(l) => s.session.attach_adapter(name, l.clone())?,
+            Held::Prompt(p) => s.session.attach_prompt(name, p.clone())?,
+        };
         unsafe { *out_id = id.0 as i32 };
         Ok(())
     })
@@ -237,8 +285,10 @@ pub unsafe extern "C" fn ember_session_replace_adapter(
     guard("ember_session_replace_adapter", || {
         let s = unsafe { get_mut(K_SESSION, session) }?;
         let a = unsafe { get(K_ADAPTER, adapter) }?;
-        s.session
-            .replace_adapter(attached_id(id)?, a.adapter.clone())?;
+        s.session.replace_adapter(
+            attached_id(id)?,
+            a.as_lora("ember_session_replace_adapter")?.clone(),
+        )?;
         Ok(())
     })
 }
@@ -261,7 +311,10 @@ pub unsafe extern "C" fn ember_session_set_adapter_scale(
 }
 
 /// Chooses the adapter of sequence `seq` (an attached id, or -1 for the base model) and its
-/// strength, for the tokens it processes from now on.
+/// strength, for the tokens it processes from now on. The id of an attached soft prompt or
+/// prefix instead puts its virtual tokens at the start of the sequence, which must be empty
+/// (`scale` unused); a sequence may have one LoRA adapter and one prompt adapter: choose
+/// the LoRA first. -1 removes the LoRA adapter only.
 ///
 /// # Safety
 /// `session` live (one thread).

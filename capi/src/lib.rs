@@ -970,6 +970,7 @@ pub unsafe extern "C" fn ember_session_generate(
                 stop,
                 on_token: Some(&mut cb),
                 adapter: adapter_choice(p.adapter, p.adapter_scale)?,
+                prompt: None,
             },
         )?;
         if !result.is_null() {

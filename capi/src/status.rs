@@ -51,6 +51,7 @@ pub(crate) fn clear_error() {
 }
 
 /// An error of an entry point: a status and a message.
+#[derive(Debug)]
 pub(crate) struct CError(pub ember_status, pub String);
 
 impl From<Error> for CError {

@@ -4,7 +4,6 @@
 
 use std::ffi::{c_char, c_void};
 use std::path::Path;
-use std::sync::Arc;
 
 use ember::adapters::{LoraAdapter, LoraConfig, Prefix, SoftPrompt, Target};
 use ember::kernels::train::AdamConfig;
@@ -224,7 +223,7 @@ pub unsafe extern "C" fn ember_trainer_create(
         let mut t = Trainables::default();
         if !p.init_adapter.is_null() {
             let a = unsafe { get(K_ADAPTER, p.init_adapter) }?;
-            t.lora = Some((*a.adapter).clone());
+            t.lora = Some((**a.as_lora("init_adapter")?).clone());
         } else if p.lora_rank > 0 {
             let config = LoraConfig {
                 rank: p.lora_rank as usize,
@@ -510,14 +509,7 @@ pub unsafe extern "C" fn ember_trainer_get_adapter(
                 "this trainer trains no LoRA adapter".into(),
             )
         })?;
-        unsafe {
-            *out = register(
-                K_ADAPTER,
-                ember_adapter {
-                    adapter: Arc::new(a),
-                },
-            )
-        };
+        unsafe { *out = register(K_ADAPTER, ember_adapter::lora(a)) };
         Ok(())
     })
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use ember::adapters::LoraAdapter;
+use ember::adapters::{load_dir, Loaded, LoraAdapter};
 use ember::model::{LoadOptions, Model};
 use ember::session::{
-    AdapterId, GenerateOptions, Generation, SamplerConfig, Session, SessionParams,
+    GenerateOptions, Generation, SamplerConfig, SeqAdapters, Session, SessionParams,
 };
 use ember::tokenizer::ChatMessage;
 use ember::{Context, Error, Result};
@@ -27,8 +27,9 @@ pub struct ModelArgs {
     /// Prefill chunk size (tokens).
     #[arg(long = "batch-size", default_value_t = 256)]
     pub batch_size: usize,
-    /// LoRA adapter directory (PEFT layout), optionally with a strength: DIR or DIR:SCALE.
-    /// Repeatable: several adapters apply together.
+    /// Adapter directory (PEFT layout: LoRA, soft prompt or prefix; or the lora/, prompt/,
+    /// prefix/ subdirectories that training saves), optionally with a strength: DIR or
+    /// DIR:SCALE. Repeatable: several LoRA adapters apply together.
     #[arg(long = "adapter")]
     pub adapters: Vec<String>,
 }
@@ -113,25 +114,39 @@ pub fn session(model: &Arc<Model>, a: &ModelArgs, n_seq: usize) -> Result<Sessio
     )
 }
 
-/// Loads `--adapter DIR[:SCALE]` arguments into one adapter attached to `sess` (several
-/// adapters are stacked: they apply together).
-pub fn attach_adapters(sess: &mut Session, args: &[String]) -> Result<Option<(AdapterId, f32)>> {
+/// Loads `--adapter DIR[:SCALE]` arguments: LoRA adapters are stacked into one attached to
+/// `sess` (they apply together, each at its strength); a soft prompt or prefix (at most
+/// one) goes at the start of every sequence.
+pub fn attach_adapters(sess: &mut Session, args: &[String]) -> Result<SeqAdapters> {
+    let mut out = SeqAdapters::default();
     if args.is_empty() {
-        return Ok(None);
+        return Ok(out);
     }
     let model = sess.model().clone();
-    let mut loaded = Vec::new();
+    let mut loras = Vec::new();
     for a in args {
         let (dir, scale) = match a.rsplit_once(':') {
             Some((d, s)) if s.parse::<f32>().is_ok() => (d, s.parse::<f32>().unwrap_or(1.0)),
             _ => (a.as_str(), 1.0),
         };
-        loaded.push((LoraAdapter::load(std::path::Path::new(dir), &model)?, scale));
+        for l in load_dir(std::path::Path::new(dir), &model)? {
+            match l {
+                Loaded::Lora(l) => loras.push((l, scale)),
+                Loaded::Prompt(p) if out.prompt.is_none() => out.prompt = Some(p),
+                Loaded::Prompt(_) => {
+                    return Err(Error::InvalidArgument(
+                        "more than one soft prompt or prefix among the adapters".into(),
+                    ))
+                }
+            }
+        }
     }
-    let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, s)| (a, *s)).collect();
-    let stacked = LoraAdapter::stack(&refs)?;
-    let id = sess.attach_adapter("cli", Arc::new(stacked))?;
-    Ok(Some((id, 1.0)))
+    if !loras.is_empty() {
+        let refs: Vec<(&LoraAdapter, f32)> = loras.iter().map(|(a, s)| (a, *s)).collect();
+        let stacked = LoraAdapter::stack(&refs)?;
+        out.lora = Some((sess.attach_adapter("cli", Arc::new(stacked))?, 1.0));
+    }
+    Ok(out)
 }
 
 #[derive(Args)]
@@ -164,7 +179,7 @@ pub fn generate_text(
     sampler: SamplerConfig,
     n: usize,
     stop: &[String],
-    adapter: Option<(AdapterId, f32)>,
+    adapters: &SeqAdapters,
     out: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     let ids = sess.model().tokenizer.encode(prompt, true, true)?;
@@ -177,7 +192,8 @@ pub fn generate_text(
         max_tokens: n,
         stop: stop.to_vec(),
         on_token: Some(&mut cb),
-        adapter,
+        adapter: adapters.lora,
+        prompt: adapters.prompt.clone(),
     };
     sess.generate(&ids, opts)
 }
@@ -213,7 +229,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         a.sample.config(),
         a.n,
         &a.stop,
-        adapter,
+        &adapter,
         &mut print,
     )?;
     if json {
@@ -290,7 +306,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             let _ = o.write_all(s.as_bytes());
             let _ = o.flush();
         };
-        let g = generate_text(&mut sess, &prompt, cfg, a.n, &[], adapter, &mut print)?;
+        let g = generate_text(&mut sess, &prompt, cfg, a.n, &[], &adapter, &mut print)?;
         println!();
         history.push(ChatMessage {
             role: "assistant".into(),
@@ -329,7 +345,7 @@ pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let mut sess = session(&model, &args, 1)?;
     let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     let t0 = Instant::now();
-    let r = sess.perplexity_with(&tokens, a.ctx, adapter)?;
+    let r = sess.perplexity_with(&tokens, a.ctx, adapter.clone())?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -409,7 +425,8 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?;
         for &id in &ids {
-            sess.set_sequence_adapter(id, adapter.map(|a| a.0), 1.0)?;
+            sess.set_sequence_adapter(id, adapter.lora.map(|a| a.0), 1.0)?;
+            sess.set_sequence_prompt(id, adapter.prompt.clone())?;
         }
         let t0 = Instant::now();
         for &id in &ids {

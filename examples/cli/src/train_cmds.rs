@@ -411,7 +411,7 @@ pub fn run_eval_qa(a: EvalQaArgs) -> Result<()> {
             ember::session::SamplerConfig::greedy(),
             a.n,
             &[],
-            adapter,
+            &adapter,
             &mut |_| {},
         )?;
         let ok = g.text.to_lowercase().contains(&expect.to_lowercase());

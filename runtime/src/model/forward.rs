@@ -203,6 +203,7 @@ pub enum LogitRows {
 
 impl Model {
     /// The dispatches of one forward step over `m` tokens whose inputs are in `a`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         a: &Activations,
@@ -212,6 +213,23 @@ impl Model {
         attn: AttnMode,
         logits: LogitRows,
         lora: Option<&LoraState>,
+    ) -> Result<Vec<Dispatch>> {
+        self.forward_input(a, kv, rope_table, m, attn, logits, lora, true)
+    }
+
+    /// [`Model::forward`]; with `gather` false the rows of `a.x` are taken as they are
+    /// (embeddings the caller wrote, e.g. a soft prompt's) instead of gathered from `a.ids`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_input(
+        &self,
+        a: &Activations,
+        kv: &KvCache,
+        rope_table: &RopeTable,
+        m: usize,
+        attn: AttnMode,
+        logits: LogitRows,
+        lora: Option<&LoraState>,
+        gather: bool,
     ) -> Result<Vec<Dispatch>> {
         let ctx = self.context();
         let c = &self.config;
@@ -250,7 +268,9 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         let nd = NormDesc::new(NormKind::Rms, m, c.hidden, c.norm_eps);
         let mut ops = Vec::with_capacity(12 * c.n_layers + 4);
-        ops.extend(self.embed.gather(ctx, &a.x, &a.ids.first(m)?)?);
+        if gather {
+            ops.extend(self.embed.gather(ctx, &a.x, &a.ids.first(m)?)?);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             ops.push(norm_with(
                 ctx,

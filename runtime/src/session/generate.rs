@@ -42,6 +42,8 @@ pub struct GenerateOptions<'a> {
     pub on_token: Option<TokenCallback<'a>>,
     /// Adapter (attached to the session) and strength for this generation.
     pub adapter: Option<(super::AdapterId, f32)>,
+    /// Soft prompt or prefix for this generation.
+    pub prompt: Option<crate::adapters::PromptAdapter>,
 }
 
 impl Default for GenerateOptions<'_> {
@@ -52,6 +54,7 @@ impl Default for GenerateOptions<'_> {
             stop: Vec::new(),
             on_token: None,
             adapter: None,
+            prompt: None,
         }
     }
 }
@@ -80,13 +83,11 @@ impl Session {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt is empty".into()));
         }
-        let seq = self.add_sequence(opts.sampler)?;
-        if let Some((a, scale)) = opts.adapter {
-            if let Err(e) = self.set_sequence_adapter(seq, Some(a), scale) {
-                self.remove_sequence(seq)?;
-                return Err(e);
-            }
-        }
+        let adapters = super::SeqAdapters {
+            lora: opts.adapter,
+            prompt: opts.prompt.clone(),
+        };
+        let seq = self.start_sequence(opts.sampler, &adapters)?;
         let r = self.generate_in(seq, prompt, opts);
         self.remove_sequence(seq)?;
         r

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::adapters::{LoraAdapter, Target};
+use crate::adapters::{LoraAdapter, PromptAdapter, Target};
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::lora::{LoraPack, LoraPart};
@@ -61,6 +61,9 @@ struct Seq {
     adapter: Option<(usize, f32)>,
     /// Index of its cache region.
     slot: usize,
+    /// Virtual tokens of a prompt adapter at the start of its cache region (the real
+    /// tokens start at this position).
+    virt: usize,
     /// Tokens in the cache, in order.
     tokens: Vec<u32>,
     sampler: SamplerState,
@@ -110,13 +113,52 @@ pub struct Session {
 /// An adapter attached to a session.
 struct Attached {
     name: String,
-    adapter: Arc<LoraAdapter>,
+    kind: AttachedKind,
     scale: f32,
+}
+
+enum AttachedKind {
+    Lora(Arc<LoraAdapter>),
+    Prompt(PromptAdapter),
+}
+
+impl Attached {
+    fn lora(&self) -> Option<&Arc<LoraAdapter>> {
+        match &self.kind {
+            AttachedKind::Lora(a) => Some(a),
+            AttachedKind::Prompt(_) => None,
+        }
+    }
 }
 
 /// Identifies an adapter attached to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct AdapterId(pub usize);
+
+/// The adapters one sequence runs with: an attached LoRA adapter with its strength, and a
+/// prompt adapter (soft prompt or prefix) at the start of its cache. Either may be absent.
+#[derive(Debug, Clone, Default)]
+pub struct SeqAdapters {
+    /// An attached LoRA adapter and its strength.
+    pub lora: Option<(AdapterId, f32)>,
+    /// A soft prompt or prefix.
+    pub prompt: Option<PromptAdapter>,
+}
+
+impl From<Option<(AdapterId, f32)>> for SeqAdapters {
+    fn from(lora: Option<(AdapterId, f32)>) -> Self {
+        SeqAdapters { lora, prompt: None }
+    }
+}
+
+impl From<PromptAdapter> for SeqAdapters {
+    fn from(p: PromptAdapter) -> Self {
+        SeqAdapters {
+            lora: None,
+            prompt: Some(p),
+        }
+    }
+}
 
 impl Session {
     /// Creates a session on `model`.
@@ -219,6 +261,7 @@ impl Session {
             id,
             adapter: None,
             slot,
+            virt: 0,
             tokens: Vec::new(),
             sampler: state,
             next: None,
@@ -301,7 +344,7 @@ impl Session {
             let s = self.seqs[i]
                 .as_ref()
                 .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
-            (s.slot, s.tokens.len())
+            (s.slot, s.virt + s.tokens.len())
         };
         if pos0 + tokens.len() > self.params.n_ctx {
             return Err(Error::InvalidArgument(format!(
@@ -460,20 +503,78 @@ impl Session {
                 )));
             }
         }
-        let slot = match self.adapters.iter().position(|a| a.is_none()) {
+        let slot = self.free_adapter_slot();
+        self.adapters[slot] = Some(Attached {
+            name: name.to_string(),
+            kind: AttachedKind::Lora(adapter),
+            scale: 1.0,
+        });
+        self.rebuild_lora()?;
+        Ok(AdapterId(slot))
+    }
+
+    fn free_adapter_slot(&mut self) -> usize {
+        match self.adapters.iter().position(|a| a.is_none()) {
             Some(i) => i,
             None => {
                 self.adapters.push(None);
                 self.adapters.len() - 1
             }
-        };
+        }
+    }
+
+    /// Attaches a prompt adapter (soft prompt or prefix) under `name`, in the same id space
+    /// as LoRA adapters: [`Session::set_sequence_adapter`] with its id puts it at the start
+    /// of an (empty) sequence; a sequence can have one LoRA and one prompt adapter.
+    pub fn attach_prompt(&mut self, name: &str, prompt: PromptAdapter) -> Result<AdapterId> {
+        self.check_prompt(&prompt)?;
+        let slot = self.free_adapter_slot();
         self.adapters[slot] = Some(Attached {
             name: name.to_string(),
-            adapter,
+            kind: AttachedKind::Prompt(prompt),
             scale: 1.0,
         });
-        self.rebuild_lora()?;
         Ok(AdapterId(slot))
+    }
+
+    /// Checks that a prompt adapter fits this model and session.
+    fn check_prompt(&self, prompt: &PromptAdapter) -> Result<()> {
+        if let Some(id) = prompt.base_identity() {
+            if id != self.model.identity {
+                return Err(Error::InvalidArgument(format!(
+                    "the prompt adapter was made for another base model (identity {id:016x}, this model is {:016x})",
+                    self.model.identity
+                )));
+            }
+        }
+        let c = &self.model.config;
+        let n = prompt.n_virtual();
+        if n + 1 > self.params.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "{n} virtual tokens leave no room in n_ctx = {}",
+                self.params.n_ctx
+            )));
+        }
+        let fits = match prompt {
+            PromptAdapter::Prefix(p) => {
+                p.layers.len() == c.n_layers
+                    && p.layers.iter().all(|l| l.len() == n * 2 * c.kv_dim())
+            }
+            PromptAdapter::Soft(p) => p.values.len() == n * c.hidden,
+        };
+        if !fits {
+            return Err(Error::InvalidArgument(format!(
+                "the {} does not fit this model ({} layers, hidden {}, {} key/value width)",
+                match prompt {
+                    PromptAdapter::Prefix(_) => "prefix",
+                    PromptAdapter::Soft(_) => "soft prompt",
+                },
+                c.n_layers,
+                c.hidden,
+                c.kv_dim()
+            )));
+        }
+        Ok(())
     }
 
     /// Detaches an adapter; sequences that used it continue without one.
@@ -554,7 +655,9 @@ impl Session {
             .collect()
     }
 
-    /// Chooses the adapter of a sequence (`None`: the base model) and its strength.
+    /// Chooses the LoRA adapter of a sequence (`None`: the base model) and its strength. With
+    /// the id of an attached prompt adapter, puts that at the start of the (empty) sequence
+    /// instead (see [`Session::set_sequence_prompt`]; `scale` is not used).
     pub fn set_sequence_adapter(
         &mut self,
         seq: SeqId,
@@ -565,14 +668,124 @@ impl Session {
             return Err(Error::InvalidArgument(format!("adapter scale {scale}")));
         }
         if let Some(a) = adapter {
-            if self.adapters.get(a.0).and_then(|x| x.as_ref()).is_none() {
-                return Err(Error::InvalidArgument(format!("no adapter {a:?} attached")));
+            match self.adapters.get(a.0).and_then(|x| x.as_ref()) {
+                None => return Err(Error::InvalidArgument(format!("no adapter {a:?} attached"))),
+                Some(Attached {
+                    kind: AttachedKind::Prompt(p),
+                    ..
+                }) => return self.set_sequence_prompt(seq, Some(p.clone())),
+                Some(_) => {}
             }
         }
         let i = self.index(seq)?;
         if let Some(s) = self.seqs[i].as_mut() {
             s.adapter = adapter.map(|a| (a.0, scale));
         }
+        Ok(())
+    }
+
+    /// Starts a sequence that runs with `adapters` (removed again on error).
+    pub fn start_sequence(
+        &mut self,
+        sampler: SamplerConfig,
+        adapters: &SeqAdapters,
+    ) -> Result<SeqId> {
+        let id = self.add_sequence(sampler)?;
+        let mut r = Ok(());
+        if let Some((a, sc)) = adapters.lora {
+            r = self.set_sequence_adapter(id, Some(a), sc);
+        }
+        if let (Ok(()), Some(p)) = (&r, &adapters.prompt) {
+            r = self.set_sequence_prompt(id, Some(p.clone()));
+        }
+        match r {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.remove_sequence(id)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a prompt adapter (soft prompt or prefix, made for this model) at the start of an
+    /// empty sequence, or removes it (`None`). Its virtual tokens take the first
+    /// `n_virtual` positions of the sequence's context; the real tokens follow, as in PEFT.
+    /// A soft prompt runs through the model (with the sequence's LoRA adapter, if it has
+    /// one: choose that first); a prefix is written straight into the cache.
+    pub fn set_sequence_prompt(&mut self, seq: SeqId, prompt: Option<PromptAdapter>) -> Result<()> {
+        let i = self.index(seq)?;
+        let (slot, empty) = self.seqs[i]
+            .as_ref()
+            .map(|s| (s.slot, s.tokens.is_empty()))
+            .ok_or_else(|| Error::Internal("sequence vanished".into()))?;
+        if !empty {
+            return Err(Error::InvalidArgument(format!(
+                "sequence {seq:?} already holds tokens: a prompt adapter goes on an empty sequence"
+            )));
+        }
+        let set_virt = |me: &mut Session, v: usize| {
+            if let Some(s) = me.seqs[i].as_mut() {
+                s.virt = v;
+            }
+        };
+        set_virt(self, 0);
+        let Some(prompt) = prompt else {
+            return Ok(());
+        };
+        self.check_prompt(&prompt)?;
+        let n = prompt.n_virtual();
+        let c = &self.model.config;
+        let base = slot * self.params.n_ctx;
+        match &prompt {
+            PromptAdapter::Prefix(p) => {
+                let kv = c.kv_dim();
+                for l in 0..c.n_layers {
+                    let rows = p.layer_for_model(l, &self.model, true);
+                    let (mut k, mut v) = (Vec::with_capacity(n * kv), Vec::with_capacity(n * kv));
+                    for r in rows.chunks_exact(2 * kv) {
+                        k.extend_from_slice(&r[..kv]);
+                        v.extend_from_slice(&r[kv..]);
+                    }
+                    for (cache, data) in [(&self.kv.k[l], &k), (&self.kv.v[l], &v)] {
+                        let view = Tensor::view(
+                            cache.buffer().clone(),
+                            (base * kv * 4) as u64,
+                            &[n * kv],
+                            DType::F32,
+                        )?;
+                        view.write(self.ctx(), data)?;
+                    }
+                }
+            }
+            PromptAdapter::Soft(p) => {
+                let h = c.hidden;
+                let dummy = vec![0u32; self.params.n_batch];
+                for (ci, rows) in p.values.chunks(self.params.n_batch * h).enumerate() {
+                    let m = rows.len() / h;
+                    let p0 = ci * self.params.n_batch;
+                    self.write_chunk_inputs(slot, p0, &dummy[..m])?;
+                    let x = Tensor::view(self.acts.x.buffer().clone(), 0, &[m * h], DType::F32)?;
+                    x.write(self.ctx(), rows)?;
+                    let mode = AttnMode::Prefill {
+                        first: base,
+                        kv_len: p0 + m,
+                    };
+                    let ops = self.model.forward_input(
+                        &self.acts,
+                        &self.kv,
+                        &self.rope,
+                        m,
+                        mode,
+                        LogitRows::None,
+                        self.lora.as_ref(),
+                        false,
+                    )?;
+                    self.ctx().submit(&ops);
+                }
+                self.ctx().sync()?;
+            }
+        }
+        set_virt(self, n);
         Ok(())
     }
 
@@ -593,7 +806,8 @@ impl Session {
         let c = &self.model.config;
         let mut keys: Vec<(usize, Target)> = live
             .iter()
-            .flat_map(|(_, a)| a.adapter.weights.keys().copied())
+            .filter_map(|(_, a)| a.lora())
+            .flat_map(|a| a.weights.keys().copied())
             .collect();
         keys.sort();
         keys.dedup();
@@ -604,13 +818,14 @@ impl Session {
             let converted: Vec<Option<(crate::adapters::lora::LoraPair, usize, f32)>> =
                 (0..self.adapters.len())
                     .map(|i| {
-                        self.adapters[i].as_ref().and_then(|a| {
-                            a.adapter.weights.get(&key).map(|p| {
-                                let r = a.adapter.config.rank;
+                        self.adapters[i].as_ref().and_then(|att| {
+                            let a = att.lora()?;
+                            a.weights.get(&key).map(|p| {
+                                let r = a.config.rank;
                                 (
                                     p.for_model(key.1, &self.model, r),
                                     r,
-                                    a.adapter.config.scale() * a.scale,
+                                    a.config.scale() * att.scale,
                                 )
                             })
                         })
@@ -695,7 +910,7 @@ impl Session {
                     s.id
                 ))
             })?;
-            let p = s.tokens.len();
+            let p = s.virt + s.tokens.len();
             if p + 1 > self.params.n_ctx {
                 return Err(Error::InvalidArgument(format!(
                     "context full: sequence {:?} holds {p} tokens, n_ctx = {}",
@@ -768,30 +983,27 @@ impl Session {
     /// (`[tokens.len()][vocab]`), then removes the sequence. For tests and the C API's
     /// evaluate call; generation never reads logits back.
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.logits_with(tokens, None)
+        self.logits_with(tokens, SeqAdapters::default())
     }
 
-    /// [`Session::logits`] through an attached adapter (and strength).
+    /// [`Session::logits`] through adapters: an attached LoRA (and strength) and/or a
+    /// prompt adapter (the logits are those of the real tokens only).
     pub fn logits_with(
         &mut self,
         tokens: &[u32],
-        adapter: Option<(AdapterId, f32)>,
+        adapters: impl Into<SeqAdapters>,
     ) -> Result<Vec<f32>> {
+        let adapters = adapters.into();
         self.check_tokens(tokens)?;
-        if tokens.is_empty() || tokens.len() > self.params.n_ctx {
+        let virt = adapters.prompt.as_ref().map_or(0, |p| p.n_virtual());
+        if tokens.is_empty() || virt + tokens.len() > self.params.n_ctx {
             return Err(Error::InvalidArgument(format!(
-                "{} tokens for n_ctx {}",
+                "{} tokens (after {virt} virtual ones) for n_ctx {}",
                 tokens.len(),
                 self.params.n_ctx
             )));
         }
-        let id = self.add_sequence(SamplerConfig::greedy())?;
-        if let Some((a, sc)) = adapter {
-            if let Err(e) = self.set_sequence_adapter(id, Some(a), sc) {
-                self.remove_sequence(id)?;
-                return Err(e);
-            }
-        }
+        let id = self.start_sequence(SamplerConfig::greedy(), &adapters)?;
         let r = self.logits_inner(id, tokens);
         self.remove_sequence(id)?;
         r
@@ -799,11 +1011,14 @@ impl Session {
 
     fn logits_inner(&mut self, id: SeqId, tokens: &[u32]) -> Result<Vec<f32>> {
         let i = self.index(id)?;
-        let slot = self.seqs[i].as_ref().map(|s| s.slot).unwrap_or(0);
+        let (slot, virt) = self.seqs[i]
+            .as_ref()
+            .map(|s| (s.slot, s.virt))
+            .unwrap_or((0, 0));
         let vocab = self.model.config.vocab;
         let mut out = Vec::with_capacity(tokens.len() * vocab);
         for (ci, chunk) in tokens.chunks(self.params.n_batch).enumerate() {
-            let p = ci * self.params.n_batch;
+            let p = virt + ci * self.params.n_batch;
             self.write_chunk_inputs(slot, p, chunk)?;
             let mode = AttnMode::Prefill {
                 first: slot * self.params.n_ctx,
@@ -834,16 +1049,18 @@ impl Session {
     /// non-overlapping windows of `window` tokens, each evaluated from an empty cache,
     /// every token but each window's first scored. Only two floats per token are read back.
     pub fn perplexity(&mut self, tokens: &[u32], window: usize) -> Result<Perplexity> {
-        self.perplexity_with(tokens, window, None)
+        self.perplexity_with(tokens, window, SeqAdapters::default())
     }
 
-    /// [`Session::perplexity`] through an attached adapter (and strength).
+    /// [`Session::perplexity`] through adapters (each window starts after the virtual
+    /// tokens of a prompt adapter).
     pub fn perplexity_with(
         &mut self,
         tokens: &[u32],
         window: usize,
-        adapter: Option<(AdapterId, f32)>,
+        adapters: impl Into<SeqAdapters>,
     ) -> Result<Perplexity> {
+        let adapters = adapters.into();
         self.check_tokens(tokens)?;
         if window < 2 || window > self.params.n_ctx {
             return Err(Error::InvalidArgument(format!(
@@ -851,13 +1068,7 @@ impl Session {
                 self.params.n_ctx
             )));
         }
-        let id = self.add_sequence(SamplerConfig::greedy())?;
-        if let Some((a, sc)) = adapter {
-            if let Err(e) = self.set_sequence_adapter(id, Some(a), sc) {
-                self.remove_sequence(id)?;
-                return Err(e);
-            }
-        }
+        let id = self.start_sequence(SamplerConfig::greedy(), &adapters)?;
         let r = self.perplexity_inner(id, tokens, window);
         self.remove_sequence(id)?;
         r
@@ -865,8 +1076,17 @@ impl Session {
 
     fn perplexity_inner(&mut self, id: SeqId, tokens: &[u32], window: usize) -> Result<Perplexity> {
         let i = self.index(id)?;
-        let slot = self.seqs[i].as_ref().map(|s| s.slot).unwrap_or(0);
+        let (slot, virt) = self.seqs[i]
+            .as_ref()
+            .map(|s| (s.slot, s.virt))
+            .unwrap_or((0, 0));
         let vocab = self.model.config.vocab;
+        if virt + window > self.params.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "window {window} after {virt} virtual tokens exceeds n_ctx {}",
+                self.params.n_ctx
+            )));
+        }
         let mut nll_sum = 0.0f64;
         let mut top1 = Vec::new();
         for win in tokens.chunks(window) {
@@ -875,7 +1095,7 @@ impl Session {
             }
             for (ci, chunk) in win.chunks(self.params.n_batch).enumerate() {
                 let p = ci * self.params.n_batch;
-                self.write_chunk_inputs(slot, p, chunk)?;
+                self.write_chunk_inputs(slot, virt + p, chunk)?;
                 // Row j predicts the window's token p + j + 1 (the last row has no target).
                 let targets: Vec<u32> = (0..chunk.len())
                     .map(|j| win.get(p + j + 1).copied().unwrap_or(0))
@@ -883,7 +1103,7 @@ impl Session {
                 self.targets.write(self.ctx(), &targets)?;
                 let mode = AttnMode::Prefill {
                     first: slot * self.params.n_ctx,
-                    kv_len: p + chunk.len(),
+                    kv_len: virt + p + chunk.len(),
                 };
                 let mut ops = self.model.forward(
                     &self.acts,
