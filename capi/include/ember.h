@@ -1005,6 +1005,20 @@ enum ember_status ember_session_set_adapter_scale(struct ember_session *session,
 enum ember_status ember_seq_set_adapter(struct ember_session *session, uint64_t seq, int32_t id, float scale);
 
 /**
+ * Merges `n` LoRA adapters (each at strength `weights[i]`; `weights` NULL means all 1)
+ * into a copy of `model`'s f32/f16 weights and returns it as a new model in `*out`
+ * (free it with `ember_model_free`). The new model shares every tensor the adapters do not
+ * touch with `model`, which is left unchanged: to unmerge, keep using `model` (exact, bit
+ * for bit). Negative strengths subtract an adapter (task arithmetic). Quantized bases
+ * give `EMBER_UNSUPPORTED`; adapters made for another base `EMBER_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `model` live; `adapters` valid for `n` live handles; `weights` NULL or valid for `n`;
+ * `out` valid.
+ */
+enum ember_status ember_model_merge_adapters(const struct ember_model *model, const struct ember_adapter *const *adapters, const float *weights, size_t n, struct ember_model **out);
+
+/**
  * The name of a status code, e.g. `"EMBER_FORMAT"`. Static string; never NULL (unknown
  * codes give `"EMBER_UNKNOWN_STATUS"`). Thread-safe.
  */

@@ -333,3 +333,53 @@ pub unsafe extern "C" fn ember_seq_set_adapter(
         Ok(())
     })
 }
+
+/// Merges `n` LoRA adapters (each at strength `weights[i]`; `weights` NULL means all 1)
+/// into a copy of `model`'s f32/f16 weights and returns it as a new model in `*out`
+/// (free it with `ember_model_free`). The new model shares every tensor the adapters do not
+/// touch with `model`, which is left unchanged: to unmerge, keep using `model` (exact, bit
+/// for bit). Negative strengths subtract an adapter (task arithmetic). Quantized bases
+/// give `EMBER_UNSUPPORTED`; adapters made for another base `EMBER_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `model` live; `adapters` valid for `n` live handles; `weights` NULL or valid for `n`;
+/// `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_model_merge_adapters(
+    model: *const ember_model,
+    adapters: *const *const ember_adapter,
+    weights: *const f32,
+    n: usize,
+    out: *mut *mut ember_model,
+) -> ember_status {
+    guard("ember_model_merge_adapters", || {
+        non_null(out, "out")?;
+        unsafe { *out = std::ptr::null_mut() };
+        let m = unsafe { get(K_MODEL, model) }?;
+        if n == 0 {
+            return Err(invalid("no adapters to merge"));
+        }
+        non_null(adapters, "adapters")?;
+        let list = unsafe { std::slice::from_raw_parts(adapters, n) };
+        let w = if weights.is_null() {
+            vec![1.0; n]
+        } else {
+            unsafe { std::slice::from_raw_parts(weights, n) }.to_vec()
+        };
+        let mut parts = Vec::with_capacity(n);
+        for (i, &p) in list.iter().enumerate() {
+            let a = unsafe { get(K_ADAPTER, p) }?;
+            parts.push((&**a.as_lora("ember_model_merge_adapters")?, w[i]));
+        }
+        let merged = m.model.merge_lora(&parts)?;
+        unsafe {
+            *out = register(
+                K_MODEL,
+                ember_model {
+                    model: Arc::new(merged),
+                },
+            )
+        };
+        Ok(())
+    })
+}

@@ -409,3 +409,126 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
     }
     let _ = std::fs::remove_dir_all(root);
 }
+
+#[test]
+fn merge_and_prompt_adapters_through_the_abi() {
+    use ember_tests::tiny::{write_tiny_model, TinyVariant};
+    let root = ember_tests::model::temp_dir("capi-merge");
+    let (base, ad_dir) = (root.join("base"), root.join("ad"));
+    write_tiny_model(&base, TinyVariant::Llama).unwrap();
+    let prefix_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/lora/prefix_tuning/final");
+    let c = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    let prompt = [5u32, 17, 200, 3, 99, 42, 7];
+    let params = ember::session::SessionParams {
+        n_ctx: 64,
+        n_seq: 1,
+        n_batch: 16,
+        kv_budget: 0,
+    };
+    unsafe {
+        let mut ctx: *mut ember_context = std::ptr::null_mut();
+        assert_eq!(ember_context_create(std::ptr::null(), &mut ctx), EMBER_OK);
+        let mut model: *mut ember_model = std::ptr::null_mut();
+        let st = ember_model_load(ctx, c(&base).as_ptr(), std::ptr::null(), &mut model);
+        assert_eq!(st, EMBER_OK);
+        save_random_adapter(&(*model).model, &ad_dir, 7);
+        let mut ad: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(
+            ember_adapter_load(model, c(&ad_dir).as_ptr(), &mut ad),
+            EMBER_OK
+        );
+
+        // Merged = the adapter on the fly; the base is unchanged.
+        let mut merged: *mut ember_model = std::ptr::null_mut();
+        let list = [ad as *const ember_adapter];
+        assert_eq!(
+            ember_model_merge_adapters(model, list.as_ptr(), std::ptr::null(), 1, &mut merged),
+            EMBER_OK
+        );
+        let m = (*model).model.clone();
+        let mut on_the_fly = ember::session::Session::new(m.clone(), params).unwrap();
+        let aid = on_the_fly
+            .attach_adapter("a", (*ad).as_lora("t").unwrap().clone())
+            .unwrap();
+        let want = on_the_fly.logits_with(&prompt, Some((aid, 1.0))).unwrap();
+        let got = ember::session::Session::new((*merged).model.clone(), params)
+            .unwrap()
+            .logits(&prompt)
+            .unwrap();
+        assert!(ember::util::max_abs_diff(&got, &want) < 2e-5);
+        let base_logits = on_the_fly.logits(&prompt).unwrap();
+        assert!(ember::util::max_abs_diff(&base_logits, &want) > 1e-3);
+        ember_model_free(merged);
+        assert_eq!(
+            ember_model_merge_adapters(model, list.as_ptr(), std::ptr::null(), 0, &mut merged),
+            EMBER_INVALID_ARGUMENT
+        );
+
+        // A prefix (made by peft) loads, describes itself, attaches and serves a sequence.
+        let mut pre: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(
+            ember_adapter_load(model, c(&prefix_dir).as_ptr(), &mut pre),
+            EMBER_OK
+        );
+        let mut json: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_adapter_info_json(pre, &mut json), EMBER_OK);
+        let info: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(json).to_str().unwrap()).unwrap();
+        ember_string_free(json);
+        assert_eq!(info["kind"], "prefix_tuning");
+        let mut s: *mut ember_session = std::ptr::null_mut();
+        assert_eq!(
+            ember_session_create(model, std::ptr::null(), &mut s),
+            EMBER_OK
+        );
+        let mut id = -1;
+        assert_eq!(
+            ember_session_attach_adapter(s, pre, std::ptr::null(), &mut id),
+            EMBER_OK
+        );
+        let greedy = {
+            let mut p = ember_sampler_default_params();
+            p.temperature = 0.0;
+            p
+        };
+        let mut seq = 0u64;
+        assert_eq!(ember_seq_add(s, &greedy, &mut seq), EMBER_OK);
+        assert_eq!(ember_seq_set_adapter(s, seq, id, 1.0), EMBER_OK);
+        let mut next = 0u32;
+        assert_eq!(
+            ember_seq_prefill(s, seq, prompt.as_ptr(), prompt.len(), &mut next),
+            EMBER_OK
+        );
+        let ember::adapters::Loaded::Prompt(p) = ember::adapters::load_dir(&prefix_dir, &m)
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("a prefix")
+        };
+        let mut rs = ember::session::Session::new(m.clone(), params).unwrap();
+        let l = rs.logits_with(&prompt, p).unwrap();
+        let last = &l[(prompt.len() - 1) * m.config.vocab..];
+        let argmax = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b]));
+        assert_eq!(Some(next as usize), argmax);
+        // A sequence that holds tokens cannot take a prefix; LoRA-only calls refuse one.
+        assert_eq!(
+            ember_seq_set_adapter(s, seq, id, 1.0),
+            EMBER_INVALID_ARGUMENT
+        );
+        let both = [ad as *const ember_adapter, pre as *const ember_adapter];
+        let mut out: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(
+            ember_adapter_combine(both.as_ptr(), std::ptr::null(), 2, &mut out),
+            EMBER_UNSUPPORTED
+        );
+        assert!(out.is_null());
+
+        ember_session_free(s);
+        ember_adapter_free(pre);
+        ember_adapter_free(ad);
+        ember_model_free(model);
+        ember_context_free(ctx);
+    }
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -57,8 +57,27 @@ fn random_adapter(m: &Model, rank: usize, seed: u64, targets: &[Target]) -> Lora
 
 /// The tiny HF model with `adapters` (strength each) merged into its weights.
 fn write_merged(dir: &Path, v: TinyVariant, m: &Model, adapters: &[(&LoraAdapter, f32)]) {
+    write_merged_with(dir, v, m, adapters, Dtype::F32);
+}
+
+/// [`write_merged`] on the weights rounded to `dtype` (F32 or F16), stored as `dtype`
+/// after the merge (rounded once more).
+fn write_merged_with(
+    dir: &Path,
+    v: TinyVariant,
+    m: &Model,
+    adapters: &[(&LoraAdapter, f32)],
+    dtype: Dtype,
+) {
     write_tiny_model(dir, v).unwrap();
     let mut tensors = tiny_tensors(v);
+    let round = |x: f32| match dtype {
+        Dtype::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    };
+    for t in tensors.iter_mut() {
+        t.2.iter_mut().for_each(|x| *x = round(*x));
+    }
     for (ad, strength) in adapters {
         let s = ad.config.scale() * strength;
         let r = ad.config.rank;
@@ -84,16 +103,20 @@ fn write_merged(dir: &Path, v: TinyVariant, m: &Model, adapters: &[(&LoraAdapter
     }
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(n, s, v)| {
+            let b = match dtype {
+                Dtype::F16 => v
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            };
+            (n, s, b)
+        })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
         .collect();
     std::fs::write(
         dir.join("model.safetensors"),
@@ -268,5 +291,62 @@ fn peft_files_round_trip_and_refuse_another_base() {
         panic!("a wrong rank must be refused")
     };
     assert!(e.to_string().contains("the model needs"), "{e}");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn merge_into_f32_and_f16_bases_and_unmerge_exactly() {
+    let base = temp_dir("lora-merge-into");
+    let v = TinyVariant::Llama;
+    let hf_dir = base.join("hf");
+    write_tiny_model(&hf_dir, v).unwrap();
+    let gguf_path = base.join("tiny.gguf");
+    write_tiny_gguf(&gguf_path, v, None).unwrap();
+    let hf = load(&hf_dir);
+    let gguf = load(&gguf_path);
+    let a1 = random_adapter(&hf, 4, 1, &Target::ALL);
+    let a2 = random_adapter(&hf, 2, 7, &[Target::Q, Target::V]);
+    // Task arithmetic: add a1 at half strength, subtract a2.
+    let parts = [(&a1, 0.5f32), (&a2, -1.0f32)];
+    let ref_dir = base.join("ref");
+    write_merged(&ref_dir, v, &hf, &parts);
+    let want = session(&load(&ref_dir), 1).logits(&PROMPT).unwrap();
+    for m in [&hf, &gguf] {
+        let before = session(m, 1).logits(&PROMPT).unwrap();
+        let merged = Arc::new(m.merge_lora(&parts).unwrap());
+        let d = max_diff(&session(&merged, 1).logits(&PROMPT).unwrap(), &want);
+        assert!(d < 2e-5, "merged (permuted={}): {d}", m.qk_permuted);
+        assert_ne!(merged.identity, m.identity);
+        // Unmerging is exact: the base was never touched.
+        assert_eq!(session(m, 1).logits(&PROMPT).unwrap(), before);
+        // Adapters made for the base refuse the merged model.
+        let mut tagged = a1.clone();
+        tagged.base_identity = Some(m.identity);
+        let e = merged
+            .merge_lora(&[(&tagged, 1.0)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another base model"), "{e}");
+    }
+
+    // f16 base: the sum is rounded to f16 once.
+    let f16_dir = base.join("f16");
+    write_merged_with(&f16_dir, v, &hf, &[], Dtype::F16);
+    let f16 = load(&f16_dir);
+    let ref16 = base.join("ref16");
+    write_merged_with(&ref16, v, &hf, &parts, Dtype::F16);
+    let want16 = session(&load(&ref16), 1).logits(&PROMPT).unwrap();
+    let merged16 = Arc::new(f16.merge_lora(&parts).unwrap());
+    let d = max_diff(&session(&merged16, 1).logits(&PROMPT).unwrap(), &want16);
+    assert!(d < 1e-3, "f16 merged: {d}");
+
+    // Quantized weights are refused, with the reason.
+    let q_path = base.join("q8.gguf");
+    write_tiny_gguf(&q_path, v, Some(ember::quant::QuantType::Q8_0)).unwrap();
+    let e = load(&q_path)
+        .merge_lora(&[(&a1, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("quantized"), "{e}");
     let _ = std::fs::remove_dir_all(&base);
 }

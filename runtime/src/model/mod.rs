@@ -9,6 +9,7 @@ pub mod config;
 pub mod export;
 pub mod forward;
 pub mod loader;
+mod merge;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use loader::{GgufSource, LayerWeight, SafetensorsSource, WeightName, WeightSourc
 use weights::{HostMatrix, HostTensor, Linear, Mat};
 
 /// The weights of one transformer block.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Layer {
     /// RMSNorm weight before attention, `[hidden]`.
     pub attn_norm: Tensor,
