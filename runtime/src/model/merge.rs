@@ -20,7 +20,11 @@ use crate::model::weights::{Linear, Mat};
 use crate::model::Model;
 use crate::util::Fnv64;
 
-/// Which fused linear layer of a block a target lives in, and its first row there.
+/// A change to rows `first .. first + rows` of one linear layer: `[rows][cols]` values.
+type Delta = (usize, usize, Vec<f32>);
+
+/// Which linear layer of a block (0 q|k|v, 1 o, 2 gate|up, 3 down) a target lives in, and
+/// its first row there.
 fn place(t: Target, m: &Model) -> (usize, usize) {
     let c = &m.config;
     match t {
@@ -66,8 +70,7 @@ impl Model {
         let c = &self.config;
         let mut id = Fnv64::new();
         id.update(&self.identity.to_le_bytes());
-        // (layer, linear) -> [(first row, [out][in] delta)]
-        let mut deltas: BTreeMap<(usize, usize), Vec<(usize, usize, Vec<f32>)>> = BTreeMap::new();
+        let mut deltas: BTreeMap<(usize, usize), Vec<Delta>> = BTreeMap::new();
         for (k, (ad, strength)) in adapters.iter().enumerate() {
             if !strength.is_finite() {
                 return Err(Error::InvalidArgument(format!(
