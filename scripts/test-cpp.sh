@@ -2,7 +2,8 @@
 # Tests the C++ wrapper (bindings/cpp/ember.hpp) against the release libember:
 #
 #   1. builds libember (cargo build --release -p ember-capi);
-#   2. compiles capi/include/ember.h as C++ and ember.hpp alone as C++17 and C++20;
+#   2. compiles capi/include/ember.h as C++ and ember.hpp alone as C++17 and C++20
+#      (-Wpedantic -Wshadow -Wconversion, every method instantiated);
 #   3. compiles examples/cpp/generate.cpp and examples/cpp/tests.cpp
 #      (c++ -std=c++17 -Wall -Wextra -Werror, linked to libember.so);
 #   4. writes the tiny random model and runs the tests on it (and on SmolLM2 when
@@ -78,6 +79,32 @@ void api(ember::Context& ctx, const std::string& path) {
     ember::set_log_callback([](ember::LogLevel, std::string_view) {});
     (void)model.info();
     (void)ctx.info_json();
+}
+void train(ember::Model& model, ember::Session& session) {
+    ember::TrainParams tp;
+    tp.lora_targets = EMBER_TARGET_Q | EMBER_TARGET_V;
+    tp.schedule = ember::LrSchedule::Constant;
+    ember::Trainer tr(model, tp);
+    (void)tr.step(ember::jsonl({ember::record::text("x"),
+                                ember::record::prompt_completion("a", "b"),
+                                ember::record::chat({{"user", "q"}, {"assistant", "a"}})}));
+    (void)tr.step_tokens({{1, 2, 3}}, {{0, 1, 1}});
+    (void)tr.train_file("d.jsonl", 2, 1, [](uint32_t, uint32_t, const ember::StepResult& r) {
+        return r.loss > 0.0;
+    });
+    (void)tr.evaluate("{}");
+    ember::Adapter a = tr.adapter();
+    tr.save("dir");
+    (void)tr.info_json();
+    int32_t id = session.attach_adapter(a, "a");
+    session.replace_adapter(id, a);
+    session.set_adapter_scale(id, 0.5f);
+    session.set_sequence_adapter(0, id);
+    session.detach_adapter(id);
+    ember::Adapter b(model, "dir");
+    ember::Adapter c = ember::Adapter::combine({&a, &b}, {0.5f, 0.5f});
+    c.save(model, "out");
+    (void)c.info_json();
 }
 EOF
 for std in c++17 c++20; do

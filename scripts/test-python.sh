@@ -2,7 +2,7 @@
 # Tests the Python bindings (bindings/python, the ctypes package `ember`) the way a user gets
 # them: builds libember, makes a fresh virtual environment in a temporary directory, installs
 # pytest and numpy, installs the package with a plain `pip install bindings/python` (no
-# compiler involved), then runs its pytest suite and the two examples in examples/python.
+# compiler involved), then runs its pytest suite and the examples in examples/python.
 #
 #   scripts/test-python.sh
 #
@@ -74,6 +74,23 @@ if [[ -n "${EMBER_TEST_MODEL:-}" ]] && [[ "$out" != *Paris* ]]; then
   log "generate.py did not say Paris"
   exit 1
 fi
+
+# Training on a real model is slow on a CPU rasterizer: the finetune example runs a few
+# steps on the tiny model whatever EMBER_TEST_MODEL says.
+log "examples/python/finetune.py (tiny model, 4 steps)"
+TINY="$TMP/tiny.gguf"
+if [[ ! -f "$TINY" ]]; then
+  (cd "$ROOT" && cargo run --release --locked -q -p ember-tests --example write_tiny -- \
+    "$TINY" llama gguf q4_1)
+fi
+printf '{"text": "abcabcabcabcabcabc"}\n{"prompt": "abcab", "completion": "cabcabc"}\n' \
+  >"$TMP/finetune.jsonl"
+out="$("$PY" "$ROOT/examples/python/finetune.py" -m "$TINY" --data "$TMP/finetune.jsonl" \
+  --out "$TMP/finetune-lora" --steps 4 --batch-size 2 --rank 4 --targets q,v --seq-len 32 \
+  --lr 1e-2 --schedule constant -p "abcab" -n 8)"
+echo "$out"
+[[ -f "$TMP/finetune-lora/adapter_config.json" ]] || { log "finetune.py saved no adapter"; exit 1; }
+[[ "$out" == *"tuned:"* ]] || { log "finetune.py did not generate with the adapter"; exit 1; }
 
 if [[ -n "${EMBER_TEST_MODEL:-}" ]]; then
   log "examples/python/chat.py (piped stdin)"

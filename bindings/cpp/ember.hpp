@@ -3,9 +3,9 @@
 // Build:  c++ -std=c++17 -I capi/include -I bindings/cpp app.cpp -L target/release -lember
 //
 // Conventions
-// - Every handle class (Context, Model, Session) owns exactly one C handle: move-only, the
-//   destructor frees it, a moved-from object holds no handle (using it throws an Error with
-//   EMBER_INVALID_ARGUMENT; destroying it does nothing).
+// - Every handle class (Context, Model, Session, Adapter, Trainer) owns exactly one C handle:
+//   move-only, the destructor frees it, a moved-from object holds no handle (using it throws
+//   an Error with EMBER_INVALID_ARGUMENT; destroying it does nothing).
 // - Every C call's status is checked: a failure throws ember::Error, which carries the
 //   ember_status and the message of ember_last_error() read on the failing thread.
 // - Text goes in as std::string_view. Where the C interface needs a NUL-terminated string the
@@ -16,13 +16,15 @@
 //   object) once the C call has returned. No C++ exception ever unwinds through libember.
 //
 // Lifetimes and thread safety (those of ember.h)
-// - A Model keeps the device of its Context alive, and a Session keeps its Model alive, so the
-//   objects may be destroyed in any order; scoped objects are destroyed in reverse order of
-//   construction anyway.
+// - A Model keeps the device of its Context alive, and a Session (or Trainer) keeps its Model
+//   alive, so the objects may be destroyed in any order; scoped objects are destroyed in
+//   reverse order of construction anyway.
 // - Context and Model are thread-safe: their const methods may be called from any number of
 //   threads at once, and many Sessions on many threads may share one Model (pass it by const
 //   reference; do not move or destroy it while other threads use it).
-// - A Session must be used by one thread at a time; different Sessions run in parallel.
+// - A Session must be used by one thread at a time; different Sessions run in parallel. So
+//   must a Trainer (the Model it trains may serve Sessions meanwhile). An Adapter is
+//   immutable and thread-safe; Sessions it is attached to keep their own copy.
 // - The log callback (set_log_callback) may be called from any thread Ember runs on.
 #ifndef EMBER_HPP
 #define EMBER_HPP
@@ -724,6 +726,89 @@ private:
 };
 
 // ---------------------------------------------------------------------------------------
+// Adapter
+// ---------------------------------------------------------------------------------------
+
+/// A LoRA adapter in host memory (ember_adapter): immutable and thread-safe. Move-only.
+/// Attaching it to a Session copies its weights to the device, so it may be destroyed
+/// afterwards.
+class Adapter {
+public:
+    /// Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) and
+    /// checks it against `model` (shapes, targets, base identity when recorded). Throws Error:
+    /// EMBER_IO, EMBER_FORMAT, EMBER_INVALID_ARGUMENT (made for another base, NUL in `dir`).
+    Adapter(const Model& model, std::string_view dir) {
+        const std::string d = detail::c_string(dir, "adapter directory");
+        detail::check(ember_adapter_load(model.get(), d.c_str(), &handle_));
+    }
+
+    /// Takes ownership of a handle from ember_adapter_load, ember_adapter_combine or
+    /// ember_trainer_get_adapter (may be NULL).
+    static Adapter adopt(ember_adapter* handle) noexcept { return Adapter(handle); }
+
+    /// Task arithmetic: one adapter applying sum_i weights[i] * adapters[i] (ranks
+    /// concatenate, nothing is approximated). `weights` empty means all 1; otherwise it has
+    /// one entry per adapter. The adapters must be made for the same base.
+    static Adapter combine(const std::vector<const Adapter*>& adapters,
+                           const std::vector<float>& weights = {}) {
+        if (!weights.empty() && weights.size() != adapters.size()) {
+            throw Error(EMBER_INVALID_ARGUMENT,
+                        "ember.hpp: Adapter::combine needs one weight per adapter");
+        }
+        std::vector<const ember_adapter*> handles;
+        handles.reserve(adapters.size());
+        for (const Adapter* a : adapters) handles.push_back(a != nullptr ? a->get() : nullptr);
+        ember_adapter* out = nullptr;
+        detail::check(ember_adapter_combine(detail::non_null(handles.data()),
+                                            weights.empty() ? nullptr : weights.data(),
+                                            handles.size(), &out));
+        return Adapter(out);
+    }
+
+    /// Not copyable: one owner per handle (move it instead).
+    Adapter(const Adapter&) = delete;
+    /// Not copyable: one owner per handle (move it instead).
+    Adapter& operator=(const Adapter&) = delete;
+    /// Takes over `other`'s handle; `other` is left empty.
+    Adapter(Adapter&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    /// Frees this adapter's handle and takes over `other`'s.
+    Adapter& operator=(Adapter&& other) noexcept {
+        if (this != &other) {
+            ember_adapter_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+    /// Frees the handle (sessions it is attached to keep their copy).
+    ~Adapter() { ember_adapter_free(handle_); }
+
+    /// A JSON description: rank, alpha, rslora, targets, layers, parameter count, base.
+    std::string info_json() const {
+        char* s = nullptr;
+        detail::check(ember_adapter_info_json(handle_, &s));
+        return detail::take_string(s);
+    }
+
+    /// Saves the adapter to directory `dir` in the PEFT layout, recording `model`'s identity
+    /// (each file written atomically).
+    void save(const Model& model, std::string_view dir) const {
+        const std::string d = detail::c_string(dir, "adapter directory");
+        detail::check(ember_adapter_save(handle_, model.get(), d.c_str()));
+    }
+
+    /// The C handle (still owned by this object).
+    ember_adapter* get() const noexcept { return handle_; }
+    /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
+    ember_adapter* release() noexcept { return std::exchange(handle_, nullptr); }
+    /// Whether this object holds a handle.
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    explicit Adapter(ember_adapter* handle) noexcept : handle_(handle) {}
+    ember_adapter* handle_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------
 // Session
 // ---------------------------------------------------------------------------------------
 
@@ -903,7 +988,38 @@ public:
         detail::check(ember_seq_decode(handle_, seqs, n, next));
     }
 
-    /// The C handle (still owned by this object), for calls this wrapper lacks (adapters).
+    /// Attaches `adapter` (a copy of its weights goes to the device) under `name` (for logs;
+    /// may be empty) and returns its id in this session, for GenerateParams::adapter or
+    /// set_sequence_adapter. Throws Error when it was made for another base model.
+    int32_t attach_adapter(const Adapter& adapter, std::string_view name = {}) {
+        const std::string n = detail::c_string(name, "adapter name");
+        int32_t id = -1;
+        detail::check(ember_session_attach_adapter(handle_, adapter.get(),
+                                                   n.empty() ? nullptr : n.c_str(), &id));
+        return id;
+    }
+
+    /// Detaches adapter `id`; sequences that used it continue with the base model.
+    void detach_adapter(int32_t id) { detail::check(ember_session_detach_adapter(handle_, id)); }
+
+    /// Hot-swaps the weights of attached adapter `id` for `adapter`'s (between requests; on
+    /// failure the old adapter stays attached).
+    void replace_adapter(int32_t id, const Adapter& adapter) {
+        detail::check(ember_session_replace_adapter(handle_, id, adapter.get()));
+    }
+
+    /// Sets attached adapter `id`'s strength (1 = as trained, 0 = off, negative subtracts it).
+    void set_adapter_scale(int32_t id, float scale) {
+        detail::check(ember_session_set_adapter_scale(handle_, id, scale));
+    }
+
+    /// Chooses the adapter of sequence `seq` (an attached id, or -1 for the base model) and
+    /// its strength, for the tokens it processes from now on.
+    void set_sequence_adapter(uint64_t seq, int32_t id, float scale = 1.0f) {
+        detail::check(ember_seq_set_adapter(handle_, seq, id, scale));
+    }
+
+    /// The C handle (still owned by this object), for calls this wrapper lacks.
     ember_session* get() const noexcept { return handle_; }
     /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
     ember_session* release() noexcept { return std::exchange(handle_, nullptr); }
@@ -913,6 +1029,389 @@ public:
 private:
     explicit Session(ember_session* handle) noexcept : handle_(handle) {}
     ember_session* handle_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------------
+
+/// Learning-rate schedules (the values of ember_lr_schedule).
+enum class LrSchedule : int {
+    /// The base rate throughout.
+    Constant = EMBER_LR_CONSTANT,
+    /// Linear warmup, then cosine decay to 0 at total_steps.
+    Cosine = EMBER_LR_COSINE,
+    /// Linear warmup, then constant (continual training).
+    WarmupConstant = EMBER_LR_WARMUP_CONSTANT,
+};
+
+/// What a Trainer trains and how; the defaults are ember_train_default_params()'s (LoRA rank
+/// 8 on every projection, 256-token sequences, AdamW at 1e-3 clipped at 1, cosine schedule
+/// over 100 steps with 5 warmup steps).
+struct TrainParams {
+    /// LoRA rank (0: no LoRA).
+    uint32_t lora_rank;
+    /// LoRA alpha (0: twice the rank).
+    float lora_alpha;
+    /// Scale by alpha / sqrt(rank) instead of alpha / rank.
+    bool rslora;
+    /// EMBER_TARGET_* bits, e.g. EMBER_TARGET_Q | EMBER_TARGET_V (0: all seven projections).
+    uint32_t lora_targets;
+    /// Train a soft prompt of this many virtual tokens (0: none).
+    uint32_t prompt_tokens;
+    /// Train a prefix of this many virtual tokens (0: none; not with a soft prompt).
+    uint32_t prefix_tokens;
+    /// Continue training this LoRA adapter instead of a fresh one (nullptr: fresh). Only read
+    /// by the Trainer constructor (the trainer copies it).
+    const Adapter* init_adapter = nullptr;
+    /// Longest sequence in tokens, virtual tokens included (a multiple of 32).
+    uint32_t seq_len;
+    /// Base learning rate.
+    float lr;
+    /// AdamW weight decay.
+    float weight_decay;
+    /// Clip gradients to this global norm (0: off).
+    float max_grad_norm;
+    /// AdamW beta1.
+    float beta1;
+    /// AdamW beta2.
+    float beta2;
+    /// AdamW epsilon.
+    float eps;
+    /// Learning-rate schedule.
+    LrSchedule schedule;
+    /// Warmup steps.
+    uint32_t warmup_steps;
+    /// Steps of the whole run (for the cosine schedule).
+    uint32_t total_steps;
+    /// Seed of the initialization and of the shuffling of Trainer::train_file.
+    uint64_t seed;
+
+    /// The library's defaults.
+    TrainParams() {
+        const ember_train_params d = ember_train_default_params();
+        lora_rank = d.lora_rank;
+        lora_alpha = d.lora_alpha;
+        rslora = d.rslora;
+        lora_targets = d.lora_targets;
+        prompt_tokens = d.prompt_tokens;
+        prefix_tokens = d.prefix_tokens;
+        seq_len = d.seq_len;
+        lr = d.lr;
+        weight_decay = d.weight_decay;
+        max_grad_norm = d.max_grad_norm;
+        beta1 = d.beta1;
+        beta2 = d.beta2;
+        eps = d.eps;
+        schedule = static_cast<LrSchedule>(d.schedule);
+        warmup_steps = d.warmup_steps;
+        total_steps = d.total_steps;
+        seed = d.seed;
+    }
+
+    /// The C struct (struct_size set; init_adapter borrowed from `init_adapter`).
+    ember_train_params to_c() const {
+        ember_train_params p = ember_train_default_params();
+        p.lora_rank = lora_rank;
+        p.lora_alpha = lora_alpha;
+        p.rslora = rslora;
+        p.lora_targets = lora_targets;
+        p.prompt_tokens = prompt_tokens;
+        p.prefix_tokens = prefix_tokens;
+        p.init_adapter = init_adapter != nullptr ? init_adapter->get() : nullptr;
+        p.seq_len = seq_len;
+        p.lr = lr;
+        p.weight_decay = weight_decay;
+        p.max_grad_norm = max_grad_norm;
+        p.beta1 = beta1;
+        p.beta2 = beta2;
+        p.eps = eps;
+        p.schedule = static_cast<ember_lr_schedule>(schedule);
+        p.warmup_steps = warmup_steps;
+        p.total_steps = total_steps;
+        p.seed = seed;
+        return p;
+    }
+};
+
+/// What one optimizer step did (ember_step_result).
+struct StepResult {
+    /// Updates the trainer has applied so far (skipped steps not counted).
+    uint32_t step = 0;
+    /// Mean loss over the scored tokens, before the update.
+    double loss = 0.0;
+    /// Global gradient norm, before clipping.
+    float grad_norm = 0.0f;
+    /// Learning rate used.
+    float lr = 0.0f;
+    /// Tokens scored.
+    uint64_t tokens = 0;
+    /// The loss or a gradient was not finite: the update was skipped, nothing changed.
+    bool skipped = false;
+    /// Seconds the step took.
+    double seconds = 0.0;
+
+    /// The values of a C struct.
+    static StepResult from_c(const ember_step_result& r) {
+        StepResult s;
+        s.step = r.step;
+        s.loss = r.loss;
+        s.grad_norm = r.grad_norm;
+        s.lr = r.lr;
+        s.tokens = r.tokens;
+        s.skipped = r.skipped;
+        s.seconds = r.seconds;
+        return s;
+    }
+};
+
+/// Progress of Trainer::train_file, called after every step with the steps done in this
+/// call (1..total) and the step's result. Return false to stop (train_file then throws Error
+/// with EMBER_ABORTED; the steps done are kept).
+using TrainCallback = std::function<bool(uint32_t step, uint32_t total, const StepResult&)>;
+
+namespace detail {
+
+/// `s` as a JSON string literal (quotes included; control characters escaped). The bytes
+/// are passed through otherwise, so `s` must be UTF-8 (the library checks).
+inline std::string json_string(std::string_view s) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    out.reserve(s.size() + 2);
+    out += '"';
+    for (const char c : s) {
+        const auto u = static_cast<unsigned char>(c);
+        switch (c) {
+            case '"': out += "\\\""; break;
+            case '\\': out += "\\\\"; break;
+            case '\n': out += "\\n"; break;
+            case '\r': out += "\\r"; break;
+            case '\t': out += "\\t"; break;
+            default:
+                if (u < 0x20) {
+                    out += "\\u00";
+                    out += hex[u >> 4];
+                    out += hex[u & 15];
+                } else {
+                    out += c;
+                }
+        }
+    }
+    out += '"';
+    return out;
+}
+
+struct TrainState {
+    const TrainCallback* fn;
+    std::exception_ptr error;
+};
+
+inline bool train_trampoline(uint32_t step, uint32_t total, const ember_step_result* result,
+                             void* user_data) noexcept {
+    auto* s = static_cast<TrainState*>(user_data);
+    try {
+        const StepResult r = result != nullptr ? StepResult::from_c(*result) : StepResult();
+        return (*s->fn)(step, total, r);
+    } catch (...) {
+        s->error = std::current_exception();
+        return false;
+    }
+}
+
+}  // namespace detail
+
+/// Training records as JSON lines for Trainer::step and Trainer::evaluate (join several with
+/// jsonl()).
+namespace record {
+
+/// {"text": ...}: every token is scored.
+inline std::string text(std::string_view text) {
+    return "{\"text\":" + detail::json_string(text) + "}";
+}
+
+/// {"prompt": ..., "completion": ...}: the completion and an end-of-sequence token are
+/// scored.
+inline std::string prompt_completion(std::string_view prompt, std::string_view completion) {
+    return "{\"prompt\":" + detail::json_string(prompt) +
+           ",\"completion\":" + detail::json_string(completion) + "}";
+}
+
+/// {"messages": [...]}: rendered with the model's chat template; the assistant turns are
+/// scored.
+inline std::string chat(const std::vector<ChatMessage>& messages) {
+    std::string out = "{\"messages\":[";
+    for (std::size_t i = 0; i < messages.size(); ++i) {
+        if (i > 0) out += ',';
+        out += "{\"role\":" + detail::json_string(messages[i].role) +
+               ",\"content\":" + detail::json_string(messages[i].content) + "}";
+    }
+    return out + "]}";
+}
+
+}  // namespace record
+
+/// Records (one JSON object each, e.g. from ember::record) joined into JSONL text.
+inline std::string jsonl(const std::vector<std::string>& records) {
+    std::string out;
+    for (const std::string& r : records) {
+        out += r;
+        out += '\n';
+    }
+    return out;
+}
+
+/// Trains an adapter of a model on its GPU (ember_trainer): a LoRA adapter, a soft prompt or
+/// a prefix; the model's weights stay frozen. Move-only. Use one Trainer from one thread at
+/// a time; the model may serve Sessions meanwhile.
+class Trainer {
+public:
+    /// Prepares training on `model` (which it keeps alive). Throws Error:
+    /// EMBER_INVALID_ARGUMENT when nothing is to be trained, seq_len is not a multiple of 32,
+    /// a rate is negative or init_adapter belongs to another base; EMBER_OUT_OF_MEMORY.
+    explicit Trainer(const Model& model, const TrainParams& params = TrainParams()) {
+        const ember_train_params p = params.to_c();
+        detail::check(ember_trainer_create(model.get(), &p, &handle_));
+    }
+
+    /// Takes ownership of a handle from ember_trainer_create (may be NULL).
+    static Trainer adopt(ember_trainer* handle) noexcept { return Trainer(handle); }
+
+    /// Not copyable: one owner per handle (move it instead).
+    Trainer(const Trainer&) = delete;
+    /// Not copyable: one owner per handle (move it instead).
+    Trainer& operator=(const Trainer&) = delete;
+    /// Takes over `other`'s handle; `other` is left empty.
+    Trainer(Trainer&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    /// Frees this trainer's handle and takes over `other`'s.
+    Trainer& operator=(Trainer&& other) noexcept {
+        if (this != &other) {
+            ember_trainer_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+    /// Frees the handle and its device buffers.
+    ~Trainer() { ember_trainer_free(handle_); }
+
+    /// One optimizer step on the JSONL records in `jsonl` (see ember::record and
+    /// ember::jsonl); all records form one batch. Throws Error (EMBER_INVALID_ARGUMENT for a
+    /// malformed record, naming its line).
+    StepResult step(std::string_view jsonl) {
+        const std::string j = detail::c_string(jsonl, "JSONL");
+        ember_step_result r{};
+        r.struct_size = sizeof(ember_step_result);
+        detail::check(ember_trainer_step(handle_, j.c_str(), &r));
+        return StepResult::from_c(r);
+    }
+
+    /// One optimizer step on token sequences (one batch). `loss_masks` is empty (every token
+    /// scored) or holds one entry per sequence, as long as it, nonzero where the token is
+    /// scored. Throws Error (EMBER_INVALID_ARGUMENT for an id outside the vocabulary or
+    /// masks that do not match).
+    StepResult step_tokens(const std::vector<std::vector<uint32_t>>& sequences,
+                           const std::vector<std::vector<uint8_t>>& loss_masks = {}) {
+        if (!loss_masks.empty() && loss_masks.size() != sequences.size()) {
+            throw Error(EMBER_INVALID_ARGUMENT,
+                        "ember.hpp: Trainer::step_tokens needs one loss mask per sequence");
+        }
+        std::vector<uint32_t> tokens;
+        std::vector<uint8_t> mask;
+        std::vector<std::size_t> lengths;
+        lengths.reserve(sequences.size());
+        for (std::size_t i = 0; i < sequences.size(); ++i) {
+            const std::vector<uint32_t>& s = sequences[i];
+            tokens.insert(tokens.end(), s.begin(), s.end());
+            lengths.push_back(s.size());
+            if (!loss_masks.empty()) {
+                if (loss_masks[i].size() != s.size()) {
+                    throw Error(EMBER_INVALID_ARGUMENT,
+                                "ember.hpp: loss mask " + std::to_string(i) + " has " +
+                                    std::to_string(loss_masks[i].size()) + " entries for " +
+                                    std::to_string(s.size()) + " tokens");
+                }
+                mask.insert(mask.end(), loss_masks[i].begin(), loss_masks[i].end());
+            }
+        }
+        return step_tokens(tokens, loss_masks.empty() ? span<const uint8_t>() : mask, lengths);
+    }
+
+    /// One optimizer step on sequences concatenated in `tokens`, their lengths in `lengths`;
+    /// `loss_mask` is empty (every token scored) or one byte per token.
+    StepResult step_tokens(span<const uint32_t> tokens, span<const uint8_t> loss_mask,
+                           span<const std::size_t> lengths) {
+        if (!loss_mask.empty() && loss_mask.size() != tokens.size()) {
+            throw Error(EMBER_INVALID_ARGUMENT,
+                        "ember.hpp: the loss mask needs one byte per token");
+        }
+        ember_step_result r{};
+        r.struct_size = sizeof(ember_step_result);
+        detail::check(ember_trainer_step_tokens(
+            handle_, detail::non_null(tokens.data()),
+            loss_mask.empty() ? nullptr : loss_mask.data(), detail::non_null(lengths.data()),
+            lengths.size(), &r));
+        return StepResult::from_c(r);
+    }
+
+    /// Trains `steps` optimizer steps on the file at `path` (JSONL records or plain text) in
+    /// batches of `batch_size` sequences, reshuffled every epoch; returns the last step's
+    /// loss. `callback` (optional) runs on this thread after every step: returning false
+    /// stops training (Error with EMBER_ABORTED; the steps done are kept), and an exception
+    /// it throws stops training and is rethrown from here unchanged.
+    double train_file(std::string_view path, uint32_t steps, uint32_t batch_size,
+                      const TrainCallback& callback = {}) {
+        const std::string p = detail::c_string(path, "path");
+        detail::TrainState state{&callback, nullptr};
+        double loss = 0.0;
+        const ember_status st = ember_trainer_train_file(
+            handle_, p.c_str(), steps, batch_size,
+            callback ? &detail::train_trampoline : nullptr, callback ? &state : nullptr, &loss);
+        if (state.error) std::rethrow_exception(state.error);
+        detail::check(st);
+        return loss;
+    }
+
+    /// Mean loss of the JSONL records in `jsonl` with the current parameters (no update).
+    double evaluate(std::string_view jsonl) {
+        const std::string j = detail::c_string(jsonl, "JSONL");
+        double loss = 0.0;
+        detail::check(ember_trainer_evaluate(handle_, j.c_str(), &loss));
+        return loss;
+    }
+
+    /// A snapshot of the trained LoRA adapter: attach it to Sessions (or hot-swap it in with
+    /// Session::replace_adapter) while training goes on. Throws Error with EMBER_UNSUPPORTED
+    /// when the trainer trains no LoRA.
+    Adapter adapter() {
+        ember_adapter* a = nullptr;
+        detail::check(ember_trainer_get_adapter(handle_, &a));
+        return Adapter::adopt(a);
+    }
+
+    /// Saves what is trained to directory `dir` in the PEFT layout, every file atomically:
+    /// one trained part goes to `dir` itself; a LoRA together with a soft prompt or prefix
+    /// goes to dir/lora and dir/prompt or dir/prefix.
+    void save(std::string_view dir) {
+        const std::string d = detail::c_string(dir, "directory");
+        detail::check(ember_trainer_save(handle_, d.c_str()));
+    }
+
+    /// A JSON description (trainable parameters, steps, settings, device memory).
+    std::string info_json() const {
+        char* s = nullptr;
+        detail::check(ember_trainer_info_json(handle_, &s));
+        return detail::take_string(s);
+    }
+
+    /// The C handle (still owned by this object).
+    ember_trainer* get() const noexcept { return handle_; }
+    /// Gives up ownership: returns the handle (the caller frees it) and leaves this empty.
+    ember_trainer* release() noexcept { return std::exchange(handle_, nullptr); }
+    /// Whether this object holds a handle.
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    explicit Trainer(ember_trainer* handle) noexcept : handle_(handle) {}
+    ember_trainer* handle_ = nullptr;
 };
 
 }  // namespace ember

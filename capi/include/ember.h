@@ -1108,9 +1108,10 @@ enum ember_status ember_trainer_get_adapter(struct ember_trainer *trainer, struc
 
 /**
  * Saves what is trained to directory `dir` in the PEFT layout, recording the base model:
- * a LoRA adapter alone goes to `dir`; with a soft prompt or prefix, each goes to
- * `dir/lora`, `dir/prompt` or `dir/prefix`. Every file is written atomically (temporary
- * file, fsync, rename): an interrupted save leaves the previous files intact.
+ * one trained part (a LoRA adapter, a soft prompt or a prefix) goes to `dir` itself; a LoRA
+ * adapter with a soft prompt or prefix goes to `dir/lora` and `dir/prompt` or `dir/prefix`.
+ * Every file is written atomically (temporary file, fsync, rename): an interrupted save
+ * leaves the previous files intact.
  *
  * # Safety
  * `trainer` live; `dir` NUL-terminated UTF-8.

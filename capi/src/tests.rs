@@ -291,6 +291,20 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
             .to_str()
             .unwrap()
             .contains("nothing to train"));
+        // A schedule outside the enum is refused (read as an integer: the bytes never
+        // become an `ember_lr_schedule`, hence the MaybeUninit holding them).
+        let mut raw = std::mem::MaybeUninit::new(ember_train_default_params());
+        let off = std::mem::offset_of!(ember_train_params, schedule);
+        std::ptr::write_unaligned((raw.as_mut_ptr() as *mut u8).add(off) as *mut u32, 7);
+        assert_eq!(
+            ember_trainer_create(model, raw.as_ptr(), &mut tr),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(tr.is_null());
+        assert!(CStr::from_ptr(ember_last_error())
+            .to_str()
+            .unwrap()
+            .contains("schedule is 7"));
 
         p = ember_train_default_params();
         p.lora_rank = 4;

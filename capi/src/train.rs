@@ -192,6 +192,31 @@ fn schedule(p: &ember_train_params) -> LrSchedule {
     }
 }
 
+/// Refuses a `schedule` field that holds no `ember_lr_schedule` value, reading it as the
+/// C `int` it is.
+///
+/// # Safety
+/// `params` NULL or valid for its `struct_size` bytes.
+unsafe fn check_schedule(params: *const ember_train_params) -> CResult<()> {
+    if params.is_null() {
+        return Ok(());
+    }
+    let off = std::mem::offset_of!(ember_train_params, schedule);
+    // SAFETY: every params struct starts with a u32 struct_size.
+    let size = unsafe { *(params as *const u32) } as usize;
+    if size < off + std::mem::size_of::<u32>() {
+        return Ok(()); // too small: read_params reports it
+    }
+    // SAFETY: within the caller's `size` bytes; read as an integer, never as the enum.
+    let raw = unsafe { std::ptr::read_unaligned((params as *const u8).add(off) as *const u32) };
+    if raw > ember_lr_schedule::EMBER_LR_WARMUP_CONSTANT as u32 {
+        return Err(invalid(format!(
+            "schedule is {raw}, not an ember_lr_schedule"
+        )));
+    }
+    Ok(())
+}
+
 /// Prepares training on `model` (its weights stay frozen in their stored format). Fails
 /// with `EMBER_INVALID_ARGUMENT` when nothing is to be trained, the sequence length is not a
 /// multiple of 32, or `init_adapter` belongs to another base.
@@ -208,6 +233,10 @@ pub unsafe extern "C" fn ember_trainer_create(
         non_null(out, "out")?;
         unsafe { *out = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
+        // The schedule is checked as a plain integer before the struct is copied: a value
+        // outside the enum must never exist as an `ember_lr_schedule` (undefined behaviour,
+        // and the check after the copy could be optimized away).
+        unsafe { check_schedule(params) }?;
         let p = unsafe {
             read_params(
                 params,
@@ -216,9 +245,6 @@ pub unsafe extern "C" fn ember_trainer_create(
                 "ember_train_params",
             )
         }?;
-        if (p.schedule as u32) > 2 {
-            return Err(invalid("schedule is not an ember_lr_schedule"));
-        }
         let model = m.model.clone();
         let mut t = Trainables::default();
         if !p.init_adapter.is_null() {
@@ -515,9 +541,10 @@ pub unsafe extern "C" fn ember_trainer_get_adapter(
 }
 
 /// Saves what is trained to directory `dir` in the PEFT layout, recording the base model:
-/// a LoRA adapter alone goes to `dir`; with a soft prompt or prefix, each goes to
-/// `dir/lora`, `dir/prompt` or `dir/prefix`. Every file is written atomically (temporary
-/// file, fsync, rename): an interrupted save leaves the previous files intact.
+/// one trained part (a LoRA adapter, a soft prompt or a prefix) goes to `dir` itself; a LoRA
+/// adapter with a soft prompt or prefix goes to `dir/lora` and `dir/prompt` or `dir/prefix`.
+/// Every file is written atomically (temporary file, fsync, rename): an interrupted save
+/// leaves the previous files intact.
 ///
 /// # Safety
 /// `trainer` live; `dir` NUL-terminated UTF-8.

@@ -7,9 +7,10 @@
 // EMBER_TEST_MODEL names the SmolLM2 GGUF, the real-model tests run too. Exit status 0 when
 // every check passed. scripts/test-cpp.sh builds and runs this.
 //
-// Handle accounting: this program defines ember_{context,model,session}_{create,load,free}
-// itself and forwards to libember's through dlsym(RTLD_NEXT) (ELF symbol interposition, so
-// Linux/glibc), recording every handle made and freed. That is how it checks that the RAII
+// Handle accounting: this program defines ember_{context,model,session}_{create,load,free},
+// ember_trainer_{create,free} and the adapter functions that make or free a handle itself and
+// forwards to libember's through dlsym(RTLD_NEXT) (ELF symbol interposition, so Linux/glibc),
+// recording every handle made and freed. That is how it checks that the RAII
 // classes free each handle exactly once, in reverse order, and leak none.
 #include <ember.hpp>
 
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <set>
@@ -124,6 +126,51 @@ extern "C" void ember_session_free(ember_session* session) {
     static const auto f = real<decltype(&ember_session_free)>("ember_session_free");
     record(false, "session", session);
     f(session);
+}
+
+extern "C" ember_status ember_adapter_load(const ember_model* model, const char* dir,
+                                           ember_adapter** out) {
+    static const auto f = real<decltype(&ember_adapter_load)>("ember_adapter_load");
+    const ember_status s = f(model, dir, out);
+    if (s == EMBER_OK) record(true, "adapter", *out);
+    return s;
+}
+
+extern "C" ember_status ember_adapter_combine(const ember_adapter* const* adapters,
+                                              const float* weights, size_t n,
+                                              ember_adapter** out) {
+    static const auto f = real<decltype(&ember_adapter_combine)>("ember_adapter_combine");
+    const ember_status s = f(adapters, weights, n, out);
+    if (s == EMBER_OK) record(true, "adapter", *out);
+    return s;
+}
+
+extern "C" ember_status ember_trainer_get_adapter(ember_trainer* trainer, ember_adapter** out) {
+    static const auto f = real<decltype(&ember_trainer_get_adapter)>("ember_trainer_get_adapter");
+    const ember_status s = f(trainer, out);
+    if (s == EMBER_OK) record(true, "adapter", *out);
+    return s;
+}
+
+extern "C" void ember_adapter_free(ember_adapter* adapter) {
+    static const auto f = real<decltype(&ember_adapter_free)>("ember_adapter_free");
+    record(false, "adapter", adapter);
+    f(adapter);
+}
+
+extern "C" ember_status ember_trainer_create(const ember_model* model,
+                                             const ember_train_params* params,
+                                             ember_trainer** out) {
+    static const auto f = real<decltype(&ember_trainer_create)>("ember_trainer_create");
+    const ember_status s = f(model, params, out);
+    if (s == EMBER_OK) record(true, "trainer", *out);
+    return s;
+}
+
+extern "C" void ember_trainer_free(ember_trainer* trainer) {
+    static const auto f = real<decltype(&ember_trainer_free)>("ember_trainer_free");
+    record(false, "trainer", trainer);
+    f(trainer);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -674,6 +721,260 @@ void test_log_callback() {
     CHECK(messages == seen);  // cleared: no more calls
 }
 
+// ---------------------------------------------------------------------------------------
+// Training and adapters
+// ---------------------------------------------------------------------------------------
+
+// A small LoRA on 32-token sequences at a constant high rate: the loss falls in a few steps.
+ember::TrainParams fast_train_params() {
+    ember::TrainParams p;
+    p.lora_rank = 4;
+    p.lora_targets = EMBER_TARGET_Q | EMBER_TARGET_V;
+    p.seq_len = 32;
+    p.lr = 1e-2f;
+    p.schedule = ember::LrSchedule::Constant;
+    return p;
+}
+
+const char* const kRecordText = "abcabcabcabcabcabc";
+
+bool contains(const std::string& s, const std::string& part) {
+    return s.find(part) != std::string::npos;
+}
+
+void test_train_defaults_from_c() {
+    const ember_train_params c = ember_train_default_params();
+    const ember::TrainParams p;
+    CHECK(p.lora_rank == c.lora_rank && p.lora_alpha == c.lora_alpha && p.rslora == c.rslora);
+    CHECK(p.lora_targets == c.lora_targets && p.prompt_tokens == c.prompt_tokens);
+    CHECK(p.prefix_tokens == c.prefix_tokens && p.init_adapter == nullptr);
+    CHECK(p.seq_len == c.seq_len && p.lr == c.lr && p.weight_decay == c.weight_decay);
+    CHECK(p.max_grad_norm == c.max_grad_norm && p.beta1 == c.beta1 && p.beta2 == c.beta2);
+    CHECK(p.eps == c.eps && static_cast<int>(p.schedule) == static_cast<int>(c.schedule));
+    CHECK(p.warmup_steps == c.warmup_steps && p.total_steps == c.total_steps);
+    CHECK(p.seed == c.seed);
+    const ember_train_params back = p.to_c();
+    CHECK(back.struct_size == sizeof(ember_train_params));
+    CHECK(back.init_adapter == nullptr && back.schedule == c.schedule);
+}
+
+void test_records_are_json() {
+    CHECK(ember::record::text("a\"b\\c\nd\te\x01") ==
+          "{\"text\":\"a\\\"b\\\\c\\nd\\te\\u0001\"}");
+    CHECK(ember::record::prompt_completion("Q", "A") == "{\"prompt\":\"Q\",\"completion\":\"A\"}");
+    CHECK(ember::record::chat({{"user", "hi"}, {"assistant", "yo"}}) ==
+          "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},"
+          "{\"role\":\"assistant\",\"content\":\"yo\"}]}");
+    CHECK(ember::jsonl({"{}", "{}"}) == "{}\n{}\n");
+}
+
+// Teach the tiny model one record; the trained LoRA (snapshot, saved and reloaded, combined)
+// serves in a session through every adapter call.
+void test_trainer_learns_and_adapters_serve() {
+    const std::size_t live0 = live_handles();
+    ember::Model model(*g_ctx, g_tiny);
+    const std::string data = ember::jsonl({ember::record::text(kRecordText)});
+    const std::string dir = g_scratch + "/ember-cpp-adapter";
+    {
+        ember::Trainer trainer(model, fast_train_params());
+        CHECK(live_handles() == live0 + 2);
+        std::vector<double> losses;
+        for (int i = 0; i < 20; ++i) {
+            const ember::StepResult r = trainer.step(data);
+            CHECK(!r.skipped && r.step == static_cast<uint32_t>(i + 1));
+            CHECK(r.tokens == std::strlen(kRecordText) - 1 && r.lr == 1e-2f && r.seconds > 0.0);
+            losses.push_back(r.loss);
+        }
+        CHECK(std::isfinite(losses[0]) && losses[5] < 0.8 * losses[0] && losses[19] < losses[5]);
+        const std::string info = trainer.info_json();
+        CHECK(contains(info, "\"steps\":20") && contains(info, "\"trainable_params\""));
+        const double eval = trainer.evaluate(data);
+        CHECK(std::isfinite(eval) && eval < losses[0]);
+        CHECK(contains(trainer.info_json(), "\"steps\":20"));  // evaluate does not update
+
+        ember::Adapter snapshot = trainer.adapter();
+        CHECK(snapshot && contains(snapshot.info_json(), "\"rank\":4"));
+        trainer.save(dir);
+        ember::Adapter loaded(model, dir);
+        CHECK(contains(loaded.info_json(), "q_proj") && contains(loaded.info_json(), "v_proj"));
+
+        // Continuing from the saved adapter starts where this run is.
+        ember::TrainParams cont = fast_train_params();
+        cont.init_adapter = &loaded;
+        ember::Trainer resumed(model, cont);
+        CHECK(std::fabs(resumed.evaluate(data) - trainer.evaluate(data)) <
+              1e-4 * trainer.evaluate(data));
+
+        ember::SessionParams sp;
+        sp.n_ctx = 64;
+        sp.n_seq = 2;
+        ember::Session session(model, sp);
+        const int32_t id = session.attach_adapter(loaded, "trained");
+        const int32_t snap_id = session.attach_adapter(snapshot);
+        CHECK(id >= 0 && snap_id >= 0 && id != snap_id);
+        const std::string prompt = "abcab";
+        const ember::Generation base = session.generate(prompt, greedy(12));
+        ember::GenerateParams p = greedy(12);
+        p.adapter = id;
+        const ember::Generation tuned = session.generate(prompt, p);
+        CHECK(tuned.text != base.text);
+        CHECK(tuned.text.rfind("cabcab", 0) == 0);  // it learned the pattern
+        p.adapter = snap_id;
+        CHECK(session.generate(prompt, p).text == tuned.text);
+
+        // A sequence chooses its adapter.
+        const std::vector<uint32_t> ids = model.tokenize(prompt, true, true);
+        const uint64_t seq = session.add_sequence(ember::SamplerParams::greedy());
+        session.set_sequence_adapter(seq, id);
+        CHECK(session.prefill(seq, ids) == model.tokenize(tuned.text, false)[0]);
+        session.remove_sequence(seq);
+
+        // Task arithmetic: A - A is the base model; (A + A) / 2 is A.
+        ember::Adapter none = ember::Adapter::combine({&loaded, &snapshot}, {1.0f, -1.0f});
+        ember::Adapter same = ember::Adapter::combine({&loaded, &snapshot}, {0.5f, 0.5f});
+        CHECK(contains(same.info_json(), "\"rank\":8"));
+        const int32_t none_id = session.attach_adapter(none, "none");
+        p.adapter = none_id;
+        CHECK(session.generate(prompt, p).text == base.text);
+        session.replace_adapter(none_id, same);  // hot swap
+        CHECK(session.generate(prompt, p).text == tuned.text);
+        session.set_adapter_scale(none_id, 0.0f);
+        CHECK(session.generate(prompt, p).text == base.text);
+        session.detach_adapter(none_id);
+        CHECK_THROWS(ember::Error, [&] { session.generate(prompt, p); },
+                     [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
+        CHECK_THROWS(ember::Error, [&] { ember::Adapter::combine({&loaded}, {1.0f, 2.0f}); },
+                     [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
+
+        // Saving the combined adapter and loading it again.
+        same.save(model, dir + "-combined");
+        CHECK(contains(ember::Adapter(model, dir + "-combined").info_json(), "\"rank\":8"));
+
+        // Token sequences with a loss mask.
+        const std::vector<std::vector<uint32_t>> seqs{{10, 20, 30, 40, 50, 60}, {7, 8, 9}};
+        const ember::StepResult t1 = trainer.step_tokens(seqs, {{0, 0, 1, 1, 1, 1}, {1, 1, 1}});
+        CHECK(!t1.skipped && t1.step == 21);
+        CHECK(t1.tokens == 4 + 2);  // a sequence's first token is never predicted
+        const ember::StepResult t2 = trainer.step_tokens(seqs);
+        CHECK(t2.tokens == 5 + 2);
+        CHECK_THROWS(ember::Error, [&] { trainer.step_tokens({{999, 3}}); },
+                     [](const ember::Error& e) {
+                         CHECK(e.status() == EMBER_INVALID_ARGUMENT);
+                         CHECK(contains(e.message(), "vocabulary"));
+                     });
+        CHECK_THROWS(ember::Error, [&] { trainer.step_tokens(seqs, {{1, 1}}); },
+                     [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
+
+        // Moves.
+        ember::Trainer moved(std::move(trainer));
+        CHECK(!trainer && moved);
+        CHECK_THROWS(ember::Error, [&] { trainer.step(data); },
+                     [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
+        ember::Adapter a2(std::move(snapshot));
+        CHECK(!snapshot && a2);
+    }
+    CHECK(live_handles() == live0 + 1);  // the model
+}
+
+void test_train_file_callback() {
+    const std::size_t live0 = live_handles();
+    ember::Model model(*g_ctx, g_tiny);
+    std::string lines;
+    for (int i = 0; i < 6; ++i) {
+        lines += ember::record::text("sample " + std::to_string(i) + " of text") + "\n";
+    }
+    const std::string path = write_file("ember-cpp-train.jsonl", lines);
+    {
+        ember::Trainer trainer(model, fast_train_params());
+        std::vector<uint32_t> seen;
+        CHECK_THROWS(ember::Error,
+                     [&] {
+                         trainer.train_file(path, 5, 2,
+                                            [&](uint32_t step, uint32_t total,
+                                                const ember::StepResult& r) {
+                                                CHECK(total == 5 && std::isfinite(r.loss));
+                                                seen.push_back(step);
+                                                return step < 2;
+                                            });
+                     },
+                     [](const ember::Error& e) {
+                         CHECK(e.status() == EMBER_ABORTED);
+                         CHECK(contains(e.message(), "after 2 steps"));
+                     });
+        CHECK((seen == std::vector<uint32_t>{1, 2}));
+        CHECK(contains(trainer.info_json(), "\"steps\":2"));  // the steps done are kept
+
+        const double loss = trainer.train_file(path, 2, 3);
+        CHECK(std::isfinite(loss) && loss > 0.0);
+        CHECK(contains(trainer.info_json(), "\"steps\":4"));
+
+        struct TrainBoom {
+            uint32_t step;
+        };
+        int calls = 0;
+        CHECK_THROWS(TrainBoom,
+                     [&] {
+                         trainer.train_file(path, 5, 2,
+                                            [&](uint32_t step, uint32_t, const ember::StepResult&)
+                                                -> bool {
+                                                ++calls;
+                                                throw TrainBoom{step};
+                                            });
+                     },
+                     [](const TrainBoom& e) { CHECK(e.step == 1); });
+        CHECK(calls == 1);
+        CHECK(std::isfinite(trainer.train_file(path, 1, 2)));  // still usable
+    }
+    std::remove(path.c_str());
+    CHECK(live_handles() == live0 + 1);  // the model
+}
+
+void test_trainer_errors() {
+    const std::size_t live0 = live_handles();
+    ember::Model model(*g_ctx, g_tiny);
+    const auto invalid_with = [](const char* part) {
+        return [part](const ember::Error& e) {
+            CHECK(e.status() == EMBER_INVALID_ARGUMENT);
+            CHECK(contains(e.message(), part));
+        };
+    };
+    ember::TrainParams p = fast_train_params();
+    p.seq_len = 33;
+    CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); }, invalid_with("multiple of 32"));
+    p = fast_train_params();
+    p.lora_rank = 0;
+    CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); },
+                 invalid_with("nothing to train"));
+    p = fast_train_params();
+    p.lr = -1.0f;
+    CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); }, invalid_with("lr"));
+    CHECK_THROWS(ember::Error, [&] { ember::Adapter(model, g_scratch + "/ember-cpp-no-adapter"); },
+                 [](const ember::Error& e) { CHECK(e.status() == EMBER_IO); });
+
+    ember::Trainer trainer(model, fast_train_params());
+    CHECK_THROWS(ember::Error, [&] { trainer.step("{\"question\": 1}"); }, invalid_with("line 1"));
+    CHECK_THROWS(ember::Error, [&] { trainer.step("not json"); }, invalid_with("JSON"));
+    CHECK_THROWS(ember::Error, [&] { trainer.evaluate(""); }, invalid_with("no training records"));
+    CHECK_THROWS(ember::Error, [&] { trainer.step(std::string("{}\0", 3)); }, invalid_with("NUL"));
+    CHECK_THROWS(ember::Error,
+                 [&] { trainer.train_file(g_scratch + "/ember-cpp-none.jsonl", 1, 1); },
+                 [](const ember::Error& e) { CHECK(e.status() == EMBER_IO); });
+    CHECK_THROWS(ember::Error, [&] { trainer.train_file(g_scratch + "/x.jsonl", 0, 1); },
+                 invalid_with("positive"));
+    CHECK(contains(trainer.info_json(), "\"steps\":0"));
+
+    // A soft prompt alone has no LoRA to snapshot.
+    ember::TrainParams soft;
+    soft.lora_rank = 0;
+    soft.prompt_tokens = 4;
+    soft.seq_len = 32;
+    ember::Trainer prompt_trainer(model, soft);
+    CHECK(contains(prompt_trainer.info_json(), "\"virtual_tokens\":4"));
+    CHECK_THROWS(ember::Error, [&] { prompt_trainer.adapter(); },
+                 [](const ember::Error& e) { CHECK(e.status() == EMBER_UNSUPPORTED); });
+    CHECK(live_handles() == live0 + 3);
+}
+
 // SmolLM2-135M-Instruct, when EMBER_TEST_MODEL names it.
 void test_real_model() {
     const char* path = std::getenv("EMBER_TEST_MODEL");
@@ -759,6 +1060,11 @@ int main(int argc, char** argv) {
         run("perplexity", test_perplexity);
         run("model_shared_by_threads", test_model_shared_by_threads);
         run("log_callback", test_log_callback);
+        run("train_defaults_from_c", test_train_defaults_from_c);
+        run("records_are_json", test_records_are_json);
+        run("trainer_learns_and_adapters_serve", test_trainer_learns_and_adapters_serve);
+        run("train_file_callback", test_train_file_callback);
+        run("trainer_errors", test_trainer_errors);
         const char* real_model = std::getenv("EMBER_TEST_MODEL");
         if (real_model != nullptr && *real_model != '\0') {
             run("real_model", test_real_model);

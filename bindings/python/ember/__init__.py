@@ -17,8 +17,10 @@ Example::
 
 Objects: :class:`Context` (a GPU device) -> :class:`Model` (weights and tokenizer,
 thread-safe) -> :class:`Session` (a key/value cache, one thread at a time) with its
-:class:`Sequence` objects; :class:`Adapter` for LoRA adapters. Every handle is a context
-manager and frees itself on ``close()`` (idempotent) or garbage collection.
+:class:`Sequence` objects; :class:`Adapter` for LoRA adapters; :class:`Trainer` (with
+:class:`TrainParams`) teaches a model a LoRA adapter, soft prompt or prefix on its GPU. Every
+handle is a context manager and frees itself on ``close()`` (idempotent) or garbage
+collection.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from ._core import (
     ModelInfo,
     Sequence,
     Session,
+    StepResult,
     Stream,
+    Trainer,
+    TrainParams,
     abi_version,
     set_log_callback,
     status_str,
@@ -41,6 +46,7 @@ from ._ffi import (
     ABI_VERSION,
     EmberError,
     LogLevel,
+    LrSchedule,
     SamplerParams,
     Status,
     StopReason,
@@ -57,14 +63,18 @@ __all__ = [
     "EmberError",
     "Generation",
     "LogLevel",
+    "LrSchedule",
     "Model",
     "ModelInfo",
     "SamplerParams",
     "Sequence",
     "Session",
     "Status",
+    "StepResult",
     "StopReason",
     "Stream",
+    "TrainParams",
+    "Trainer",
     "abi_version",
     "find_library",
     "lib_path",

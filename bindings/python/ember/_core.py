@@ -11,6 +11,7 @@ import threading
 import time
 from ctypes import byref, c_char_p, c_double, c_float, c_int32, c_size_t, c_uint32
 from ctypes import c_uint64, c_void_p
+import dataclasses
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -28,7 +29,7 @@ from typing import (
 )
 
 from . import _ffi
-from ._ffi import EmberError, LogLevel, Status, StopReason, check, lib, take_string
+from ._ffi import EmberError, LogLevel, LrSchedule, Status, StopReason, check, lib, take_string
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,6 +42,9 @@ __all__ = [
     "Sequence",
     "Session",
     "Stream",
+    "StepResult",
+    "TrainParams",
+    "Trainer",
     "abi_version",
     "set_log_callback",
     "status_str",
@@ -647,6 +651,11 @@ class Model(_Handle):
     ) -> "Session":
         """Shorthand for :class:`Session` ``(self, n_ctx, n_seq, n_batch, ...)``."""
         return Session(self, n_ctx, n_seq, n_batch, **kw)
+
+    def trainer(self, params: Optional["TrainParams"] = None, **kw: Any) -> "Trainer":
+        """Shorthand for :class:`Trainer` ``(self, params, **kw)``, e.g.
+        ``model.trainer(lora_rank=8, targets=["q", "v"], lr=1e-3)``."""
+        return Trainer(self, params, **kw)
 
     def __repr__(self) -> str:
         if self.closed:
@@ -1435,3 +1444,454 @@ class Adapter(_Handle):
         out = c_void_p()
         check(lib().ember_adapter_combine(ptrs, w, len(items), byref(out)))
         return cls._wrap(out.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+#: LoRA target names (``TrainParams.targets``) -> ``EMBER_TARGET_*`` bits.
+_TARGET_BITS = {
+    "q": _ffi.TARGET_Q,
+    "k": _ffi.TARGET_K,
+    "v": _ffi.TARGET_V,
+    "o": _ffi.TARGET_O,
+    "gate": _ffi.TARGET_GATE,
+    "up": _ffi.TARGET_UP,
+    "down": _ffi.TARGET_DOWN,
+}
+
+_SCHEDULES = {
+    "constant": LrSchedule.CONSTANT,
+    "cosine": LrSchedule.COSINE,
+    "warmup_constant": LrSchedule.WARMUP_CONSTANT,
+}
+
+
+def _target_bits(targets: Any) -> int:
+    """``EMBER_TARGET_*`` bits of ``targets`` (0 means every projection)."""
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all"):
+        return 0
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(targets, bytes) or not isinstance(targets, Iterable):
+        raise TypeError('targets must be "all", a target name or a list of names')
+    bits = 0
+    for i, t in enumerate(targets):
+        if not isinstance(t, str):
+            raise TypeError(f"targets[{i}] must be a str, not {type(t).__name__}")
+        key = t.lower()
+        if key.endswith("_proj"):  # PEFT's module names: q_proj, gate_proj, ...
+            key = key[: -len("_proj")]
+        if key == "all":
+            return 0
+        if key not in _TARGET_BITS:
+            raise ValueError(
+                f"unknown LoRA target {t!r}: use {', '.join(_TARGET_BITS)} or 'all'"
+            )
+        bits |= _TARGET_BITS[key]
+    if bits == 0:
+        raise ValueError('targets is empty: name at least one projection, or "all"')
+    return bits
+
+
+def _schedule(value: Any) -> LrSchedule:
+    if isinstance(value, LrSchedule):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"schedule must be a str, not {type(value).__name__}")
+    key = value.lower().replace("-", "_")
+    if key not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {value!r}: use {', '.join(_SCHEDULES)}")
+    return _SCHEDULES[key]
+
+
+@dataclass
+class TrainParams:
+    """What a :class:`Trainer` trains and how (``ember_train_params``).
+
+    The defaults are the library's (``ember_train_default_params()``): LoRA of rank 8 on
+    every projection, 256-token sequences, AdamW at 1e-3 with clipping at 1, a cosine
+    schedule over 100 steps with 5 warmup steps.
+    """
+
+    lora_rank: int = 8
+    """LoRA rank (0: no LoRA)."""
+    lora_alpha: float = 0.0
+    """LoRA alpha (0: twice the rank)."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(rank) instead of alpha / rank."""
+    targets: Union[str, SequenceT[str], None] = "all"
+    """The projections LoRA adapts: ``"all"`` (or ``None``), or names out of ``"q"``,
+    ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``, ``"down"`` (PEFT's ``"q_proj"`` etc.
+    work too)."""
+    prompt_tokens: int = 0
+    """Train a soft prompt of this many virtual tokens (0: none)."""
+    prefix_tokens: int = 0
+    """Train a prefix of this many virtual tokens (0: none; not with a soft prompt)."""
+    init_adapter: Union["Adapter", str, "os.PathLike[str]", None] = None
+    """Continue training this LoRA adapter (an :class:`Adapter`, or the directory of one)
+    instead of a fresh one (its rank, alpha and targets then apply)."""
+    seq_len: int = 256
+    """Longest sequence in tokens, virtual tokens included (a multiple of 32); longer
+    records are truncated."""
+    lr: float = 1e-3
+    """Base learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm (0: off)."""
+    betas: Tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: Union[str, LrSchedule] = "cosine"
+    """``"constant"``, ``"cosine"`` (warmup, then cosine decay to 0 at ``total_steps``) or
+    ``"warmup_constant"`` (warmup, then constant)."""
+    warmup: int = 5
+    """Warmup steps."""
+    total_steps: int = 100
+    """Steps of the whole run (for the cosine schedule)."""
+    seed: int = 0
+    """Seed of the initialization and of the shuffling of :meth:`Trainer.train_file`."""
+
+    def _to_c(self, init_adapter: Optional[int]) -> _ffi.TrainParamsStruct:
+        p = lib().ember_train_default_params()
+        p.lora_rank = _uint(self.lora_rank, "lora_rank")
+        p.lora_alpha = _float(self.lora_alpha, "lora_alpha")
+        p.rslora = _bool(self.rslora, "rslora")
+        p.lora_targets = _target_bits(self.targets)
+        p.prompt_tokens = _uint(self.prompt_tokens, "prompt_tokens")
+        p.prefix_tokens = _uint(self.prefix_tokens, "prefix_tokens")
+        p.init_adapter = init_adapter
+        p.seq_len = _uint(self.seq_len, "seq_len")
+        p.lr = _float(self.lr, "lr")
+        p.weight_decay = _float(self.weight_decay, "weight_decay")
+        p.max_grad_norm = _float(self.max_grad_norm, "max_grad_norm")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
+            raise TypeError("betas must be a pair of numbers (beta1, beta2)")
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
+        p.beta1 = _float(betas[0], "betas[0]")
+        p.beta2 = _float(betas[1], "betas[1]")
+        p.eps = _float(self.eps, "eps")
+        p.schedule = int(_schedule(self.schedule))
+        p.warmup_steps = _uint(self.warmup, "warmup")
+        p.total_steps = _uint(self.total_steps, "total_steps")
+        p.seed = _uint(self.seed, "seed", 64)
+        return p
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did (``ember_step_result``)."""
+
+    step: int
+    """Updates the trainer has applied so far (skipped steps not counted)."""
+    loss: float
+    """Mean loss over the scored tokens, before the update."""
+    grad_norm: float
+    """Global gradient norm, before clipping."""
+    lr: float
+    """Learning rate used."""
+    tokens: int
+    """Tokens scored."""
+    skipped: bool
+    """The loss or a gradient was not finite: the update was skipped, nothing changed."""
+    seconds: float
+    """Seconds the step took."""
+
+    @classmethod
+    def _from(cls, r: _ffi.StepResultStruct) -> "StepResult":
+        return cls(
+            step=int(r.step),
+            loss=float(r.loss),
+            grad_norm=float(r.grad_norm),
+            lr=float(r.lr),
+            tokens=int(r.tokens),
+            skipped=bool(r.skipped),
+            seconds=float(r.seconds),
+        )
+
+
+#: Training records: one dict, or a list of them.
+_Records = Union[Mapping[str, Any], SequenceT[Mapping[str, Any]]]
+
+
+def _jsonl(examples: Any) -> bytes:
+    """JSONL bytes of training records (a dict, or a list of dicts)."""
+    if isinstance(examples, Mapping):
+        examples = [examples]
+    elif isinstance(examples, (str, bytes)) or not isinstance(examples, Iterable):
+        raise TypeError(
+            "examples must be a dict or a list of dicts such as {'text': ...}, "
+            "{'prompt': ..., 'completion': ...} or {'messages': [...]}"
+        )
+    lines = []
+    for i, r in enumerate(examples):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"examples[{i}] must be a dict, not {type(r).__name__}")
+        try:
+            # ASCII JSON: no NUL can reach the C string, no encoding can fail.
+            lines.append(json.dumps(r, ensure_ascii=True, allow_nan=False))
+        except TypeError as e:
+            raise TypeError(f"examples[{i}] is not JSON-serializable: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"examples[{i}] is not valid JSON: {e}") from None
+    return "\n".join(lines).encode("ascii")
+
+
+class Trainer(_Handle):
+    """Trains an adapter of a model on its GPU (``ember_trainer``): a LoRA adapter, a soft
+    prompt or a prefix; the model's weights stay frozen in their stored format.
+
+    Use one trainer from one thread at a time (calls are serialized by a lock); the model
+    may serve sessions meanwhile, and a snapshot of the LoRA (:meth:`adapter`) can be
+    attached to them while training goes on.
+
+    Args:
+        model: the :class:`Model` to train an adapter for.
+        params: a :class:`TrainParams`; keyword arguments (its field names) override its
+            fields, or give them when ``params`` is ``None``: ``Trainer(model,
+            lora_rank=4, targets=["q", "v"], seq_len=64, lr=1e-2)``.
+
+    Raises:
+        EmberError: ``Status.INVALID_ARGUMENT`` when nothing is to be trained, ``seq_len``
+            is not a multiple of 32, a rate is negative, or ``init_adapter`` was made for
+            another base model; ``Status.OUT_OF_MEMORY`` when the buffers do not fit.
+        TypeError / ValueError: a parameter of the wrong type, an unknown target or
+            schedule name.
+    """
+
+    _free_name = "ember_trainer_free"
+    _kind = "Trainer"
+
+    def __init__(self, model: Model, params: Optional[TrainParams] = None, **kw: Any) -> None:
+        self._lock = threading.RLock()
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be an ember.Model, not {type(model).__name__}")
+        if params is None:
+            params = TrainParams(**kw)
+        elif not isinstance(params, TrainParams):
+            raise TypeError(f"params must be an ember.TrainParams, not {type(params).__name__}")
+        elif kw:
+            params = dataclasses.replace(params, **kw)
+        init = params.init_adapter
+        owned: Optional[Adapter] = None
+        if init is not None and not isinstance(init, Adapter):
+            owned = Adapter(model, init)  # type: ignore[arg-type]
+            init = owned
+        try:
+            p = params._to_c(init._raw() if init is not None else None)
+            out = c_void_p()
+            check(lib().ember_trainer_create(model._raw(), byref(p), byref(out)))
+        finally:
+            if owned is not None:
+                owned.close()  # the trainer took a copy
+        self._ptr = out.value
+        self._model = model
+        self._params = params
+
+    @property
+    def model(self) -> Model:
+        """The model being taught."""
+        return self._model
+
+    @property
+    def params(self) -> TrainParams:
+        """The parameters the trainer was made with."""
+        return self._params
+
+    def step(self, examples: "_Records") -> StepResult:
+        """One optimizer step on ``examples`` (``ember_trainer_step``): all of them form one
+        batch, their gradients accumulate into one update.
+
+        Args:
+            examples: a record or a list of records, each ``{"text": ...}`` (every token
+                scored), ``{"prompt": ..., "completion": ...}`` (the completion and an
+                end-of-sequence token scored) or ``{"messages": [{"role", "content"},
+                ...]}`` (rendered with the model's chat template; the assistant turns
+                scored).
+
+        Raises:
+            EmberError: ``Status.INVALID_ARGUMENT`` for a malformed record (the message
+                names its line), an empty list, or records with nothing to score.
+        """
+        data = _jsonl(examples)
+        r = _ffi.StepResultStruct()
+        r.struct_size = ctypes.sizeof(r)
+        with self._lock:
+            check(lib().ember_trainer_step(self._raw(), data, byref(r)))
+        return StepResult._from(r)
+
+    def step_tokens(
+        self,
+        sequences: SequenceT[SequenceT[int]],
+        loss_mask: Optional[SequenceT[SequenceT[Any]]] = None,
+    ) -> StepResult:
+        """One optimizer step on token sequences (``ember_trainer_step_tokens``).
+
+        Args:
+            sequences: a list of token-id lists (one batch).
+            loss_mask: ``None`` (every token scored) or one list per sequence, as long as
+                it, true where the token is scored (predicted from the ones before it).
+        """
+        if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Iterable):
+            raise TypeError("sequences must be a list of token-id lists")
+        seqs = [_token_array(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+        flat = _token_array([])
+        for a in seqs:
+            flat.extend(a)
+        n = len(seqs)
+        lengths = (c_size_t * max(1, n))(*[len(a) for a in seqs])
+        mask = None
+        if loss_mask is not None:
+            if isinstance(loss_mask, (str, bytes)) or not isinstance(loss_mask, Iterable):
+                raise TypeError("loss_mask must be None or a list of lists of bools")
+            masks = list(loss_mask)
+            if len(masks) != n:
+                raise ValueError(f"loss_mask has {len(masks)} lists for {n} sequences")
+            bits: List[int] = []
+            for i, (m, a) in enumerate(zip(masks, seqs)):
+                if isinstance(m, (str, bytes)) or not isinstance(m, Iterable):
+                    raise TypeError(f"loss_mask[{i}] must be a list of bools")
+                row = [1 if _mask_bit(b, f"loss_mask[{i}]") else 0 for b in m]
+                if len(row) != len(a):
+                    raise ValueError(
+                        f"loss_mask[{i}] has {len(row)} entries for {len(a)} tokens"
+                    )
+                bits += row
+            mask = (ctypes.c_uint8 * max(1, len(bits)))(*bits)
+        r = _ffi.StepResultStruct()
+        r.struct_size = ctypes.sizeof(r)
+        with self._lock:
+            check(
+                lib().ember_trainer_step_tokens(
+                    self._raw(), _u32_ptr(flat), mask, lengths, n, byref(r)
+                )
+            )
+        return StepResult._from(r)
+
+    def train_file(
+        self,
+        path: PathLike,
+        steps: int,
+        batch_size: int = 8,
+        callback: Optional[Callable[[int, int, StepResult], Any]] = None,
+    ) -> float:
+        """Trains ``steps`` optimizer steps on a file (``ember_trainer_train_file``): JSONL
+        records as in :meth:`step`, or plain text cut into ``seq_len``-token pieces, in
+        batches of ``batch_size`` sequences, reshuffled every epoch by the seed.
+
+        Args:
+            path: the data file.
+            steps: optimizer steps to run.
+            batch_size: sequences per step.
+            callback: optional ``callback(step, total, result)`` called after every step
+                (``step`` counts this call's steps, 1 to ``total``; ``result`` is the
+                :class:`StepResult`). Returning ``False`` stops the training: the steps
+                done are kept, and :class:`EmberError` with ``Status.ABORTED`` is raised
+                (as the C call returns ``EMBER_ABORTED``). An exception it raises stops the
+                training too and is re-raised here.
+
+        Returns:
+            The loss of the last step.
+        """
+        b = _path(path)
+        n_steps = _uint(steps, "steps")
+        bs = _uint(batch_size, "batch_size")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable or None")
+        trap = _Trap()
+
+        def tramp(step: int, total: int, res: Any, _ud: Optional[int]) -> bool:
+            if trap.exc is not None:
+                return False
+            try:
+                result = StepResult._from(res.contents)
+                r = callback(int(step), int(total), result)  # type: ignore[misc]
+                return True if r is None else bool(r)
+            except BaseException as e:  # noqa: BLE001 - re-raised after the C call
+                trap.exc = e
+                return False
+
+        # The ctypes trampoline lives in this frame until the C call has returned.
+        cb = _ffi.TRAIN_CALLBACK(tramp) if callback is not None else _ffi.TRAIN_CALLBACK()
+        final = c_double(float("nan"))
+        with self._lock:
+            st = lib().ember_trainer_train_file(
+                self._raw(), b, n_steps, bs, cb, None, byref(final)
+            )
+            trap.reraise()
+            check(st)
+        return final.value
+
+    def evaluate(self, examples: "_Records") -> float:
+        """Mean loss of ``examples`` (records as in :meth:`step`) with the current
+        parameters; nothing is updated."""
+        data = _jsonl(examples)
+        loss = c_double()
+        with self._lock:
+            check(lib().ember_trainer_evaluate(self._raw(), data, byref(loss)))
+        return loss.value
+
+    def adapter(self) -> Adapter:
+        """A snapshot of the trained LoRA as an :class:`Adapter`: attach it to sessions
+        (or hot-swap it in with :meth:`Session.replace_adapter`) while training goes on.
+
+        Raises:
+            EmberError: ``Status.UNSUPPORTED`` when the trainer trains no LoRA.
+        """
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_trainer_get_adapter(self._raw(), byref(out)))
+        return Adapter._wrap(out.value)
+
+    def save(self, path: PathLike) -> None:
+        """Saves what is trained to directory ``path`` in the PEFT layout, recording the
+        base model (a LoRA loads back with :class:`Adapter`). One trained part goes to
+        ``path`` itself; a LoRA together with a soft prompt or prefix goes to ``path/lora``
+        and ``path/prompt`` or ``path/prefix``. Every file is written atomically."""
+        b = _path(path)
+        with self._lock:
+            check(lib().ember_trainer_save(self._raw(), b))
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """The trainer's description (``ember_trainer_info_json``): ``trainable_params``,
+        ``steps``, ``config``, ``virtual_tokens``, ``device_bytes``, ..."""
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_trainer_info_json(self._raw(), byref(out)))
+        return json.loads(take_string(out))
+
+    @property
+    def steps(self) -> int:
+        """Optimizer updates applied so far."""
+        return int(self.info["steps"])
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<ember.Trainer closed>"
+        try:
+            i = self.info
+            return f"<ember.Trainer params={i['trainable_params']} steps={i['steps']}>"
+        except EmberError:
+            return "<ember.Trainer>"
+
+
+def _mask_bit(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    try:
+        import numpy as np
+
+        if isinstance(v, (np.bool_, np.integer)) and int(v) in (0, 1):
+            return bool(v)
+    except ImportError:
+        pass
+    raise TypeError(f"{what} entries must be bools (or 0/1), not {v!r}")

@@ -99,6 +99,27 @@ class LogLevel(enum.IntEnum):
     """Debugging detail."""
 
 
+class LrSchedule(enum.IntEnum):
+    """Mirror of ``ember_lr_schedule``: the learning-rate schedule of a trainer."""
+
+    CONSTANT = 0
+    """The base rate throughout."""
+    COSINE = 1
+    """Linear warmup, then cosine decay to 0 at ``total_steps``."""
+    WARMUP_CONSTANT = 2
+    """Linear warmup, then constant (continual training)."""
+
+
+#: The ``EMBER_TARGET_*`` bits of ``ember_train_params.lora_targets`` (LoRA targets).
+TARGET_Q = 1
+TARGET_K = 2
+TARGET_V = 4
+TARGET_O = 8
+TARGET_GATE = 16
+TARGET_UP = 32
+TARGET_DOWN = 64
+
+
 class EmberError(RuntimeError):
     """An Ember call failed.
 
@@ -245,11 +266,58 @@ class GenerateResult(Structure):
     ]
 
 
+class TrainParamsStruct(Structure):
+    """``ember_train_params``: what to train and how."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("lora_rank", c_uint32),
+        ("lora_alpha", c_float),
+        ("rslora", c_bool),
+        ("lora_targets", c_uint32),
+        ("prompt_tokens", c_uint32),
+        ("prefix_tokens", c_uint32),
+        ("init_adapter", c_void_p),  # const struct ember_adapter *
+        ("seq_len", c_uint32),
+        ("lr", c_float),
+        ("weight_decay", c_float),
+        ("max_grad_norm", c_float),
+        ("beta1", c_float),
+        ("beta2", c_float),
+        ("eps", c_float),
+        ("schedule", c_int),  # enum ember_lr_schedule
+        ("warmup_steps", c_uint32),
+        ("total_steps", c_uint32),
+        ("seed", c_uint64),
+    ]
+
+
+class StepResultStruct(Structure):
+    """``ember_step_result``: what one optimizer step did."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("step", c_uint32),
+        ("loss", c_double),
+        ("grad_norm", c_float),
+        ("lr", c_float),
+        ("tokens", c_uint64),
+        ("skipped", c_bool),
+        ("seconds", c_double),
+    ]
+
+
+#: ``ember_train_callback``:
+#: ``bool (*)(uint32_t step, uint32_t total, const ember_step_result *, void *)``.
+TRAIN_CALLBACK = CFUNCTYPE(c_bool, c_uint32, c_uint32, POINTER(StepResultStruct), c_void_p)
+
+
 # Opaque handles are passed as void pointers.
 _ctx_p = c_void_p
 _model_p = c_void_p
 _session_p = c_void_p
 _adapter_p = c_void_p
+_trainer_p = c_void_p
 _u32_p = POINTER(c_uint32)
 
 #: name -> (restype, argtypes) for every function of ember.h.
@@ -327,6 +395,32 @@ _PROTOTYPES = {
     "ember_seq_set_adapter": (c_int, [_session_p, c_uint64, c_int32, c_float]),
     "ember_status_str": (c_char_p, [c_int32]),
     "ember_last_error": (c_char_p, []),
+    "ember_train_default_params": (TrainParamsStruct, []),
+    "ember_trainer_create": (
+        c_int,
+        [_model_p, POINTER(TrainParamsStruct), POINTER(_trainer_p)],
+    ),
+    "ember_trainer_free": (None, [_trainer_p]),
+    "ember_trainer_step": (c_int, [_trainer_p, c_char_p, POINTER(StepResultStruct)]),
+    "ember_trainer_step_tokens": (
+        c_int,
+        [
+            _trainer_p,
+            _u32_p,
+            POINTER(ctypes.c_uint8),
+            POINTER(c_size_t),
+            c_size_t,
+            POINTER(StepResultStruct),
+        ],
+    ),
+    "ember_trainer_train_file": (
+        c_int,
+        [_trainer_p, c_char_p, c_uint32, c_uint32, TRAIN_CALLBACK, c_void_p, POINTER(c_double)],
+    ),
+    "ember_trainer_evaluate": (c_int, [_trainer_p, c_char_p, POINTER(c_double)]),
+    "ember_trainer_get_adapter": (c_int, [_trainer_p, POINTER(_adapter_p)]),
+    "ember_trainer_save": (c_int, [_trainer_p, c_char_p]),
+    "ember_trainer_info_json": (c_int, [_trainer_p, POINTER(c_void_p)]),
 }
 
 #: Params structs whose library default reports its size: ctypes mirror -> default fn.
@@ -336,6 +430,7 @@ _SIZED_DEFAULTS = {
     SessionParams: "ember_session_default_params",
     SamplerParams: "ember_sampler_default_params",
     GenerateParams: "ember_generate_default_params",
+    TrainParamsStruct: "ember_train_default_params",
 }
 
 

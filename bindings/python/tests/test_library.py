@@ -46,6 +46,8 @@ _C_TYPES = {
     "const char *": ctypes.c_char_p,
     "void *": ctypes.c_void_p,
     "enum ember_stop_reason": ctypes.c_int,
+    "enum ember_lr_schedule": ctypes.c_int,
+    "const struct ember_adapter *": ctypes.c_void_p,
     "struct ember_sampler_params": _ffi.SamplerParams,
     "const char *const *": ctypes.POINTER(ctypes.c_char_p),
     "ember_progress_callback": _ffi.PROGRESS_CALLBACK,
@@ -61,6 +63,8 @@ _MIRRORS = {
     "ember_sampler_params": _ffi.SamplerParams,
     "ember_generate_params": _ffi.GenerateParams,
     "ember_generate_result": _ffi.GenerateResult,
+    "ember_train_params": _ffi.TrainParamsStruct,
+    "ember_step_result": _ffi.StepResultStruct,
 }
 
 
@@ -102,12 +106,38 @@ def test_enums_mirror_the_header(repo):
         ("ember_status", ember.Status, "EMBER_"),
         ("ember_stop_reason", ember.StopReason, "EMBER_STOP_"),
         ("ember_log_level", ember.LogLevel, "EMBER_LOG_"),
+        ("ember_lr_schedule", ember.LrSchedule, "EMBER_LR_"),
     ]:
         body = re.search(r"typedef enum %s \{(.*?)\}" % cname, text, flags=re.S).group(1)
         values = {k[len(prefix) :]: int(v) for k, v in re.findall(r"(\w+) = (\d+)", body)}
         assert values == {e.name: e.value for e in enum_cls}, cname
     for s in ember.Status:
         assert ember.status_str(s) == "EMBER_" + s.name
+
+
+def test_target_bits_mirror_the_header(repo):
+    text = _header(repo)
+    bits = {k: int(v) for k, v in re.findall(r"#define EMBER_TARGET_(\w+) (\d+)", text)}
+    assert bits == {
+        name: getattr(_ffi, "TARGET_" + name)
+        for name in ["Q", "K", "V", "O", "GATE", "UP", "DOWN"]
+    }
+
+
+def test_callback_prototypes_mirror_the_header(repo):
+    text = _header(repo)
+    found = re.findall(r"typedef (\w+) \(\*(ember_\w+_callback)\)\((.*?)\);", text)
+    mirrors = {
+        "ember_log_callback": _ffi.LOG_CALLBACK,
+        "ember_progress_callback": _ffi.PROGRESS_CALLBACK,
+        "ember_token_callback": _ffi.TOKEN_CALLBACK,
+        "ember_train_callback": _ffi.TRAIN_CALLBACK,
+    }
+    assert {name for _, name, _ in found} == set(mirrors)
+    for ret, name, args in found:
+        proto = mirrors[name]
+        assert proto._restype_ is {"bool": ctypes.c_bool, "void": None}[ret], name
+        assert len(proto._argtypes_) == args.count(",") + 1, name
 
 
 def test_internal_panic_is_a_status_not_a_crash():
