@@ -114,8 +114,10 @@ pub struct FinetuneArgs {
     #[arg(short = 'm', long = "model")]
     model: PathBuf,
     /// Training data: JSONL ({"messages"}, {"prompt","completion"} or {"text"}) or plain text.
-    #[arg(long)]
-    data: PathBuf,
+    /// Repeatable: the files are mixed (e.g. new facts plus replay text that keeps the
+    /// model's general ability).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// Output directory for the adapter (PEFT layout; LoRA in DIR, or DIR/prompt, DIR/prefix).
     #[arg(long)]
     out: PathBuf,
@@ -158,7 +160,10 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         .or(t.prefix.as_ref().map(|p| p.n_virtual))
         .unwrap_or(0);
     let max_tokens = a.adapter.seq.saturating_sub(virt);
-    let data = Dataset::load(&a.data, &model.tokenizer, max_tokens)?;
+    let mut data = Dataset::default();
+    for path in &a.data {
+        data.extend(Dataset::load(path, &model.tokenizer, max_tokens)?);
+    }
     let per_epoch = data.examples.len().div_ceil(a.batch_size.max(1)) as u32;
     let steps = a.steps.unwrap_or(per_epoch).max(1);
     let warmup = a.warmup.unwrap_or(steps / 20);

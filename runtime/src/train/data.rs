@@ -50,6 +50,12 @@ impl Dataset {
         }
     }
 
+    /// Appends the sequences of `other` (e.g. replay text mixed into new facts).
+    pub fn extend(&mut self, other: Dataset) {
+        self.examples.extend(other.examples);
+        self.truncated += other.truncated;
+    }
+
     /// Parses JSONL records (see the module docs).
     pub fn from_jsonl(text: &str, tok: &Tokenizer, max_tokens: usize) -> Result<Dataset> {
         let mut d = Dataset::default();
