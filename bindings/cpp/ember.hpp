@@ -596,7 +596,8 @@ public:
         detail::check(st);
     }
 
-    /// Takes ownership of a handle from ember_model_load (may be NULL).
+    /// Takes ownership of a handle from ember_model_load or ember_model_merge_adapters (may
+    /// be NULL).
     static Model adopt(ember_model* handle) noexcept { return Model(handle); }
 
     /// Not copyable: one owner per handle (move it instead).
@@ -807,6 +808,25 @@ private:
     explicit Adapter(ember_adapter* handle) noexcept : handle_(handle) {}
     ember_adapter* handle_ = nullptr;
 };
+
+/// A new model with LoRA `adapters` (at strengths `weights`, empty = all 1; negative
+/// subtracts) merged into `base`'s f32/f16 weights (ember_model_merge_adapters). `base` is
+/// unchanged, so unmerging is exact: keep using it. Throws Error: EMBER_UNSUPPORTED for a
+/// quantized base, EMBER_INVALID_ARGUMENT for adapters made for another base.
+inline Model merge_adapters(const Model& base, const std::vector<const Adapter*>& adapters,
+                            const std::vector<float>& weights = {}) {
+    if (!weights.empty() && weights.size() != adapters.size()) {
+        throw Error(EMBER_INVALID_ARGUMENT, "ember.hpp: merge_adapters needs one weight per adapter");
+    }
+    std::vector<const ember_adapter*> handles;
+    handles.reserve(adapters.size());
+    for (const Adapter* a : adapters) handles.push_back(a != nullptr ? a->get() : nullptr);
+    ember_model* out = nullptr;
+    detail::check(ember_model_merge_adapters(base.get(), detail::non_null(handles.data()),
+                                             weights.empty() ? nullptr : weights.data(),
+                                             handles.size(), &out));
+    return Model::adopt(out);
+}
 
 // ---------------------------------------------------------------------------------------
 // Session

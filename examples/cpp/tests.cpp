@@ -845,6 +845,12 @@ void test_trainer_learns_and_adapters_serve() {
                      [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
         CHECK_THROWS(ember::Error, [&] { ember::Adapter::combine({&loaded}, {1.0f, 2.0f}); },
                      [](const ember::Error& e) { CHECK(e.status() == EMBER_INVALID_ARGUMENT); });
+        // The tiny base is Q4_1: merging into it would requantize, so it is refused.
+        CHECK_THROWS(ember::Error, [&] { ember::merge_adapters(model, {&loaded}); },
+                     [](const ember::Error& e) {
+                         CHECK(e.status() == EMBER_UNSUPPORTED);
+                         CHECK(contains(e.what(), "quantized"));
+                     });
 
         // Saving the combined adapter and loading it again.
         same.save(model, dir + "-combined");

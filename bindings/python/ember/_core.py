@@ -492,6 +492,37 @@ class Model(_Handle):
         if free:
             self._free()
 
+    def merge(
+        self, adapters: SequenceT["Adapter"], weights: Optional[SequenceT[float]] = None
+    ) -> "Model":
+        """A new model with LoRA ``adapters`` (at strengths ``weights``, default all 1;
+        negative subtracts) merged into this model's f32/f16 weights
+        (``ember_model_merge_adapters``). This model is unchanged, so unmerging is exact:
+        keep using it. Untouched tensors are shared. Quantized bases raise ``EmberError``
+        with ``Status.UNSUPPORTED``."""
+        items = list(adapters)
+        if not items or not all(isinstance(a, Adapter) for a in items):
+            raise TypeError("adapters must be a non-empty list of ember.Adapter")
+        ptrs = (c_void_p * len(items))(*[a._raw() for a in items])
+        w = None
+        if weights is not None:
+            wl = [_float(x, f"weights[{i}]") for i, x in enumerate(weights)]
+            if len(wl) != len(items):
+                raise ValueError("weights must have one entry per adapter")
+            w = (c_float * len(wl))(*wl)
+        out = c_void_p()
+        check(lib().ember_model_merge_adapters(self._raw(), ptrs, w, len(items), byref(out)))
+        m = Model.__new__(Model)
+        m._users = 0
+        m._closing = False
+        m._lock = threading.Lock()
+        m._ptr = out.value
+        m._ctx = self._ctx
+        m._path = self._path
+        m._info = None
+        m._anchor = None
+        return m
+
     # -- queries ----------------------------------------------------------------------
 
     @property

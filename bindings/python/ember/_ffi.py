@@ -385,6 +385,10 @@ _PROTOTYPES = {
         c_int,
         [POINTER(_adapter_p), POINTER(c_float), c_size_t, POINTER(_adapter_p)],
     ),
+    "ember_model_merge_adapters": (
+        c_int,
+        [_model_p, POINTER(_adapter_p), POINTER(c_float), c_size_t, POINTER(_model_p)],
+    ),
     "ember_session_attach_adapter": (
         c_int,
         [_session_p, _adapter_p, c_char_p, POINTER(c_int32)],

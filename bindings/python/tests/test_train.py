@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ RECORD = {"text": "abcabcabcabcabcabc"}
 FAST = dict(lora_rank=4, targets=["q", "v"], seq_len=32, lr=1e-2, schedule="constant")
 #: Steps of the shared trained adapter (enough for the tiny model to learn RECORD).
 STEPS = 20
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -273,5 +276,53 @@ def test_soft_prompt_has_no_lora_snapshot(tiny, tmp_path):
         assert e.value.status == ember.Status.UNSUPPORTED
         t.save(tmp_path / "out")  # one part: saved in the directory itself
         assert (tmp_path / "out" / "adapter_config.json").is_file()
-        with pytest.raises(ember.EmberError):
-            ember.Adapter(tiny, tmp_path / "out")  # a soft prompt is not a LoRA
+        # It loads as an adapter of its own kind, and serves: a sequence that chooses it
+        # starts with its virtual tokens.
+        with ember.Adapter(tiny, tmp_path / "out") as p, tiny.session(n_ctx=64) as s:
+            assert p.info["kind"] == "prompt_tuning" and p.info["n_virtual"] == 4
+            pid = s.attach_adapter(p)
+            assert len(s.generate("abcab", adapter=pid, max_tokens=4, temperature=0).tokens)
+            with pytest.raises(ember.EmberError) as e:
+                ember.Adapter.combine([p])  # task arithmetic is for LoRA
+            assert e.value.status == ember.Status.UNSUPPORTED
+
+
+def test_merge_equals_the_adapter_on_the_fly_and_leaves_the_base(ctx, tiny, trained, tmp_path):
+    _, _, d = trained
+    prompt = "abcab"
+    greedy = dict(max_tokens=8, temperature=0)
+    with ember.Adapter(tiny, d) as q:
+        with pytest.raises(ember.EmberError) as e:
+            tiny.merge([q])  # a Q4_1 base would have to be requantized
+        assert e.value.status == ember.Status.UNSUPPORTED
+    # The tiny model in f32: the same weights the Q4_1 one was quantized from.
+    path = tmp_path / "tiny-f32.gguf"
+    r = subprocess.run(
+        ["cargo", "run", "-q", "--release", "-p", "ember-tests", "--example", "write_tiny", "--",
+         str(path), "llama", "gguf", "f32"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    with ember.Model(ctx, path) as f32, f32.trainer(**FAST) as t:
+        for _ in range(STEPS):
+            t.step([RECORD])
+        t.save(tmp_path / "a")
+    with ember.Model(ctx, path) as f32:
+        _merge_checks(f32, ember.Adapter(f32, tmp_path / "a"), prompt, greedy)
+
+
+def _merge_checks(tiny, a, prompt, greedy):
+    with a, tiny.session(n_ctx=64) as s:
+        base = s.generate(prompt, **greedy).tokens
+        tuned = s.generate(prompt, adapter=s.attach_adapter(a), **greedy).tokens
+        assert tuned != base
+        with tiny.merge([a]) as merged, merged.session(n_ctx=64) as ms:
+            assert ms.generate(prompt, **greedy).tokens == tuned
+        # Merging a and subtracting it again gives the base.
+        with tiny.merge([a, a], [1.0, -1.0]) as zero, zero.session(n_ctx=64) as zs:
+            assert zs.generate(prompt, **greedy).tokens == base
+        assert s.generate(prompt, **greedy).tokens == base  # the base never changed
+        with pytest.raises(ValueError):
+            tiny.merge([a], [1.0, 2.0])
+        with pytest.raises(TypeError):
+            tiny.merge([])
