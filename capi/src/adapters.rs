@@ -199,28 +199,42 @@ pub unsafe extern "C" fn ember_adapter_combine(
     guard("ember_adapter_combine", || {
         non_null(out, "out")?;
         unsafe { *out = std::ptr::null_mut() };
-        if n == 0 {
-            return Err(invalid("no adapters to combine"));
-        }
-        non_null(adapters, "adapters")?;
-        let list = unsafe { std::slice::from_raw_parts(adapters, n) };
-        let w = if weights.is_null() {
-            vec![1.0; n]
-        } else {
-            unsafe { std::slice::from_raw_parts(weights, n) }.to_vec()
-        };
-        let mut parts = Vec::with_capacity(n);
-        for (i, &p) in list.iter().enumerate() {
-            let a = unsafe { get(K_ADAPTER, p) }?;
-            if !w[i].is_finite() {
-                return Err(invalid(format!("weights[{i}] is {}", w[i])));
-            }
-            parts.push((&**a.as_lora("ember_adapter_combine")?, w[i]));
-        }
+        let parts = unsafe { lora_parts(adapters, weights, n, "ember_adapter_combine") }?;
         let combined = LoraAdapter::stack(&parts)?;
         unsafe { *out = register(K_ADAPTER, ember_adapter::lora(combined)) };
         Ok(())
     })
+}
+
+/// The LoRA adapters of a C array with their strengths (`weights` NULL: all 1), for `what`.
+///
+/// # Safety
+/// `adapters` valid for `n` handles; `weights` NULL or valid for `n`.
+unsafe fn lora_parts<'a>(
+    adapters: *const *const ember_adapter,
+    weights: *const f32,
+    n: usize,
+    what: &str,
+) -> CResult<Vec<(&'a LoraAdapter, f32)>> {
+    if n == 0 {
+        return Err(invalid(format!("{what}: no adapters")));
+    }
+    non_null(adapters, "adapters")?;
+    let list = unsafe { std::slice::from_raw_parts(adapters, n) };
+    let w = if weights.is_null() {
+        vec![1.0; n]
+    } else {
+        unsafe { std::slice::from_raw_parts(weights, n) }.to_vec()
+    };
+    let mut parts = Vec::with_capacity(n);
+    for (i, &p) in list.iter().enumerate() {
+        let a: &'a ember_adapter = unsafe { get(K_ADAPTER, p) }?;
+        if !w[i].is_finite() {
+            return Err(invalid(format!("weights[{i}] is {}", w[i])));
+        }
+        parts.push((&**a.as_lora(what)?, w[i]));
+    }
+    Ok(parts)
 }
 
 /// Attaches an adapter to a session under `name` (for logs; may be NULL) without reloading
@@ -356,21 +370,7 @@ pub unsafe extern "C" fn ember_model_merge_adapters(
         non_null(out, "out")?;
         unsafe { *out = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
-        if n == 0 {
-            return Err(invalid("no adapters to merge"));
-        }
-        non_null(adapters, "adapters")?;
-        let list = unsafe { std::slice::from_raw_parts(adapters, n) };
-        let w = if weights.is_null() {
-            vec![1.0; n]
-        } else {
-            unsafe { std::slice::from_raw_parts(weights, n) }.to_vec()
-        };
-        let mut parts = Vec::with_capacity(n);
-        for (i, &p) in list.iter().enumerate() {
-            let a = unsafe { get(K_ADAPTER, p) }?;
-            parts.push((&**a.as_lora("ember_model_merge_adapters")?, w[i]));
-        }
+        let parts = unsafe { lora_parts(adapters, weights, n, "ember_model_merge_adapters") }?;
         let merged = m.model.merge_lora(&parts)?;
         unsafe {
             *out = register(

@@ -381,6 +381,21 @@ def _message(m: Any, i: int) -> Tuple[bytes, bytes]:
     return r, c
 
 
+def _adapter_array(adapters: Any, weights: Any) -> Tuple[Any, Any, int]:
+    """C arrays of adapter handles and strengths (``None``: all 1) for combine and merge."""
+    items = list(adapters)
+    if not items or not all(isinstance(a, Adapter) for a in items):
+        raise TypeError("adapters must be a non-empty list of ember.Adapter")
+    ptrs = (c_void_p * len(items))(*[a._raw() for a in items])
+    w = None
+    if weights is not None:
+        wl = [_float(x, f"weights[{i}]") for i, x in enumerate(weights)]
+        if len(wl) != len(items):
+            raise ValueError("weights must have one entry per adapter")
+        w = (c_float * len(wl))(*wl)
+    return ptrs, w, len(items)
+
+
 class Model(_Handle):
     """A loaded model: weights on the device, tokenizer, chat template (``ember_model``).
 
@@ -500,18 +515,9 @@ class Model(_Handle):
         (``ember_model_merge_adapters``). This model is unchanged, so unmerging is exact:
         keep using it. Untouched tensors are shared. Quantized bases raise ``EmberError``
         with ``Status.UNSUPPORTED``."""
-        items = list(adapters)
-        if not items or not all(isinstance(a, Adapter) for a in items):
-            raise TypeError("adapters must be a non-empty list of ember.Adapter")
-        ptrs = (c_void_p * len(items))(*[a._raw() for a in items])
-        w = None
-        if weights is not None:
-            wl = [_float(x, f"weights[{i}]") for i, x in enumerate(weights)]
-            if len(wl) != len(items):
-                raise ValueError("weights must have one entry per adapter")
-            w = (c_float * len(wl))(*wl)
+        ptrs, w, n = _adapter_array(adapters, weights)
         out = c_void_p()
-        check(lib().ember_model_merge_adapters(self._raw(), ptrs, w, len(items), byref(out)))
+        check(lib().ember_model_merge_adapters(self._raw(), ptrs, w, n, byref(out)))
         m = Model.__new__(Model)
         m._users = 0
         m._closing = False
@@ -1462,18 +1468,9 @@ class Adapter(_Handle):
     ) -> "Adapter":
         """Task arithmetic: one adapter applying ``sum_i weights[i] * adapters[i]`` (ranks
         concatenate, nothing is approximated). ``weights`` defaults to all 1."""
-        items = list(adapters)
-        if not items or not all(isinstance(a, Adapter) for a in items):
-            raise TypeError("adapters must be a non-empty list of ember.Adapter")
-        ptrs = (c_void_p * len(items))(*[a._raw() for a in items])
-        w = None
-        if weights is not None:
-            wl = [_float(x, f"weights[{i}]") for i, x in enumerate(weights)]
-            if len(wl) != len(items):
-                raise ValueError("weights must have one entry per adapter")
-            w = (c_float * len(wl))(*wl)
+        ptrs, w, n = _adapter_array(adapters, weights)
         out = c_void_p()
-        check(lib().ember_adapter_combine(ptrs, w, len(items), byref(out)))
+        check(lib().ember_adapter_combine(ptrs, w, n, byref(out)))
         return cls._wrap(out.value)
 
 
