@@ -435,13 +435,13 @@ def test_sessions_on_threads(tiny):
         with ember.Session(tiny, n_ctx=64) as s:
             results[i] = s.generate(PROMPT, max_tokens=8, temperature=0).tokens
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     expect = results[0]
-    assert len(results) == 3 and all(r == expect for r in results.values())
+    assert len(results) == 4 and all(r == expect for r in results.values())
 
 
 # -- adapters -----------------------------------------------------------------------------
