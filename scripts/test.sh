@@ -32,6 +32,7 @@ EMBER_TEST_MODEL="$(scripts/fetch-model.sh)"
 export EMBER_TEST_MODEL EMBER_REQUIRE_MODEL=1
 
 cargo test --workspace --locked
+scripts/test-c.sh
 scripts/test-cpp.sh
 scripts/test-python.sh
 echo "test.sh: all tests passed"

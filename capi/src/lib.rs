@@ -310,6 +310,8 @@ pub unsafe extern "C" fn ember_context_info_json(
 ) -> ember_status {
     guard("ember_context_info_json", || {
         non_null(out_json, "out_json")?;
+        // SAFETY: checked non-NULL; a failure leaves NULL there, as for every output.
+        unsafe { *out_json = std::ptr::null_mut() };
         let c = unsafe { get(K_CONTEXT, ctx) }?;
         let v = serde_json::json!({"adapter": c.ctx.info(), "capabilities": c.ctx.caps()});
         out_string(out_json, &v.to_string())
@@ -492,6 +494,8 @@ pub unsafe extern "C" fn ember_model_info_json(
 ) -> ember_status {
     guard("ember_model_info_json", || {
         non_null(out_json, "out_json")?;
+        // SAFETY: checked non-NULL; a failure leaves NULL there, as for every output.
+        unsafe { *out_json = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
         let v = serde_json::json!({"config": m.model.config, "source": m.model.source, "n_params": m.model.n_params()});
         out_string(out_json, &v.to_string())
@@ -639,6 +643,8 @@ pub unsafe extern "C" fn ember_chat_template_apply(
 ) -> ember_status {
     guard("ember_chat_template_apply", || {
         non_null(out, "out")?;
+        // SAFETY: checked non-NULL; a failure leaves NULL there, as for every output.
+        unsafe { *out = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
         if messages.is_null() && n > 0 {
             return Err(invalid("messages is NULL"));

@@ -60,6 +60,37 @@ fn null_and_dead_handles_are_rejected() {
 }
 
 #[test]
+fn string_outputs_are_null_after_a_failure() {
+    // A caller may free the output whatever the status: a failure must leave NULL there,
+    // not the caller's stale or uninitialized pointer.
+    let stale = || std::ptr::NonNull::<c_char>::dangling().as_ptr();
+    unsafe {
+        let mut s = stale();
+        assert_eq!(
+            ember_context_info_json(std::ptr::null(), &mut s),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(s.is_null());
+        s = stale();
+        assert_eq!(
+            ember_model_info_json(std::ptr::null(), &mut s),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(s.is_null());
+        s = stale();
+        let msg = ember_chat_message {
+            role: c"user".as_ptr(),
+            content: c"hi".as_ptr(),
+        };
+        assert_eq!(
+            ember_chat_template_apply(std::ptr::null(), &msg, 1, true, &mut s),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(s.is_null());
+    }
+}
+
+#[test]
 fn struct_size_is_checked() {
     unsafe {
         let mut p = ember_context_default_params();
