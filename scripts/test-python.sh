@@ -24,10 +24,11 @@ t0=$SECONDS
 log "building libember and the tiny-model writer (release)"
 cargo build --release --locked -q -p ember-capi
 cargo build --release --locked -q -p ember-tests --example write_tiny
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$(uname -s)" in
-  Darwin) LIB="$ROOT/target/release/libember.dylib" ;;
-  MINGW* | MSYS* | CYGWIN*) LIB="$ROOT/target/release/ember.dll" ;;
-  *) LIB="$ROOT/target/release/libember.so" ;;
+  Darwin) LIB="$TARGET_DIR/release/libember.dylib" ;;
+  MINGW* | MSYS* | CYGWIN*) LIB="$TARGET_DIR/release/ember.dll" ;;
+  *) LIB="$TARGET_DIR/release/libember.so" ;;
 esac
 [[ -f "$LIB" ]] || { log "missing $LIB"; exit 1; }
 export EMBER_LIBRARY="$LIB"
