@@ -153,12 +153,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     let ctx = Context::new()?;
     let model = load_model(&ctx, &a.model)?;
     let t = a.adapter.trainables(&model)?;
-    let virt = t
-        .prompt
-        .as_ref()
-        .map(|p| p.n_virtual)
-        .or(t.prefix.as_ref().map(|p| p.n_virtual))
-        .unwrap_or(0);
+    let virt = t.n_virtual();
     let max_tokens = a.adapter.seq.saturating_sub(virt);
     let mut data = Dataset::default();
     for path in &a.data {
@@ -287,12 +282,7 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     let ctx = Context::new()?;
     let model = load_model(&ctx, &a.model)?;
     let t = a.adapter.trainables(&model)?;
-    let virt = t
-        .prompt
-        .as_ref()
-        .map(|p| p.n_virtual)
-        .or(t.prefix.as_ref().map(|p| p.n_virtual))
-        .unwrap_or(0);
+    let virt = t.n_virtual();
     let n_tok = a.adapter.seq - virt;
     let mut rng = Rng::new(a.adapter.seed);
     let tokens: Vec<u32> = (0..n_tok)

@@ -362,8 +362,7 @@ impl Builder<'_> {
         if !self.lora_on(l, tg) {
             return Ok(Vec::new());
         }
-        let (out, inp) = tg.dims(&self.model.config);
-        let _ = out;
+        let (_, inp) = tg.dims(&self.model.config);
         let r = self.rank();
         let mut d = MatmulDesc::new(self.rows, r, inp);
         d.lda = ldx;

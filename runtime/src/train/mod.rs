@@ -49,6 +49,16 @@ pub struct Trainables {
     pub prefix: Option<Prefix>,
 }
 
+impl Trainables {
+    /// Virtual tokens in front of every sequence (the soft prompt's or the prefix's).
+    pub fn n_virtual(&self) -> usize {
+        let prompt = self.prompt.as_ref().map(|p| p.n_virtual);
+        prompt
+            .or(self.prefix.as_ref().map(|p| p.n_virtual))
+            .unwrap_or(0)
+    }
+}
+
 /// Optimization settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainConfig {
