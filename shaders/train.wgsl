@@ -6,6 +6,7 @@
 //   softmax_ranges    P = softmax over keys [start, end) of each row (masked elsewhere to 0)
 //   softmax_backward  dS = P * (dP - sum(P * dP)), in place over dP
 //   xent              per row: loss = w * (logsumexp - logit[target]); dlogits = w * (softmax - onehot)
+//   xent_distill      xent, or per marked row KL(teacher || softmax) and its gradient (distillation)
 //   rows_accumulate   dst[map[r]] += src[r] for rows with a destination
 //   rows_gather       dst[r] = src[map[r]] for rows with a source
 //   fill              dst[..n] = value
@@ -138,6 +139,38 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 @group(0) @binding(9) var<storage, read> weights: array<f32>;
 @group(0) @binding(10) var<storage, read_write> loss: array<f32>;
 
+fn wg_max(li: u32, v: f32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (li < s) { red[li] = max(red[li], red[li + s]); }
+        workgroupBarrier();
+    }
+    let t = red[0];
+    workgroupBarrier();
+    return t;
+}
+
+// Log-sum-exp of row `b` of the logits (dx), reduced over the workgroup.
+fn lse_logits(b: u32, li: u32) -> f32 {
+    var mx = -3.0e38;
+    for (var c = li; c < p.cols; c += 64u) { mx = max(mx, dx[b + c]); }
+    mx = wg_max(li, mx);
+    var se = 0.0;
+    for (var c = li; c < p.cols; c += 64u) { se += exp(dx[b + c] - mx); }
+    return mx + log(wg_sum(li, se));
+}
+
+// Log-sum-exp of row `b` of a teacher's logits (xin).
+fn lse_teacher(b: u32, li: u32) -> f32 {
+    var mx = -3.0e38;
+    for (var c = li; c < p.cols; c += 64u) { mx = max(mx, xin[b + c]); }
+    mx = wg_max(li, mx);
+    var se = 0.0;
+    for (var c = li; c < p.cols; c += 64u) { se += exp(xin[b + c] - mx); }
+    return mx + log(wg_sum(li, se));
+}
+
 // One workgroup per row of logits [rows][cols] (stride ld), in place: logits become dlogits.
 // A row whose target is 0xFFFFFFFF (ignored) gets zero gradient and zero loss.
 @compute @workgroup_size(64)
@@ -153,20 +186,7 @@ fn xent(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (li == 0u) { loss[row] = 0.0; }
         return;
     }
-    var mx = -3.0e38;
-    for (var c = li; c < p.cols; c += 64u) { mx = max(mx, dx[b + c]); }
-    red[li] = mx;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] = max(red[li], red[li + s]); }
-        workgroupBarrier();
-    }
-    mx = red[0];
-    workgroupBarrier();
-    var se = 0.0;
-    for (var c = li; c < p.cols; c += 64u) { se += exp(dx[b + c] - mx); }
-    let total = wg_sum(li, se);
-    let lse = mx + log(total);
+    let lse = lse_logits(b, li);
     let target_logit = dx[b + t];
     workgroupBarrier();
     for (var c = li; c < p.cols; c += 64u) {
@@ -174,6 +194,45 @@ fn xent(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         dx[b + c] = w * (sm - select(0.0, 1.0, c == t));
     }
     if (li == 0u) { loss[row] = w * (lse - target_logit); }
+}
+
+// xent where a row may instead be distilled from a teacher's logits (xin, same layout):
+// target 0xFFFFFFFE means loss = w * KL(P_teacher || softmax(logits)) and
+// dlogits = w * (softmax(logits) - P_teacher). Other targets as in xent.
+@compute @workgroup_size(64)
+fn xent_distill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if (row >= p.rows) { return; }
+    let b = row * p.ld;
+    let t = targets[row];
+    let w = weights[row];
+    if (t >= p.cols && t != 0xFFFFFFFEu) {
+        for (var c = li; c < p.cols; c += 64u) { dx[b + c] = 0.0; }
+        if (li == 0u) { loss[row] = 0.0; }
+        return;
+    }
+    let lse = lse_logits(b, li);
+    if (t < p.cols) {
+        let target_logit = dx[b + t];
+        workgroupBarrier();
+        for (var c = li; c < p.cols; c += 64u) {
+            dx[b + c] = w * (exp(dx[b + c] - lse) - select(0.0, 1.0, c == t));
+        }
+        if (li == 0u) { loss[row] = w * (lse - target_logit); }
+        return;
+    }
+    let lse_t = lse_teacher(b, li);
+    var kl = 0.0;
+    for (var c = li; c < p.cols; c += 64u) {
+        let lp = xin[b + c] - lse_t;
+        let lq = dx[b + c] - lse;
+        let pt = exp(lp);
+        kl += pt * (lp - lq);
+        dx[b + c] = w * (exp(lq) - pt);
+    }
+    let total = wg_sum(li, kl);
+    if (li == 0u) { loss[row] = w * total; }
 }
 
 // ---- rows_accumulate: dst[map[r]][0..cols] += src[r][0..cols]; one invocation per column,

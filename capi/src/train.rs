@@ -406,13 +406,13 @@ pub unsafe extern "C" fn ember_trainer_step_tokens(
         let mut batch = Vec::with_capacity(n_seqs);
         let mut at = 0;
         for &l in lens {
-            batch.push(Example {
-                tokens: toks[at..at + l].to_vec(),
-                loss: match mask {
+            batch.push(Example::new(
+                toks[at..at + l].to_vec(),
+                match mask {
                     Some(m) => m[at..at + l].iter().map(|&b| b != 0).collect(),
                     None => vec![true; l],
                 },
-            });
+            ));
             at += l;
         }
         let s = t.trainer.step(&batch)?;

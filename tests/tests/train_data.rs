@@ -1,6 +1,7 @@
 //! Training data: chat records score exactly the assistant turns (with their end-of-turn
 //! tokens), prompt/completion records the completion and EOS, plain text everything;
-//! shuffling is seeded; bad records name their line.
+//! shuffling is seeded; `"distill": true` marks a record distilled; bad records name their
+//! line.
 
 use ember::format::gguf::GgufFile;
 use ember::tokenizer::Tokenizer;
@@ -76,6 +77,24 @@ fn chat_records_score_only_the_assistant_turns() {
         no_assistant.to_string().contains("assistant"),
         "{no_assistant}"
     );
+    // "distill": true keeps the same tokens and mask, marked for distillation.
+    let d = Dataset::from_jsonl(
+        "{\"text\":\"the same words\",\"distill\":true}\n{\"text\":\"the same words\"}\n",
+        &tok,
+        64,
+    )
+    .unwrap();
+    let (a, b) = (&d.examples[0], &d.examples[1]);
+    assert!(a.distill && !b.distill);
+    assert_eq!((&a.tokens, &a.loss), (&b.tokens, &b.loss));
+    assert!(Dataset::from_jsonl("{\"text\":\"x y\"}\n", &tok, 64)
+        .unwrap()
+        .distilled()
+        .examples
+        .iter()
+        .all(|e| e.distill));
+    let bad = Dataset::from_jsonl("{\"text\":\"ok\",\"distill\":1}\n", &tok, 64).unwrap_err();
+    assert!(bad.to_string().contains("distill"), "{bad}");
 }
 
 #[test]

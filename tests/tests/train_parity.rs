@@ -50,7 +50,7 @@ fn batch(i: usize, masked: usize) -> Vec<Example> {
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
             let loss = (0..tokens.len()).map(|j| j >= masked).collect();
-            Example { tokens, loss }
+            Example::new(tokens, loss)
         })
         .collect()
 }

@@ -118,6 +118,15 @@ pub struct FinetuneArgs {
     /// model's general ability).
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
+    /// Text the model should keep handling as the base model does (same formats as
+    /// --data; repeatable): mixed in, its scored tokens learn the frozen base model's whole
+    /// next-token distribution (KL divergence), which keeps general ability while new facts
+    /// are learned. Records of --data files may also say "distill": true.
+    #[arg(long)]
+    distill: Vec<PathBuf>,
+    /// Weight of a distilled token's KL term relative to a data token's cross-entropy.
+    #[arg(long = "distill-weight", default_value_t = 1.0)]
+    distill_weight: f32,
     /// Output directory for the adapter (PEFT layout; LoRA in DIR, or DIR/prompt, DIR/prefix).
     #[arg(long)]
     out: PathBuf,
@@ -159,6 +168,9 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     for path in &a.data {
         data.extend(Dataset::load(path, &model.tokenizer, max_tokens)?);
     }
+    for path in &a.distill {
+        data.extend(Dataset::load(path, &model.tokenizer, max_tokens)?.distilled());
+    }
     let per_epoch = data.examples.len().div_ceil(a.batch_size.max(1)) as u32;
     let steps = a.steps.unwrap_or(per_epoch).max(1);
     let warmup = a.warmup.unwrap_or(steps / 20);
@@ -172,6 +184,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         },
         schedule: LrSchedule::parse(&a.schedule, warmup, steps)?,
         seed: a.adapter.seed,
+        distill_weight: a.distill_weight,
         ..Default::default()
     };
     let mut tr = Trainer::new(model.clone(), t, config)?;
@@ -237,7 +250,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     let saved = tr.save(&a.out)?;
     let secs = t0.elapsed().as_secs_f64();
     let summary = json!({
-        "model": a.model, "data": a.data, "out": saved,
+        "model": a.model, "data": a.data, "distill": a.distill, "distill_weight": a.distill_weight, "out": saved,
         "steps": done, "skipped_steps": skipped, "epochs": epoch as f64 + 0.0,
         "first_loss": first_loss, "final_loss": last_loss,
         "tokens": tokens, "rows": rows, "tokens_per_s": tokens as f64 / secs, "secs": secs,

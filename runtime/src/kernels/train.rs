@@ -265,6 +265,59 @@ pub fn xent(
     ctx.dispatch(op, &key(op), &binds, grid(ctx, rows as u32)?)
 }
 
+/// Target value marking a row distilled from a teacher ([`xent_distill`]).
+pub const DISTILL: u32 = u32::MAX - 1;
+
+/// [`xent`], except that rows whose target is [`DISTILL`] learn the teacher's whole
+/// distribution: `loss[r] = w[r] * KL(softmax(teacher[r]) || softmax(logits[r]))` and the
+/// logits become `w[r] * (softmax(logits[r]) - softmax(teacher[r]))`. `teacher` has the
+/// logits' layout (the frozen base model's logits of the same rows, for distillation).
+#[allow(clippy::too_many_arguments)]
+pub fn xent_distill(
+    ctx: &Context,
+    logits: &Tensor,
+    teacher: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    loss: &Tensor,
+    rows: usize,
+    vocab: usize,
+    ld: usize,
+) -> Result<Dispatch> {
+    let op = "xent_distill";
+    if rows == 0 || vocab == 0 || ld < vocab {
+        return Err(Error::shape(
+            op,
+            format!("{rows} rows of {vocab} (ld {ld})"),
+        ));
+    }
+    need(op, logits, (rows - 1) * ld + vocab, "logits")?;
+    need(op, teacher, (rows - 1) * ld + vocab, "teacher")?;
+    need(op, targets, rows, "targets")?;
+    need(op, weights, rows, "weights")?;
+    need(op, loss, rows, "loss")?;
+    let u = ctx.uniform(&TrainParams {
+        rows: rows as u32,
+        cols: vocab as u32,
+        ld: ld as u32,
+        ..Default::default()
+    });
+    let binds = [
+        Bind::U(&u),
+        Bind::T(teacher),
+        Bind::Skip,
+        Bind::Skip,
+        Bind::T(logits),
+        Bind::Skip,
+        Bind::Skip,
+        Bind::Skip,
+        Bind::T(targets),
+        Bind::T(weights),
+        Bind::T(loss),
+    ];
+    ctx.dispatch(op, &key(op), &binds, grid(ctx, rows as u32)?)
+}
+
 /// Rows moved between two matrices by a row map ([`rows_accumulate`], [`rows_gather`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowCopy {
@@ -612,6 +665,7 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
         "softmax_ranges",
         "softmax_backward",
         "xent",
+        "xent_distill",
         "rows_accumulate",
         "rows_gather",
         "fill",
@@ -824,6 +878,86 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn distillation_loss_and_gradient() {
+        let ctx = ctx();
+        let (rows, vocab) = (4, 777);
+        let mut rng = Rng::new(5);
+        let logits = rng.vec(rows * vocab, -5.0, 5.0);
+        let teacher = rng.vec(rows * vocab, -6.0, 6.0);
+        // A distilled row, an ignored one, a plain target, another distilled row.
+        let targets: Vec<u32> = vec![DISTILL, IGNORE, 7, DISTILL];
+        let weights: Vec<f32> = vec![0.5, 0.5, 0.25, 2.0];
+        let lt = Tensor::from_f32(ctx, &[rows, vocab], &logits).unwrap();
+        let tt = Tensor::from_f32(ctx, &[rows, vocab], &teacher).unwrap();
+        let tg = Tensor::from_slice(ctx, &[rows], DType::U32, &targets).unwrap();
+        let wt = Tensor::from_f32(ctx, &[rows], &weights).unwrap();
+        let loss = Tensor::zeros(ctx, &[rows], DType::F32).unwrap();
+        ctx.run(&[xent_distill(ctx, &lt, &tt, &tg, &wt, &loss, rows, vocab, vocab).unwrap()])
+            .unwrap();
+        let log_softmax = |row: &[f64]| -> Vec<f64> {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            row.iter().map(|x| x - lse).collect()
+        };
+        let teach: Vec<f64> = teacher.iter().map(|&v| v as f64).collect();
+        let row_loss = |v: &[f64], r: usize| -> f64 {
+            let lq = log_softmax(&v[r * vocab..(r + 1) * vocab]);
+            let w = weights[r] as f64;
+            match targets[r] {
+                IGNORE => 0.0,
+                DISTILL => {
+                    let lp = log_softmax(&teach[r * vocab..(r + 1) * vocab]);
+                    w * lp
+                        .iter()
+                        .zip(&lq)
+                        .map(|(p, q)| p.exp() * (p - q))
+                        .sum::<f64>()
+                }
+                t => -w * lq[t as usize],
+            }
+        };
+        let ld: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+        let got = loss.read_f32(ctx).unwrap();
+        for r in 0..rows {
+            let want = row_loss(&ld, r);
+            assert!(
+                (got[r] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "row {r}: loss {} vs {want}",
+                got[r]
+            );
+        }
+        assert!(
+            got[0] > 0.0 && got[3] > 0.0,
+            "KL of different logits is positive"
+        );
+        let grad = lt.read_f32(ctx).unwrap();
+        for r in 0..rows {
+            for j in [0usize, 7, 400, 776] {
+                let i = r * vocab + j;
+                let h = 1e-4;
+                let mut a = ld.clone();
+                a[i] += h;
+                let mut b = ld.clone();
+                b[i] -= h;
+                let want = (row_loss(&a, r) - row_loss(&b, r)) / (2.0 * h);
+                assert!(
+                    (grad[i] as f64 - want).abs() < 1e-5,
+                    "row {r} col {j}: {} vs {want}",
+                    grad[i]
+                );
+            }
+        }
+        // Student equal to teacher: no loss, no gradient.
+        let lt = Tensor::from_f32(ctx, &[rows, vocab], &teacher).unwrap();
+        ctx.run(&[xent_distill(ctx, &lt, &tt, &tg, &wt, &loss, rows, vocab, vocab).unwrap()])
+            .unwrap();
+        let l = loss.read_f32(ctx).unwrap();
+        let g = lt.read_f32(ctx).unwrap();
+        assert!(l[0].abs() < 1e-5 && l[3].abs() < 1e-5, "{l:?}");
+        assert!(g[..vocab].iter().all(|v| v.abs() < 1e-6));
     }
 
     #[test]

@@ -18,13 +18,36 @@ pub struct Example {
     /// prompt (whose last virtual token predicts the first real one, as in PEFT); otherwise
     /// nothing precedes token 0.
     pub loss: Vec<bool>,
+    /// Distilled: the scored positions learn the frozen base model's whole next-token
+    /// distribution (KL divergence to it) instead of the next token itself. Mixed into
+    /// new data, such sequences hold the adapted model to the base on text it should not
+    /// change, so new facts do not erase general ability.
+    pub distill: bool,
 }
 
 impl Example {
+    /// A sequence scored where `loss` says (predicting its own next tokens).
+    pub fn new(tokens: Vec<u32>, loss: Vec<bool>) -> Example {
+        Example {
+            tokens,
+            loss,
+            distill: false,
+        }
+    }
+
     /// Every token after the first is scored (plain language modeling).
     pub fn all(tokens: Vec<u32>) -> Example {
         let loss = vec![true; tokens.len()];
-        Example { tokens, loss }
+        Example::new(tokens, loss)
+    }
+
+    /// The same positions scored against the base model's distribution (see
+    /// [`Example::distill`]).
+    pub fn distilled(self) -> Example {
+        Example {
+            distill: true,
+            ..self
+        }
     }
 
     /// Tokens that are scored (before any soft prompt).
@@ -60,6 +83,9 @@ impl Virtual {
 /// "No row" in the u32 maps and targets.
 pub const NONE: u32 = u32::MAX;
 
+/// The target of a row that learns the base model's distribution (a distilled example).
+pub const DISTILL: u32 = crate::kernels::train::DISTILL;
+
 /// The per-row inputs of one block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Packed {
@@ -83,6 +109,11 @@ impl Packed {
     /// Rows with a target.
     pub fn n_targets(&self) -> usize {
         self.targets.iter().filter(|&&t| t != NONE).count()
+    }
+
+    /// Whether some row is distilled (the block needs the base model's logits).
+    pub fn has_distill(&self) -> bool {
+        self.targets.contains(&DISTILL)
     }
 
     fn empty(rows: usize) -> Packed {
@@ -119,7 +150,7 @@ impl Packed {
             self.ids[r] = t;
             self.pos[r] = (pos0 + i) as u32;
             if i + 1 < e.tokens.len() && e.loss[i + 1] {
-                self.targets[r] = e.tokens[i + 1];
+                self.targets[r] = if e.distill { DISTILL } else { e.tokens[i + 1] };
             }
         }
         let end = start + nv + e.tokens.len();
@@ -142,6 +173,11 @@ pub fn pack(examples: &[Example], rows: usize, v: Virtual) -> Result<Vec<Packed>
                 "training example {i}: {} tokens with {} loss flags",
                 e.tokens.len(),
                 e.loss.len()
+            )));
+        }
+        if e.distill && v != Virtual::None {
+            return Err(Error::InvalidArgument(format!(
+                "training example {i} is distilled from the base model, which needs a LoRA adapter trained without a soft prompt or prefix"
             )));
         }
         let need = v.rows() + e.tokens.len();
@@ -170,10 +206,7 @@ mod tests {
 
     #[test]
     fn packs_sequences_with_ranges_targets_and_virtual_rows() {
-        let a = Example {
-            tokens: vec![10, 11, 12],
-            loss: vec![false, false, true],
-        };
+        let a = Example::new(vec![10, 11, 12], vec![false, false, true]);
         let b = Example::all(vec![20, 21]);
         let p = pack(&[a.clone(), b.clone(), a.clone()], 8, Virtual::Prompt(1)).unwrap();
         assert_eq!(p.len(), 2);
@@ -195,5 +228,21 @@ mod tests {
         let long = Example::all(vec![1; 9]);
         let e = pack(&[long], 8, Virtual::None).unwrap_err().to_string();
         assert!(e.contains("example 0 needs 9 rows"), "{e}");
+    }
+
+    #[test]
+    fn distilled_rows_are_marked_and_need_plain_lora() {
+        let a = Example::new(vec![10, 11, 12], vec![false, true, true]).distilled();
+        let b = Example::all(vec![20, 21]);
+        let p = pack(&[b.clone(), a.clone()], 8, Virtual::None).unwrap();
+        assert_eq!(
+            p[0].targets,
+            vec![21, NONE, DISTILL, DISTILL, NONE, NONE, NONE, NONE]
+        );
+        assert_eq!(p[0].n_targets(), 3);
+        assert!(p[0].has_distill());
+        assert!(!pack(&[b], 8, Virtual::None).unwrap()[0].has_distill());
+        let e = pack(&[a], 8, Virtual::Prompt(2)).unwrap_err().to_string();
+        assert!(e.contains("distilled") && e.contains("soft prompt"), "{e}");
     }
 }

@@ -9,6 +9,9 @@
 //!   end-of-sequence token;
 //! - `{"text": "..."}`: every token is scored.
 //!
+//! Any record may add `"distill": true`: its scored positions then learn the frozen base
+//! model's next-token distribution rather than its tokens (see [`Example::distill`]).
+//!
 //! Any other file is plain text, cut into sequences of the block length. Sequences longer
 //! than a block are truncated (counted in [`Dataset::truncated`]).
 
@@ -54,6 +57,15 @@ impl Dataset {
     pub fn extend(&mut self, other: Dataset) {
         self.examples.extend(other.examples);
         self.truncated += other.truncated;
+    }
+
+    /// Marks every sequence as distilled: its scored positions learn the frozen base
+    /// model's distribution instead of their tokens ([`Example::distill`]).
+    pub fn distilled(self) -> Dataset {
+        Dataset {
+            examples: self.examples.into_iter().map(Example::distilled).collect(),
+            ..self
+        }
     }
 
     /// Parses JSONL records (see the module docs).
@@ -132,8 +144,20 @@ fn text_field<'a>(v: &'a Value, k: &str) -> Result<&'a str> {
         .ok_or_else(|| Error::InvalidArgument(format!("{k:?} must be a string")))
 }
 
-/// One record as a sequence with its loss mask.
+/// One record as a sequence with its loss mask; `"distill": true` in a record marks it
+/// distilled from the base model ([`Example::distill`]).
 pub fn record(v: &Value, tok: &Tokenizer) -> Result<Example> {
+    let e = record_tokens(v, tok)?;
+    match v.get("distill") {
+        None | Some(Value::Bool(false)) => Ok(e),
+        Some(Value::Bool(true)) => Ok(e.distilled()),
+        Some(_) => Err(Error::InvalidArgument(
+            "\"distill\" must be true or false".into(),
+        )),
+    }
+}
+
+fn record_tokens(v: &Value, tok: &Tokenizer) -> Result<Example> {
     if let Some(msgs) = v.get("messages") {
         let list = msgs
             .as_array()
@@ -155,7 +179,7 @@ pub fn record(v: &Value, tok: &Tokenizer) -> Result<Example> {
             tokens.push(eos);
         }
         let loss = (0..tokens.len()).map(|i| i >= n_prompt).collect();
-        return Ok(Example { tokens, loss });
+        return Ok(Example::new(tokens, loss));
     }
     if v.get("text").is_some() {
         return Ok(Example::all(tok.encode(
@@ -213,5 +237,5 @@ pub fn chat_example(messages: &[ChatMessage], tok: &Tokenizer) -> Result<Example
         }
         from = end;
     }
-    Ok(Example { tokens, loss })
+    Ok(Example::new(tokens, loss))
 }

@@ -10,6 +10,7 @@
 //! trainables (LoRA A/B, soft prompt, prefix keys/values) accumulate into the gradient
 //! buffer, so several blocks of rows make one optimizer step (gradient accumulation).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use crate::adapters::Target;
@@ -21,7 +22,7 @@ use crate::kernels::norm::{norm_with, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
 use crate::kernels::rope::{rope, HeadLayout, RopeTable};
 use crate::kernels::train::{
-    rmsnorm_backward, rows_accumulate, rows_gather, swiglu_backward, xent, RowCopy,
+    rmsnorm_backward, rows_accumulate, rows_gather, swiglu_backward, xent, xent_distill, RowCopy,
 };
 use crate::model::weights::{Linear, Rows};
 use crate::model::Model;
@@ -93,6 +94,12 @@ pub struct Graph {
     pub eval_ops: Vec<Dispatch>,
     /// Forward, loss and backward (gradients accumulate).
     pub train_ops: Vec<Dispatch>,
+    /// [`Graph::eval_ops`] for blocks with distilled rows: the base model's forward (no
+    /// adapter) first, its logits the teacher of those rows. Empty when distillation does
+    /// not apply (no LoRA, or virtual tokens).
+    pub distill_eval_ops: Vec<Dispatch>,
+    /// [`Graph::train_ops`] likewise.
+    pub distill_train_ops: Vec<Dispatch>,
     /// Device bytes of activations and scratch.
     pub bytes: u64,
 }
@@ -166,6 +173,8 @@ struct Bufs {
     logits: Tensor,
     logit_rows: usize,
     zeros: Tensor,
+    /// The base model's final hidden states and one chunk of its logits (distillation).
+    teacher: Option<(Tensor, Tensor)>,
 }
 
 struct Builder<'a> {
@@ -182,6 +191,8 @@ struct Builder<'a> {
     inputs: Inputs,
     loss: Tensor,
     b: Bufs,
+    /// Building the base model's (teacher's) forward: adapters left out.
+    base_only: Cell<bool>,
 }
 
 /// A view of `rows` rows of `cols` starting at row `r0` (r0 * cols * 4 must be a multiple
@@ -273,6 +284,14 @@ impl Graph {
             logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
             logit_rows,
             zeros: Tensor::zeros(ctx, &[virt.rows().max(1) * 2 * c.kv_dim()], DType::F32)?,
+            teacher: if lora.is_some() && virt == Virtual::None {
+                Some((
+                    f(c.hidden)?,
+                    Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
+                ))
+            } else {
+                None
+            },
         };
         let bld = Builder {
             ctx,
@@ -288,13 +307,15 @@ impl Graph {
             loss: Tensor::zeros(ctx, &[m], DType::F32)?,
             inputs,
             b,
+            base_only: Cell::new(false),
         };
-        let eval_ops = bld.forward(false)?;
-        let mut train_ops = bld.forward(true)?;
-        for l in (0..c.n_layers).rev() {
-            train_ops.extend(bld.layer_backward(l)?);
-        }
-        train_ops.extend(bld.embed_backward()?);
+        let eval_ops = bld.forward(false, false)?;
+        let train_ops = bld.train(false)?;
+        let (distill_eval_ops, distill_train_ops) = if bld.b.teacher.is_some() {
+            (bld.forward(false, true)?, bld.train(true)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let bytes = bld.bytes();
         Ok(Graph {
             rows: m,
@@ -302,6 +323,8 @@ impl Graph {
             loss: bld.loss,
             eval_ops,
             train_ops,
+            distill_eval_ops,
+            distill_train_ops,
             bytes,
         })
     }
@@ -317,6 +340,9 @@ impl Builder<'_> {
             n += t.bytes();
         }
         n += b.acts.iter().map(|a| a.bytes()).sum::<u64>();
+        if let Some((h, logits)) = &b.teacher {
+            n += h.bytes() + logits.bytes();
+        }
         n + self.att.bytes() + self.dq.bytes() + 6 * 4 * self.rows as u64
     }
 
@@ -334,7 +360,45 @@ impl Builder<'_> {
     }
 
     fn lora_on(&self, l: usize, t: Target) -> bool {
-        self.params.has(ParamKey::LoraA(l, t))
+        !self.base_only.get() && self.params.has(ParamKey::LoraA(l, t))
+    }
+
+    /// Forward, loss and the whole backward.
+    fn train(&self, distill: bool) -> Result<Vec<Dispatch>> {
+        let mut ops = self.forward(true, distill)?;
+        for l in (0..self.model.config.n_layers).rev() {
+            ops.extend(self.layer_backward(l)?);
+        }
+        ops.extend(self.embed_backward()?);
+        Ok(ops)
+    }
+
+    /// The base model's forward over the block (no adapter), leaving its final hidden
+    /// states in the teacher buffer; the adapted forward that follows overwrites every
+    /// activation it used.
+    fn teacher_forward(&self, h: &Tensor) -> Result<Vec<Dispatch>> {
+        let (ctx, c, b) = (self.ctx, &self.model.config, &self.b);
+        self.base_only.set(true);
+        let mut ops = self.model.embed.gather(ctx, &b.xs[0], &self.inputs.ids)?;
+        for l in 0..c.n_layers {
+            match self.layer_forward(l, &b.xs[l], Some(&b.xs[l + 1])) {
+                Ok(o) => ops.extend(o),
+                Err(e) => {
+                    self.base_only.set(false);
+                    return Err(e);
+                }
+            }
+        }
+        self.base_only.set(false);
+        ops.push(norm_with(
+            ctx,
+            h,
+            &b.xs[c.n_layers],
+            Some(&self.model.norm),
+            None,
+            &self.norm_desc(),
+        )?);
+        Ok(ops)
     }
 
     fn linear(
@@ -577,10 +641,26 @@ impl Builder<'_> {
         Ok(ops)
     }
 
-    /// The whole forward and the loss; with `grad`, the loss gradient reaches `dx`.
-    fn forward(&self, grad: bool) -> Result<Vec<Dispatch>> {
+    /// The whole forward and the loss; with `grad`, the loss gradient reaches `dx`. With
+    /// `distill`, the base model's forward runs first and its logits are the targets of
+    /// distilled rows.
+    fn forward(&self, grad: bool, distill: bool) -> Result<Vec<Dispatch>> {
         let (ctx, c, b, m) = (self.ctx, &self.model.config, &self.b, self.rows);
-        let mut ops = self.model.embed.gather(ctx, &b.xs[0], &self.inputs.ids)?;
+        let teacher = if distill {
+            let t = b.teacher.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "distillation needs a LoRA adapter trained without virtual tokens".into(),
+                )
+            })?;
+            Some(t)
+        } else {
+            None
+        };
+        let mut ops = match teacher {
+            Some((h, _)) => self.teacher_forward(h)?,
+            None => Vec::new(),
+        };
+        ops.extend(self.model.embed.gather(ctx, &b.xs[0], &self.inputs.ids)?);
         if let Virtual::Prompt(_) = self.virt {
             let p = self.params.value(ParamKey::Prompt)?;
             let rc = self.virt_copy(c.hidden, c.hidden, 0);
@@ -619,16 +699,27 @@ impl Builder<'_> {
                 self.variant(),
                 QShape::Auto,
             )?);
-            ops.push(xent(
-                ctx,
-                &b.logits,
-                &rows_of(&self.inputs.targets, r0, n, 1)?,
-                &rows_of(&self.inputs.weights, r0, n, 1)?,
-                &rows_of(&self.loss, r0, n, 1)?,
-                n,
-                c.vocab,
-                c.vocab,
-            )?);
+            let (tg, w, loss) = (
+                rows_of(&self.inputs.targets, r0, n, 1)?,
+                rows_of(&self.inputs.weights, r0, n, 1)?,
+                rows_of(&self.loss, r0, n, 1)?,
+            );
+            match teacher {
+                Some((th, tlog)) => {
+                    ops.extend(self.model.lm_head.forward(
+                        ctx,
+                        tlog,
+                        &rows_of(th, r0, n, c.hidden)?,
+                        r,
+                        self.variant(),
+                        QShape::Auto,
+                    )?);
+                    ops.push(xent_distill(
+                        ctx, &b.logits, tlog, &tg, &w, &loss, n, c.vocab, c.vocab,
+                    )?);
+                }
+                None => ops.push(xent(ctx, &b.logits, &tg, &w, &loss, n, c.vocab, c.vocab)?),
+            }
             if grad {
                 let dh = rows_of(&b.dh, r0, n, c.hidden)?;
                 let gr = GradRows {

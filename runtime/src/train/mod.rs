@@ -71,6 +71,9 @@ pub struct TrainConfig {
     pub schedule: LrSchedule,
     /// Seed for shuffling data (initialization is the trainables' own).
     pub seed: u64,
+    /// Weight of a distilled token's KL term relative to a predicted token's
+    /// cross-entropy ([`Example::distill`]).
+    pub distill_weight: f32,
     /// Scratch budgets.
     #[serde(skip)]
     pub budgets: Budgets,
@@ -88,6 +91,7 @@ impl Default for TrainConfig {
             },
             schedule: LrSchedule::Constant,
             seed: 0,
+            distill_weight: 1.0,
             budgets: Budgets::default(),
         }
     }
@@ -98,7 +102,8 @@ impl Default for TrainConfig {
 pub struct StepStats {
     /// Updates applied so far (including this one unless skipped).
     pub step: u32,
-    /// Mean loss over the scored tokens of the batch (before the update).
+    /// Mean loss over the scored tokens of the batch (before the update): cross-entropy,
+    /// and for distilled tokens `distill_weight` times the KL divergence to the base.
     pub loss: f64,
     /// Global gradient norm (before clipping).
     pub grad_norm: f32,
@@ -341,10 +346,15 @@ impl Trainer {
             )));
         }
         let inp = &self.graph.inputs;
+        let distill = weight * self.config.distill_weight;
         let w: Vec<f32> = p
             .targets
             .iter()
-            .map(|&t| if t == batch::NONE { 0.0 } else { weight })
+            .map(|&t| match t {
+                batch::NONE => 0.0,
+                batch::DISTILL => distill,
+                _ => weight,
+            })
             .collect();
         inp.ids.write(ctx, &p.ids)?;
         inp.pos.write(ctx, &p.pos)?;
@@ -357,6 +367,12 @@ impl Trainer {
 
     fn blocks(&self, examples: &[Example]) -> Result<(Vec<batch::Packed>, usize)> {
         let blocks = pack(examples, self.config.rows, self.virt)?;
+        if blocks.iter().any(|b| b.has_distill()) && self.graph.distill_train_ops.is_empty() {
+            return Err(Error::InvalidArgument(
+                "distilled examples need a LoRA adapter to train (without a soft prompt or prefix)"
+                    .into(),
+            ));
+        }
         let n: usize = blocks.iter().map(|b| b.n_targets()).sum();
         if n == 0 {
             return Err(Error::InvalidArgument(
@@ -366,11 +382,19 @@ impl Trainer {
         Ok((blocks, n))
     }
 
-    fn replay(&self, blocks: &[batch::Packed], n: usize, ops: &[Dispatch]) -> Result<f64> {
+    /// Runs every block (`train`: with the backward) and returns the summed loss.
+    fn replay(&self, blocks: &[batch::Packed], n: usize, train: bool) -> Result<f64> {
         let ctx = self.model.context();
+        let g = &self.graph;
         let mut loss = 0.0f64;
         for b in blocks {
             self.write_block(b, 1.0 / n as f32)?;
+            let ops = match (train, b.has_distill()) {
+                (false, false) => &g.eval_ops,
+                (true, false) => &g.train_ops,
+                (false, true) => &g.distill_eval_ops,
+                (true, true) => &g.distill_train_ops,
+            };
             ctx.run(ops)?;
             loss += self
                 .graph
@@ -386,7 +410,7 @@ impl Trainer {
     /// Mean loss of `examples` with the current parameters (no update).
     pub fn evaluate(&self, examples: &[Example]) -> Result<f64> {
         let (blocks, n) = self.blocks(examples)?;
-        self.replay(&blocks, n, &self.graph.eval_ops)
+        self.replay(&blocks, n, false)
     }
 
     /// One optimizer step on `examples` (packed into as many blocks as needed; their
@@ -397,7 +421,7 @@ impl Trainer {
         let ctx = self.model.context().clone();
         let (blocks, n) = self.blocks(examples)?;
         ctx.submit(std::slice::from_ref(&self.zero_grad));
-        let loss = self.replay(&blocks, n, &self.graph.train_ops)?;
+        let loss = self.replay(&blocks, n, true)?;
         let lr = (self.config.adam.lr as f64 * self.config.schedule.factor(self.steps)) as f32;
         let adam = AdamConfig {
             lr,
@@ -428,7 +452,13 @@ impl Trainer {
     pub fn profile(&self, examples: &[Example]) -> Result<Vec<(String, usize, f64)>> {
         let (blocks, n) = self.blocks(examples)?;
         self.write_block(&blocks[0], 1.0 / n as f32)?;
-        self.model.context().profile(&self.graph.train_ops)
+        let g = &self.graph;
+        let ops = if blocks[0].has_distill() {
+            &g.distill_train_ops
+        } else {
+            &g.train_ops
+        };
+        self.model.context().profile(ops)
     }
 
     /// The gradients of the last step (host copies, model order), for tests and tools.
