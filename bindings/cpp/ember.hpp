@@ -1106,6 +1106,9 @@ struct TrainParams {
     uint32_t total_steps;
     /// Seed of the initialization and of the shuffling of Trainer::train_file.
     uint64_t seed;
+    /// Weight of a distilled token's term: records with "distill": true learn the frozen
+    /// base model's next-token distribution (KL divergence) instead of their own tokens.
+    float distill_weight;
 
     /// The library's defaults.
     TrainParams() {
@@ -1127,6 +1130,7 @@ struct TrainParams {
         warmup_steps = d.warmup_steps;
         total_steps = d.total_steps;
         seed = d.seed;
+        distill_weight = d.distill_weight;
     }
 
     /// The C struct (struct_size set; init_adapter borrowed from `init_adapter`).
@@ -1150,6 +1154,7 @@ struct TrainParams {
         p.warmup_steps = warmup_steps;
         p.total_steps = total_steps;
         p.seed = seed;
+        p.distill_weight = distill_weight;
         return p;
     }
 };

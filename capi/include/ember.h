@@ -595,6 +595,12 @@ typedef struct ember_train_params {
    * Seed of the initialization and of shuffling.
    */
   uint64_t seed;
+  /**
+   * Weight of a distilled token's term (a record with `"distill": true` learns the frozen
+   * base model's next-token distribution, by KL divergence, instead of its own tokens:
+   * mixed into new data, it keeps what the base knows). Default 1.
+   */
+  float distill_weight;
 } ember_train_params;
 
 /**
@@ -1058,7 +1064,9 @@ void ember_trainer_free(struct ember_trainer *trainer);
 /**
  * One optimizer step on the JSONL records in `jsonl` (one record per line:
  * `{"messages": [...]}` scored on assistant turns, `{"prompt", "completion"}`, or
- * `{"text"}`). All records form one batch (their gradients accumulate into one update).
+ * `{"text"}`; any of them with `"distill": true` learns the base model's distribution
+ * instead, see `distill_weight`). All records form one batch (their gradients accumulate
+ * into one update).
  *
  * # Safety
  * `trainer` live (one thread); `jsonl` NUL-terminated UTF-8; `result` NULL or valid with

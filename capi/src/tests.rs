@@ -322,6 +322,16 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
             .to_str()
             .unwrap()
             .contains("nothing to train"));
+        p = ember_train_default_params();
+        p.distill_weight = -1.0;
+        assert_eq!(
+            ember_trainer_create(model, &p, &mut tr),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(CStr::from_ptr(ember_last_error())
+            .to_str()
+            .unwrap()
+            .contains("distill_weight"));
         // A schedule outside the enum is refused (read as an integer: the bytes never
         // become an `ember_lr_schedule`, hence the MaybeUninit holding them).
         let mut raw = std::mem::MaybeUninit::new(ember_train_default_params());
@@ -444,6 +454,11 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
             EMBER_OK
         );
         assert!(loss.is_finite() && loss > 0.0);
+        // The same record distilled: the KL divergence from the base to the trained model.
+        let drec = c"{\"text\":\"sample 1 of some training text\",\"distill\":true}";
+        let mut kl = 0.0;
+        assert_eq!(ember_trainer_evaluate(tr, drec.as_ptr(), &mut kl), EMBER_OK);
+        assert!(kl.is_finite() && kl > 0.0 && kl != loss, "{kl} {loss}");
 
         ember_adapter_free(loaded);
         ember_adapter_free(snap);

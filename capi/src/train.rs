@@ -92,6 +92,10 @@ pub struct ember_train_params {
     pub total_steps: u32,
     /// Seed of the initialization and of shuffling.
     pub seed: u64,
+    /// Weight of a distilled token's term (a record with `"distill": true` learns the frozen
+    /// base model's next-token distribution, by KL divergence, instead of its own tokens:
+    /// mixed into new data, it keeps what the base knows). Default 1.
+    pub distill_weight: f32,
 }
 
 /// Default training: LoRA rank 8 on every projection, sequences of 256 tokens, AdamW at
@@ -118,6 +122,7 @@ pub extern "C" fn ember_train_default_params() -> ember_train_params {
         warmup_steps: 5,
         total_steps: 100,
         seed: 0,
+        distill_weight: 1.0,
     }
 }
 
@@ -295,6 +300,7 @@ pub unsafe extern "C" fn ember_trainer_create(
             ("beta1", p.beta1),
             ("beta2", p.beta2),
             ("eps", p.eps),
+            ("distill_weight", p.distill_weight),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(invalid(format!("{name} is {v}")));
@@ -312,6 +318,7 @@ pub unsafe extern "C" fn ember_trainer_create(
             },
             schedule: schedule(&p),
             seed: p.seed,
+            distill_weight: p.distill_weight,
             ..Default::default()
         };
         let trainer = Trainer::new(model, t, config)?;
@@ -348,7 +355,9 @@ fn parse_records(t: &ember_trainer, jsonl: &str) -> CResult<Vec<Example>> {
 
 /// One optimizer step on the JSONL records in `jsonl` (one record per line:
 /// `{"messages": [...]}` scored on assistant turns, `{"prompt", "completion"}`, or
-/// `{"text"}`). All records form one batch (their gradients accumulate into one update).
+/// `{"text"}`; any of them with `"distill": true` learns the base model's distribution
+/// instead, see `distill_weight`). All records form one batch (their gradients accumulate
+/// into one update).
 ///
 /// # Safety
 /// `trainer` live (one thread); `jsonl` NUL-terminated UTF-8; `result` NULL or valid with

@@ -1582,6 +1582,10 @@ class TrainParams:
     """Steps of the whole run (for the cosine schedule)."""
     seed: int = 0
     """Seed of the initialization and of the shuffling of :meth:`Trainer.train_file`."""
+    distill_weight: float = 1.0
+    """Weight of a distilled token's term: records with ``"distill": true`` learn the frozen
+    base model's next-token distribution (KL divergence) instead of their own tokens, which
+    keeps what the base knows while new data is learned."""
 
     def _to_c(self, init_adapter: Optional[int]) -> _ffi.TrainParamsStruct:
         p = lib().ember_train_default_params()
@@ -1609,6 +1613,7 @@ class TrainParams:
         p.warmup_steps = _uint(self.warmup, "warmup")
         p.total_steps = _uint(self.total_steps, "total_steps")
         p.seed = _uint(self.seed, "seed", 64)
+        p.distill_weight = _float(self.distill_weight, "distill_weight")
         return p
 
 

@@ -289,6 +289,7 @@ class TrainParamsStruct(Structure):
         ("warmup_steps", c_uint32),
         ("total_steps", c_uint32),
         ("seed", c_uint64),
+        ("distill_weight", c_float),
     ]
 
 
