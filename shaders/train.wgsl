@@ -171,6 +171,23 @@ fn lse_teacher(b: u32, li: u32) -> f32 {
     return mx + log(wg_sum(li, se));
 }
 
+// Row `row` (at `b`) of an ignored target: zero gradient and loss.
+fn ignore_row(row: u32, b: u32, li: u32) {
+    for (var c = li; c < p.cols; c += 64u) { dx[b + c] = 0.0; }
+    if (li == 0u) { loss[row] = 0.0; }
+}
+
+// Row `row` (at `b`) with target `t` < cols: cross-entropy and its gradient, in place.
+fn ce_row(row: u32, b: u32, li: u32, t: u32, w: f32) {
+    let lse = lse_logits(b, li);
+    let target_logit = dx[b + t];
+    workgroupBarrier();
+    for (var c = li; c < p.cols; c += 64u) {
+        dx[b + c] = w * (exp(dx[b + c] - lse) - select(0.0, 1.0, c == t));
+    }
+    if (li == 0u) { loss[row] = w * (lse - target_logit); }
+}
+
 // One workgroup per row of logits [rows][cols] (stride ld), in place: logits become dlogits.
 // A row whose target is 0xFFFFFFFF (ignored) gets zero gradient and zero loss.
 @compute @workgroup_size(64)
@@ -178,22 +195,12 @@ fn xent(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         @builtin(local_invocation_index) li: u32) {
     let row = wg.x + wg.y * nwg.x;
     if (row >= p.rows) { return; }
-    let b = row * p.ld;
     let t = targets[row];
-    let w = weights[row];
     if (t >= p.cols) {
-        for (var c = li; c < p.cols; c += 64u) { dx[b + c] = 0.0; }
-        if (li == 0u) { loss[row] = 0.0; }
-        return;
+        ignore_row(row, row * p.ld, li);
+    } else {
+        ce_row(row, row * p.ld, li, t, weights[row]);
     }
-    let lse = lse_logits(b, li);
-    let target_logit = dx[b + t];
-    workgroupBarrier();
-    for (var c = li; c < p.cols; c += 64u) {
-        let sm = exp(dx[b + c] - lse);
-        dx[b + c] = w * (sm - select(0.0, 1.0, c == t));
-    }
-    if (li == 0u) { loss[row] = w * (lse - target_logit); }
 }
 
 // xent where a row may instead be distilled from a teacher's logits (xin, same layout):
@@ -207,21 +214,15 @@ fn xent_distill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     let b = row * p.ld;
     let t = targets[row];
     let w = weights[row];
-    if (t >= p.cols && t != 0xFFFFFFFEu) {
-        for (var c = li; c < p.cols; c += 64u) { dx[b + c] = 0.0; }
-        if (li == 0u) { loss[row] = 0.0; }
+    if (t < p.cols) {
+        ce_row(row, b, li, t, w);
+        return;
+    }
+    if (t != 0xFFFFFFFEu) {
+        ignore_row(row, b, li);
         return;
     }
     let lse = lse_logits(b, li);
-    if (t < p.cols) {
-        let target_logit = dx[b + t];
-        workgroupBarrier();
-        for (var c = li; c < p.cols; c += 64u) {
-            dx[b + c] = w * (exp(dx[b + c] - lse) - select(0.0, 1.0, c == t));
-        }
-        if (li == 0u) { loss[row] = w * (lse - target_logit); }
-        return;
-    }
     let lse_t = lse_teacher(b, li);
     var kl = 0.0;
     for (var c = li; c < p.cols; c += 64u) {

@@ -301,37 +301,26 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
         assert_eq!(st, EMBER_OK);
 
         // Bad settings are refused with a message.
+        let mut tr: *mut ember_trainer = std::ptr::null_mut();
+        let refused = |p: &ember_train_params, why: &str| {
+            let mut tr: *mut ember_trainer = std::ptr::null_mut();
+            assert_eq!(
+                ember_trainer_create(model, p, &mut tr),
+                EMBER_INVALID_ARGUMENT
+            );
+            assert!(tr.is_null());
+            let msg = CStr::from_ptr(ember_last_error()).to_str().unwrap();
+            assert!(msg.contains(why), "{msg}");
+        };
         let mut p = ember_train_default_params();
         p.seq_len = 33;
-        let mut tr: *mut ember_trainer = std::ptr::null_mut();
-        assert_eq!(
-            ember_trainer_create(model, &p, &mut tr),
-            EMBER_INVALID_ARGUMENT
-        );
-        assert!(CStr::from_ptr(ember_last_error())
-            .to_str()
-            .unwrap()
-            .contains("multiple of 32"));
+        refused(&p, "multiple of 32");
         p = ember_train_default_params();
         p.lora_rank = 0;
-        assert_eq!(
-            ember_trainer_create(model, &p, &mut tr),
-            EMBER_INVALID_ARGUMENT
-        );
-        assert!(CStr::from_ptr(ember_last_error())
-            .to_str()
-            .unwrap()
-            .contains("nothing to train"));
+        refused(&p, "nothing to train");
         p = ember_train_default_params();
         p.distill_weight = -1.0;
-        assert_eq!(
-            ember_trainer_create(model, &p, &mut tr),
-            EMBER_INVALID_ARGUMENT
-        );
-        assert!(CStr::from_ptr(ember_last_error())
-            .to_str()
-            .unwrap()
-            .contains("distill_weight"));
+        refused(&p, "distill_weight");
         // A schedule outside the enum is refused (read as an integer: the bytes never
         // become an `ember_lr_schedule`, hence the MaybeUninit holding them).
         let mut raw = std::mem::MaybeUninit::new(ember_train_default_params());

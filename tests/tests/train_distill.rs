@@ -24,6 +24,8 @@ fn load(dir: &Path) -> Arc<Model> {
     Arc::new(Model::load(&ctx, dir, LoadOptions::default()).unwrap())
 }
 
+/// A rank-4 adapter on every projection with B uniform in [-b_scale, b_scale] (0: the
+/// initialization, B = 0).
 fn adapter(m: &Model, b_scale: f32) -> LoraAdapter {
     let mut a = LoraAdapter::init(
         &m.config,
@@ -118,18 +120,7 @@ fn distilled_loss_is_the_kl_to_the_base_and_its_gradient_matches_finite_differen
 
     // At initialization (B = 0) the adapted model is the base: a distilled-only batch has
     // zero loss and zero gradient.
-    let init = LoraAdapter::init(
-        &m.config,
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            targets: Target::ALL.to_vec(),
-        },
-        3,
-    )
-    .unwrap();
-    let mut tr = trainer(&m, init);
+    let mut tr = trainer(&m, adapter(&m, 0.0));
     let s = tr.step(&b[..1]).unwrap();
     assert_eq!(s.tokens, 11);
     assert!(s.loss.abs() < 1e-6 && s.grad_norm < 1e-6, "{s:?}");

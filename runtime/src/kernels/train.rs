@@ -230,39 +230,7 @@ pub fn xent(
     vocab: usize,
     ld: usize,
 ) -> Result<Dispatch> {
-    let op = "xent";
-    if rows == 0 || vocab == 0 || ld < vocab {
-        return Err(Error::shape(
-            op,
-            format!("{rows} rows of {vocab} (ld {ld})"),
-        ));
-    }
-    need(op, logits, (rows - 1) * ld + vocab, "logits")?;
-    need(op, targets, rows, "targets")?;
-    need(op, weights, rows, "weights")?;
-    need(op, loss, rows, "loss")?;
-    let u = ctx.uniform(&TrainParams {
-        rows: rows as u32,
-        cols: vocab as u32,
-        ld: ld as u32,
-        ..Default::default()
-    });
-    let mut binds = vec![
-        Bind::U(&u),
-        Bind::Skip,
-        Bind::Skip,
-        Bind::Skip,
-        Bind::T(logits),
-    ];
-    binds.extend([
-        Bind::Skip,
-        Bind::Skip,
-        Bind::Skip,
-        Bind::T(targets),
-        Bind::T(weights),
-        Bind::T(loss),
-    ]);
-    ctx.dispatch(op, &key(op), &binds, grid(ctx, rows as u32)?)
+    loss_dispatch(ctx, logits, None, targets, weights, loss, rows, vocab, ld)
 }
 
 /// Target value marking a row distilled from a teacher ([`xent_distill`]).
@@ -284,7 +252,28 @@ pub fn xent_distill(
     vocab: usize,
     ld: usize,
 ) -> Result<Dispatch> {
-    let op = "xent_distill";
+    let t = Some(teacher);
+    loss_dispatch(ctx, logits, t, targets, weights, loss, rows, vocab, ld)
+}
+
+/// [`xent`] (no teacher) or [`xent_distill`].
+#[allow(clippy::too_many_arguments)]
+fn loss_dispatch(
+    ctx: &Context,
+    logits: &Tensor,
+    teacher: Option<&Tensor>,
+    targets: &Tensor,
+    weights: &Tensor,
+    loss: &Tensor,
+    rows: usize,
+    vocab: usize,
+    ld: usize,
+) -> Result<Dispatch> {
+    let op = if teacher.is_some() {
+        "xent_distill"
+    } else {
+        "xent"
+    };
     if rows == 0 || vocab == 0 || ld < vocab {
         return Err(Error::shape(
             op,
@@ -292,7 +281,9 @@ pub fn xent_distill(
         ));
     }
     need(op, logits, (rows - 1) * ld + vocab, "logits")?;
-    need(op, teacher, (rows - 1) * ld + vocab, "teacher")?;
+    if let Some(t) = teacher {
+        need(op, t, (rows - 1) * ld + vocab, "teacher")?;
+    }
     need(op, targets, rows, "targets")?;
     need(op, weights, rows, "weights")?;
     need(op, loss, rows, "loss")?;
@@ -304,7 +295,7 @@ pub fn xent_distill(
     });
     let binds = [
         Bind::U(&u),
-        Bind::T(teacher),
+        teacher.map_or(Bind::Skip, Bind::T),
         Bind::Skip,
         Bind::Skip,
         Bind::T(logits),
