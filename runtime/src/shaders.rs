@@ -12,6 +12,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("kv", include_str!("../../shaders/kv.wgsl")),
     ("lora", include_str!("../../shaders/lora.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("moe", include_str!("../../shaders/moe.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),

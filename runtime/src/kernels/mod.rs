@@ -8,6 +8,7 @@ pub mod embed;
 pub mod kv;
 pub mod lora;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod rope;

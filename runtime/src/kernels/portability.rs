@@ -23,6 +23,7 @@ fn all_keys() -> Vec<PipelineKey> {
         rope::keys(),
         sample::keys(),
         softmax::keys(),
+        moe::keys(),
         train::keys(),
     ]
     .concat()
@@ -219,6 +220,7 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<norm::NormParams>("norm");
     check_uniform::<rope::RopeParams>("rope");
     check_uniform::<softmax::SoftmaxParams>("softmax");
+    check_uniform::<moe::MoeParams>("moe");
     check_uniform::<elementwise::EltParams>("elementwise");
     check_uniform::<embed::EmbedParams>("embed");
     check_uniform::<attention::AttnParams>("attention");

@@ -1,0 +1,67 @@
+// Mixture-of-Experts routing: from a token's router (gating) logits, the k experts it goes to
+// and their mixing weights.
+//
+//   logits:  [rows][ld] f32, n_experts used per row
+//   ids:     [rows][k] u32, the chosen experts, highest logit first (ties: lower index)
+//   weights: [rows][k] f32, their weights
+//
+// mode 0: softmax over all experts, top k, renormalized to sum 1 (Mixtral, Qwen3-MoE; the
+//         same as a softmax over the k chosen logits)
+// mode 1: softmax over all experts, top k, not renormalized (Qwen2-MoE, OLMoE with
+//         norm_topk_prob = false)
+// mode 2: sigmoid of each logit, top k, renormalized (sigmoid-gated routers)
+// The choice compares raw logits, which every mode orders the same way.
+
+struct MoeParams {
+    rows: u32,
+    n_experts: u32,
+    k: u32,
+    ld: u32,
+    mode: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: MoeParams;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> weights: array<f32>;
+
+// One invocation per row (n_experts <= 256, k <= 16).
+@compute @workgroup_size(64)
+fn moe_route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    if (row >= p.rows) { return; }
+    let b = row * p.ld;
+    var mx = -3.0e38;
+    for (var e = 0u; e < p.n_experts; e++) { mx = max(mx, logits[b + e]); }
+    var sum = 0.0;
+    for (var e = 0u; e < p.n_experts; e++) { sum += exp(logits[b + e] - mx); }
+    var taken = array<u32, 8>(0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u);
+    var total = 0.0;
+    let o = row * p.k;
+    for (var j = 0u; j < p.k; j++) {
+        var best = 0u;
+        var best_v = -3.4e38;
+        var found = false;
+        for (var e = 0u; e < p.n_experts; e++) {
+            let free = (taken[e >> 5u] & (1u << (e & 31u))) == 0u;
+            let v = logits[b + e];
+            if (free && (!found || v > best_v)) {
+                best = e;
+                best_v = v;
+                found = true;
+            }
+        }
+        taken[best >> 5u] |= 1u << (best & 31u);
+        var w = exp(best_v - mx) / sum;
+        if (p.mode == 2u) { w = 1.0 / (1.0 + exp(-best_v)); }
+        ids[o + j] = best;
+        weights[o + j] = w;
+        total += w;
+    }
+    if (p.mode != 1u && total > 0.0) {
+        for (var j = 0u; j < p.k; j++) { weights[o + j] /= total; }
+    }
+}
