@@ -18,6 +18,11 @@
 //                          activations loaded one vec4 per lane and broadcast by shuffles.
 //   qmv_tiled / qmm_tiled  GPUs and devices without subgroups: workgroup memory.
 //   gather                 embedding rows for token ids, dequantized.
+//
+// With EXPERTS (Mixture-of-Experts, the vector kernels only): W stacks `experts` experts of
+// `n` rows each, the first being expert `row_start` of the model; each dispatch row is one
+// (token, expert) pair whose expert is ids[pair] (pairs of experts outside W are skipped),
+// reading activation row pair / n_ids and writing output row pair.
 
 struct QuantParams {
     m: u32,
@@ -29,7 +34,7 @@ struct QuantParams {
     row_start: u32,
     n_ids: u32,
     glu4: u32,
-    _pad0: u32,
+    experts: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -203,6 +208,24 @@ fn put(row: u32, col: u32, v: f32) {
     }
 }
 
+// The activation row of dispatch row `r` and the weight row offset of its expert (EXPERTS),
+// or r and 0; `ok` false when the pair's expert is not in this W.
+struct Pair {
+    xrow: u32,
+    wbase: u32,
+    ok: bool,
+}
+
+fn pair_of(r: u32) -> Pair {
+#if EXPERTS
+    let e = ids[r];
+    let ok = e >= p.row_start && e - p.row_start < p.experts;
+    return Pair(r / p.n_ids, select(0u, (e - p.row_start) * p.n, ok), ok);
+#else
+    return Pair(r, 0u, true);
+#endif
+}
+
 #if SUBGROUP
 fn hsum(v: vec4<f32>) -> f32 { return (v.x + v.y) + (v.z + v.w); }
 
@@ -232,15 +255,17 @@ fn qmv_sg(@builtin(workgroup_id) wg: vec3<u32>,
     let wrow0 = min(col0, p.n - 1u);
     let wrow1 = min(col1, p.n - 1u);
     let row = wg.y;
+    let pr = pair_of(row);
+    if (!pr.ok) { return; }
     var acc0 = 0.0;
     var acc1 = 0.0;
     let groups = p.k / 32u;
     for (var g = 0u; g < groups; g++) {
-        let xv = lane_x(row, g, sl);
+        let xv = lane_x(pr.xrow, g, sl);
         let v = spread(xv);
         let xs = lane_sum(hsum(xv));
-        acc0 += sub_dot(decode(wrow0, g), v, xs);
-        acc1 += sub_dot(decode(wrow1, g), v, xs);
+        acc0 += sub_dot(decode(pr.wbase + wrow0, g), v, xs);
+        acc1 += sub_dot(decode(pr.wbase + wrow1, g), v, xs);
     }
     if (col0 < p.n) { put(row, col0, acc0); }
     if (col1 < p.n) { put(row, col1, acc1); }
@@ -316,13 +341,15 @@ fn qmv_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let col = wg.x * 4u + slot;
     let wrow = min(col, p.n - 1u);
     let row = wg.y;
+    let pr = pair_of(row);
+    if (!pr.ok) { return; }
     let groups = p.k / 32u;
     var acc = 0.0;
     for (var g = t; g < groups; g += 16u) {
-        let o = (row * p.ldx) / 4u + g * 8u;
+        let o = (pr.xrow * p.ldx) / 4u + g * 8u;
         let v = X8(xv(o), xv(o + 1u), xv(o + 2u), xv(o + 3u), xv(o + 4u), xv(o + 5u), xv(o + 6u), xv(o + 7u));
         let sv = v.x0 + v.x1 + v.x2 + v.x3 + v.x4 + v.x5 + v.x6 + v.x7;
-        acc += sub_dot(decode(wrow, g), v, (sv.x + sv.y) + (sv.z + sv.w));
+        acc += sub_dot(decode(pr.wbase + wrow, g), v, (sv.x + sv.y) + (sv.z + sv.w));
     }
     red[li] = acc;
     workgroupBarrier();

@@ -20,7 +20,7 @@ uniform! {
         row_start: u32,
         n_ids: u32,
         glu4: u32,
-        _pad0: u32,
+        experts: u32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -57,15 +57,20 @@ pub struct QMatrix {
 impl QMatrix {
     /// Uploads a repacked matrix, splitting it by rows where one binding cannot hold it.
     pub fn upload(ctx: &Context, r: &Repacked) -> Result<QMatrix> {
+        Self::upload_aligned(ctx, r, 1)
+    }
+
+    /// [`QMatrix::upload`] with chunks of a multiple of `align` rows (whole experts).
+    fn upload_aligned(ctx: &Context, r: &Repacked, align: usize) -> Result<QMatrix> {
         let blocks = r.cols / r.ty.block_elems();
         let row_q = blocks * r.ty.q_words();
         let row_s = blocks * r.ty.s_words();
         let max_words = (ctx.caps().max_binding / 4) as usize;
-        let per_chunk = (max_words / row_q.max(row_s)).min(r.rows);
+        let per_chunk = (max_words / row_q.max(row_s)).min(r.rows) / align * align;
         if per_chunk == 0 {
             return Err(Error::Limit {
-                what: format!("one {} row of {} columns", r.ty.name(), r.cols),
-                needed: (row_q * 4) as u64,
+                what: format!("{align} {} row(s) of {} columns", r.ty.name(), r.cols),
+                needed: (align * row_q * 4) as u64,
                 limit: ctx.caps().max_binding,
             });
         }
@@ -149,9 +154,21 @@ fn base_key(
     accumulate: bool,
     glu: bool,
 ) -> PipelineKey {
+    expert_key(entry, ty, sg, accumulate, glu, false)
+}
+
+fn expert_key(
+    entry: &'static str,
+    ty: QuantType,
+    sg: bool,
+    accumulate: bool,
+    glu: bool,
+    experts: bool,
+) -> PipelineKey {
     PipelineKey::new("quant", entry)
         .def("SUBGROUP", sg)
         .def("GLU", glu)
+        .def("EXPERTS", experts)
         .constant("QTYPE", ty.shader_id() as f64)
         .constant("ACCUMULATE", accumulate as u32 as f64)
 }
@@ -170,6 +187,9 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
             ] {
                 for glu in [false, true] {
                     v.push(base_key(entry, ty, sg, acc, glu));
+                    if entry.starts_with("qmv") {
+                        v.push(expert_key(entry, ty, sg, acc, glu, true));
+                    }
                 }
             }
         }
@@ -281,6 +301,136 @@ pub fn qmatmul(
                 Bind::T(y),
             ],
             [groups[0] as u32, groups[1] as u32, 1],
+        )?);
+    }
+    Ok(ops)
+}
+
+/// The quantized weights of a Mixture-of-Experts layer's experts: `n_experts` matrices of
+/// `rows` rows each, stacked (expert `e` is rows `e * rows ..`), in row chunks that hold
+/// whole experts.
+#[derive(Debug, Clone)]
+pub struct QExperts {
+    /// The stacked matrix (`n_experts * rows` rows).
+    pub mat: QMatrix,
+    /// Experts.
+    pub n_experts: usize,
+    /// Rows (output features) per expert.
+    pub rows: usize,
+}
+
+impl QExperts {
+    /// Uploads `n_experts` stacked experts (`r.rows` must be a multiple of `n_experts`).
+    pub fn upload(ctx: &Context, r: &Repacked, n_experts: usize) -> Result<QExperts> {
+        if n_experts == 0 || r.rows % n_experts != 0 {
+            return Err(Error::shape(
+                "experts",
+                format!("{} rows for {n_experts} experts", r.rows),
+            ));
+        }
+        let rows = r.rows / n_experts;
+        Ok(QExperts {
+            mat: QMatrix::upload_aligned(ctx, r, rows)?,
+            n_experts,
+            rows,
+        })
+    }
+}
+
+/// A product of routed (token, expert) pairs with their experts:
+/// `Y[p][y_offset + j] (+)= sum_k X[p / pairs_per_x][k] * W_{ids[p]}[j][k]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertDesc {
+    /// Pairs (rows of Y and of `ids`).
+    pub pairs: usize,
+    /// Consecutive pairs that share one activation row (a token's top-k for the gate and
+    /// up projections; 1 when every pair has its own input, as for the down projection).
+    pub pairs_per_x: usize,
+    /// Row stride of X (elements, a multiple of 4).
+    pub ldx: usize,
+    /// Row stride of Y.
+    pub ldy: usize,
+    /// First column of Y written.
+    pub y_offset: usize,
+    /// Add to Y instead of overwriting it.
+    pub accumulate: bool,
+    /// SwiGLU input, as in [`QMatmulDesc::glu`].
+    pub glu: usize,
+}
+
+/// Builds the dispatches of [`ExpertDesc`]'s product: each pair reads only its own expert's
+/// rows (llama.cpp's MUL_MAT_ID idea), so a token costs k experts, not all of them. `ids`
+/// holds one u32 expert index per pair; a pair whose index is not below `w.n_experts` is
+/// left untouched. One dispatch per chunk of experts.
+pub fn qmatmul_experts(
+    ctx: &Context,
+    y: &Tensor,
+    x: &Tensor,
+    ids: &Tensor,
+    w: &QExperts,
+    d: &ExpertDesc,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    let op = "qmatmul_experts";
+    let k = w.mat.cols;
+    let bad = |what: String| Err(Error::shape(op, what));
+    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || d.ldx % 4 != 0 {
+        return bad(format!(
+            "{} pairs ({} per activation row), ldx {} for {k} columns",
+            d.pairs, d.pairs_per_x, d.ldx
+        ));
+    }
+    if d.glu % 4 != 0 || (d.glu > 0 && d.glu < k) || d.ldy < d.y_offset + w.rows {
+        return bad(format!(
+            "glu {} ldy {} y_offset {}",
+            d.glu, d.ldy, d.y_offset
+        ));
+    }
+    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
+    let need_x = (x_rows - 1) * d.ldx + k + d.glu;
+    if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
+        return bad(format!("X {:?} needs {need_x} f32", x.shape()));
+    }
+    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
+        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
+    }
+    if ids.dtype() != DType::U32 || ids.numel() < d.pairs {
+        return bad(format!("ids {:?} for {} pairs", ids.shape(), d.pairs));
+    }
+    let sg = variant.resolve(ctx) == Variant::Subgroup;
+    if sg && !Variant::subgroup_available(ctx) {
+        return Err(Error::Unsupported(format!("{op}: no 8-wide subgroups")));
+    }
+    let entry = if sg { "qmv_sg" } else { "qmv_tiled" };
+    let key = expert_key(entry, w.mat.ty, sg, d.accumulate, d.glu > 0, true);
+    let per_wg = if sg { 128 } else { 4 };
+    let mut ops = Vec::with_capacity(w.mat.chunks.len());
+    for c in &w.mat.chunks {
+        let u = ctx.uniform(&QuantParams {
+            m: to_u32(d.pairs, "pairs")?,
+            n: to_u32(w.rows, "rows")?,
+            k: to_u32(k, "cols")?,
+            ldx: to_u32(d.ldx, "ldx")?,
+            ldy: to_u32(d.ldy, "ldy")?,
+            y_offset: to_u32(d.y_offset, "y_offset")?,
+            row_start: to_u32(c.row_start / w.rows, "first expert")?,
+            n_ids: to_u32(d.pairs_per_x, "pairs_per_x")?,
+            glu4: (d.glu / 4) as u32,
+            experts: to_u32(c.rows / w.rows, "experts")?,
+            ..Default::default()
+        });
+        ops.push(ctx.dispatch(
+            op,
+            &key,
+            &[
+                Bind::U(&u),
+                Bind::T(x),
+                Bind::T(&c.q),
+                Bind::T(&c.s),
+                Bind::T(y),
+                Bind::T(ids),
+            ],
+            [w.rows.div_ceil(per_wg) as u32, to_u32(d.pairs, "pairs")?, 1],
         )?);
     }
     Ok(ops)
@@ -427,6 +577,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Routed pairs against `e` random experts of `n` x `k`; returns the chunk count.
+    fn check_experts(ctx: &Context, ty: QuantType, e: usize, n: usize, k: usize) -> usize {
+        let (r, wf) = random_matrix(ty, e * n, k, 40 + ty.ggml_id() as u64);
+        let w = QExperts::upload(ctx, &r, e).unwrap();
+        let mut rng = Rng::new(3);
+        for (pairs, per_x) in [(6usize, 2usize), (7, 1), (1, 1)] {
+            // Expert e does not exist: that pair's output stays as it was.
+            let ids: Vec<u32> = (0..pairs)
+                .map(|i| {
+                    if i == 3 {
+                        e as u32
+                    } else {
+                        rng.below(e as u64) as u32
+                    }
+                })
+                .collect();
+            let xr = pairs.div_ceil(per_x);
+            let xv = rng.vec(xr * k, -1.0, 1.0);
+            let y0 = rng.vec(pairs * n, -1.0, 1.0);
+            let (x, y) = (
+                Tensor::from_f32(ctx, &[xr, k], &xv).unwrap(),
+                Tensor::from_f32(ctx, &[pairs, n], &y0).unwrap(),
+            );
+            let it = Tensor::from_slice(ctx, &[pairs], DType::U32, &ids).unwrap();
+            let d = ExpertDesc {
+                pairs,
+                pairs_per_x: per_x,
+                ldx: k,
+                ldy: n,
+                y_offset: 0,
+                accumulate: per_x == 2,
+                glu: 0,
+            };
+            let mut want = y0.clone();
+            for (p, &ex) in ids.iter().enumerate() {
+                if ex as usize >= e {
+                    continue;
+                }
+                for j in 0..n {
+                    let wrow = &wf[(ex as usize * n + j) * k..][..k];
+                    let xrow = &xv[(p / per_x) * k..][..k];
+                    let dot: f32 = wrow.iter().zip(xrow).map(|(a, b)| a * b).sum();
+                    let o = &mut want[p * n + j];
+                    *o = if d.accumulate { *o + dot } else { dot };
+                }
+            }
+            let wmax = wf.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+            for variant in Variant::all(ctx) {
+                y.write(ctx, &y0).unwrap();
+                let ops = qmatmul_experts(ctx, &y, &x, &it, &w, &d, variant).unwrap();
+                ctx.run(&ops).unwrap();
+                assert_close(
+                    &format!("{} {variant:?} {pairs} pairs", ty.name()),
+                    &y.read_f32(ctx).unwrap(),
+                    &want,
+                    3e-6 * wmax * (k as f32).sqrt(),
+                    1e-5,
+                );
+            }
+        }
+        let bad = QExperts::upload(ctx, &r, e + 1).unwrap_err().to_string();
+        assert!(bad.contains(&format!("for {} experts", e + 1)), "{bad}");
+        w.mat.chunks.len()
+    }
+
+    #[test]
+    fn expert_pairs_read_only_their_experts() {
+        for ctx in contexts() {
+            for ty in [
+                QuantType::Q4_1,
+                QuantType::Q8_0,
+                QuantType::Q4_K,
+                QuantType::Q6_K,
+            ] {
+                check_experts(ctx, ty, 5, 33, 2 * ty.block_elems());
+            }
+        }
+        // A 1 KiB binding limit splits the experts over several chunks (whole experts each).
+        let small = crate::gpu::Context::with_options(crate::gpu::ContextOptions {
+            max_binding_override: Some(1024),
+            ..crate::gpu::ContextOptions::from_env().unwrap()
+        })
+        .unwrap();
+        assert!(check_experts(&small, QuantType::Q4_1, 16, 5, 32) > 1);
     }
 
     #[test]
