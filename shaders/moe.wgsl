@@ -11,6 +11,9 @@
 //         norm_topk_prob = false)
 // mode 2: sigmoid of each logit, top k, renormalized (sigmoid-gated routers)
 // The choice compares raw logits, which every mode orders the same way.
+//
+// moe_combine: out[t][c] (+)= sum_j weights[t][j] * expert_out[t * k + j][c], the weighted
+// sum of a token's k expert outputs (expert_out rows of stride ld, out rows of ld_out).
 
 struct MoeParams {
     rows: u32,
@@ -18,9 +21,9 @@ struct MoeParams {
     k: u32,
     ld: u32,
     mode: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    cols: u32,
+    ld_out: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MoeParams;
@@ -64,4 +67,22 @@ fn moe_route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if (p.mode != 1u && total > 0.0) {
         for (var j = 0u; j < p.k; j++) { weights[o + j] /= total; }
     }
+}
+
+@group(0) @binding(4) var<storage, read> expert_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+// One invocation per (token, column); the k terms are added in order.
+@compute @workgroup_size(64)
+fn moe_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.rows * p.cols) { return; }
+    let t = i / p.cols;
+    let c = i % p.cols;
+    var acc = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        acc += weights[t * p.k + j] * expert_out[(t * p.k + j) * p.ld + c];
+    }
+    let o = t * p.ld_out + c;
+    if (p.accumulate != 0u) { out[o] = out[o] + acc; } else { out[o] = acc; }
 }

@@ -14,9 +14,9 @@ uniform! {
         k: u32,
         ld: u32,
         mode: u32,
-        _pad0: u32,
-        _pad1: u32,
-        _pad2: u32,
+        cols: u32,
+        ld_out: u32,
+        accumulate: u32,
     }
 }
 
@@ -99,26 +99,85 @@ pub fn route(
         k: k as u32,
         ld: ld as u32,
         mode: gating.mode(),
-        _pad0: 0,
-        _pad1: 0,
-        _pad2: 0,
+        cols: 0,
+        ld_out: 0,
+        accumulate: 0,
     });
     ctx.dispatch(
         "moe_route",
-        &key(),
+        &key("moe_route"),
         &[Bind::U(&u), Bind::T(logits), Bind::T(ids), Bind::T(weights)],
         grid(ctx, (rows as u32).div_ceil(64))?,
     )
 }
 
-fn key() -> PipelineKey {
-    PipelineKey::new("moe", "moe_route")
+/// `out[t][..cols] (+)= sum_j weights[t][j] * expert_out[t * k + j][..cols]` for `tokens`
+/// tokens: each token's k expert outputs (rows of stride `ld`) mixed by its routing
+/// weights (`[tokens][k]`), written or added (`accumulate`, the residual) into `out` (rows
+/// of stride `ld_out`).
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
+    ctx: &Context,
+    out: &Tensor,
+    expert_out: &Tensor,
+    weights: &Tensor,
+    tokens: usize,
+    k: usize,
+    cols: usize,
+    ld: usize,
+    ld_out: usize,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let bad = |what: String| Err(Error::shape("moe_combine", what));
+    if tokens == 0 || k == 0 || cols == 0 || ld < cols || ld_out < cols {
+        return bad(format!(
+            "{tokens} tokens x {k} experts of {cols} (ld {ld}, out {ld_out})"
+        ));
+    }
+    if expert_out.dtype() != DType::F32 || expert_out.numel() < (tokens * k - 1) * ld + cols {
+        return bad(format!("expert outputs {:?}", expert_out.shape()));
+    }
+    if weights.dtype() != DType::F32 || weights.numel() < tokens * k {
+        return bad(format!("weights {:?}", weights.shape()));
+    }
+    if out.dtype() != DType::F32 || out.numel() < (tokens - 1) * ld_out + cols {
+        return bad(format!("out {:?}", out.shape()));
+    }
+    let n = u32::try_from(tokens * cols)
+        .map_err(|_| Error::shape("moe_combine", format!("{tokens} x {cols}")))?;
+    let u = ctx.uniform(&MoeParams {
+        rows: tokens as u32,
+        n_experts: 0,
+        k: k as u32,
+        ld: ld as u32,
+        mode: 0,
+        cols: cols as u32,
+        ld_out: ld_out as u32,
+        accumulate: accumulate as u32,
+    });
+    ctx.dispatch(
+        "moe_combine",
+        &key("moe_combine"),
+        &[
+            Bind::U(&u),
+            Bind::Skip,
+            Bind::Skip,
+            Bind::T(weights),
+            Bind::T(expert_out),
+            Bind::T(out),
+        ],
+        grid(ctx, n.div_ceil(64))?,
+    )
+}
+
+fn key(entry: &'static str) -> PipelineKey {
+    PipelineKey::new("moe", entry)
 }
 
 /// Every specialization (for the portability test).
 #[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
-    vec![key()]
+    vec![key("moe_route"), key("moe_combine")]
 }
 
 /// CPU reference of [`route`] for one row of logits (f64 arithmetic).
@@ -190,6 +249,45 @@ mod tests {
                 assert_close(&name, &w.read_f32(ctx).unwrap(), &want_w, 1e-6, 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn combine_mixes_each_tokens_experts() {
+        let ctx = ctx();
+        let mut rng = Rng::new(12);
+        for &(tokens, k, cols, ld, ld_out, acc) in &[
+            (1, 2, 5, 5, 5, false),
+            (9, 3, 70, 72, 80, true),
+            (130, 1, 3, 4, 3, false),
+        ] {
+            let eo = rng.vec(tokens * k * ld, -2.0, 2.0);
+            let wv = rng.vec(tokens * k, 0.0, 1.0);
+            let o0 = rng.vec(tokens * ld_out, -1.0, 1.0);
+            let et = Tensor::from_f32(ctx, &[tokens * k, ld], &eo).unwrap();
+            let wt = Tensor::from_f32(ctx, &[tokens * k], &wv).unwrap();
+            let ot = Tensor::from_f32(ctx, &[tokens, ld_out], &o0).unwrap();
+            ctx.run(&[combine(ctx, &ot, &et, &wt, tokens, k, cols, ld, ld_out, acc).unwrap()])
+                .unwrap();
+            let mut want = o0.clone();
+            for t in 0..tokens {
+                for c in 0..cols {
+                    let s: f32 = (0..k)
+                        .map(|j| wv[t * k + j] * eo[(t * k + j) * ld + c])
+                        .sum();
+                    let o = &mut want[t * ld_out + c];
+                    *o = if acc { *o + s } else { s };
+                }
+            }
+            assert_close(
+                &format!("combine {tokens}x{k}x{cols}"),
+                &ot.read_f32(ctx).unwrap(),
+                &want,
+                1e-6,
+                1e-6,
+            );
+        }
+        let e = Tensor::zeros(ctx, &[4], DType::F32).unwrap();
+        assert!(combine(ctx, &e, &e, &e, 2, 2, 3, 3, 3, false).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod export;
 pub mod forward;
 pub mod loader;
 mod merge;
+pub mod moe;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
