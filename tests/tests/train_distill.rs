@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ember::adapters::{LoraAdapter, LoraConfig, SoftPrompt, Target};
 use ember::model::{LoadOptions, Model};
 use ember::session::{Session, SessionParams};
-use ember::train::{Example, ParamKey, TrainConfig, Trainables, Trainer};
+use ember::train::{Budgets, Example, ParamKey, TrainConfig, Trainables, Trainer};
 use ember::util::Rng;
 use ember::Context;
 use ember_tests::model::temp_dir;
@@ -183,6 +183,44 @@ fn distilled_loss_is_the_kl_to_the_base_and_its_gradient_matches_finite_differen
         checked += (fd.abs() > 1e-4) as usize;
     }
     assert!(checked >= 2, "the checked gradients are not all zero");
+}
+
+#[test]
+fn distilled_rows_in_a_later_logits_chunk_give_the_same_loss() {
+    let dir = temp_dir("train-distill-chunks");
+    write_tiny_model(&dir, TinyVariant::Llama).unwrap();
+    let m = load(&dir);
+    let lora = adapter(&m, 0.2);
+    // A 70-token plain sequence first, so the distilled rows land past row 64.
+    let mut b = vec![Example::all(
+        (0..70).map(|i| 3 + (i * 7 % 250) as u32).collect(),
+    )];
+    b.extend(batch());
+    let loss = |logits_budget: usize| {
+        let config = TrainConfig {
+            rows: 128,
+            distill_weight: DISTILL_WEIGHT,
+            budgets: Budgets {
+                logits: logits_budget,
+                ..Budgets::default()
+            },
+            ..Default::default()
+        };
+        let t = Trainables {
+            lora: Some(lora.clone()),
+            ..Default::default()
+        };
+        Trainer::new(m.clone(), t, config)
+            .unwrap()
+            .evaluate(&b)
+            .unwrap()
+    };
+    // One chunk of 128 rows (budget for both models' logits) vs two chunks of 64.
+    let (one, two) = (loss(2 * 128 * 256), loss(2 * 64 * 256));
+    assert!(
+        (one - two).abs() < 1e-6 * one.abs().max(1.0),
+        "{one} vs {two}"
+    );
 }
 
 #[test]

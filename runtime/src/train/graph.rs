@@ -38,7 +38,7 @@ pub struct Budgets {
     pub scores: usize,
     /// Dequantized rows of a frozen matrix.
     pub dequant: usize,
-    /// Logits of one row chunk.
+    /// Logits of one row chunk (shared with the base model's when distillation is possible).
     pub logits: usize,
     /// Activations kept for the backward. When every layer's fit, the backward reads
     /// them; otherwise each layer's forward is recomputed from its input (per-layer
@@ -248,10 +248,14 @@ impl Graph {
             .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
             .chain(std::iter::once(&model.lm_head));
         let dq = Dequant::new(ctx, linears, budgets.dequant)?;
+        // Distillation needs the base model's logits beside the adapted ones: the two chunks
+        // share the logits budget, so training without it costs no extra memory.
+        let distill = lora.is_some() && virt == Virtual::None;
+        let logits_budget = budgets.logits / if distill { 2 } else { 1 };
         let logit_rows = if m <= 64 {
             m
         } else {
-            (budgets.logits / c.vocab / 64 * 64).clamp(64, m)
+            (logits_budget / c.vocab / 64 * 64).clamp(64, m)
         };
         let rank = lora.as_ref().map(|l| l.rank).unwrap_or(1);
         let mut targets: Vec<Target> = params
@@ -284,7 +288,7 @@ impl Graph {
             logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
             logit_rows,
             zeros: Tensor::zeros(ctx, &[virt.rows().max(1) * 2 * c.kv_dim()], DType::F32)?,
-            teacher: if lora.is_some() && virt == Virtual::None {
+            teacher: if distill {
                 Some((
                     f(c.hidden)?,
                     Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
