@@ -819,6 +819,34 @@ mod tests {
         );
     }
 
+    /// The logits' gradient at columns `cols` of every row against central differences of
+    /// `loss(logits, row)` (the loss of that row, or of all).
+    fn check_logit_gradient(
+        grad: &[f32],
+        logits: &[f64],
+        rows: usize,
+        vocab: usize,
+        cols: &[usize],
+        loss: impl Fn(&[f64], usize) -> f64,
+    ) {
+        for r in 0..rows {
+            for &j in cols {
+                let i = r * vocab + j;
+                let h = 1e-4;
+                let mut a = logits.to_vec();
+                a[i] += h;
+                let mut b = logits.to_vec();
+                b[i] -= h;
+                let want = (loss(&a, r) - loss(&b, r)) / (2.0 * h);
+                assert!(
+                    (grad[i] as f64 - want).abs() < 1e-5,
+                    "row {r} col {j}: {} vs {want}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
     #[test]
     fn cross_entropy_loss_and_gradient() {
         let ctx = ctx();
@@ -851,24 +879,9 @@ mod tests {
             "{got_loss} vs {}",
             total(&ld)
         );
-        let grad = lt.read_f32(ctx).unwrap();
         // FD on a few coordinates of each row (the full vocabulary is slow in f64 FD).
-        for r in 0..rows {
-            for j in [0usize, 3, 500, 999] {
-                let i = r * vocab + j;
-                let h = 1e-4;
-                let mut a = ld.clone();
-                a[i] += h;
-                let mut b = ld.clone();
-                b[i] -= h;
-                let want = (total(&a) - total(&b)) / (2.0 * h);
-                assert!(
-                    (grad[i] as f64 - want).abs() < 1e-5,
-                    "row {r} col {j}: {} vs {want}",
-                    grad[i]
-                );
-            }
-        }
+        let grad = lt.read_f32(ctx).unwrap();
+        check_logit_gradient(&grad, &ld, rows, vocab, &[0, 3, 500, 999], |v, _| total(v));
     }
 
     #[test]
@@ -925,22 +938,7 @@ mod tests {
             "KL of different logits is positive"
         );
         let grad = lt.read_f32(ctx).unwrap();
-        for r in 0..rows {
-            for j in [0usize, 7, 400, 776] {
-                let i = r * vocab + j;
-                let h = 1e-4;
-                let mut a = ld.clone();
-                a[i] += h;
-                let mut b = ld.clone();
-                b[i] -= h;
-                let want = (row_loss(&a, r) - row_loss(&b, r)) / (2.0 * h);
-                assert!(
-                    (grad[i] as f64 - want).abs() < 1e-5,
-                    "row {r} col {j}: {} vs {want}",
-                    grad[i]
-                );
-            }
-        }
+        check_logit_gradient(&grad, &ld, rows, vocab, &[0, 7, 400, 776], row_loss);
         // Student equal to teacher: no loss, no gradient.
         let lt = Tensor::from_f32(ctx, &[rows, vocab], &teacher).unwrap();
         ctx.run(&[xent_distill(ctx, &lt, &tt, &tg, &wt, &loss, rows, vocab, vocab).unwrap()])
