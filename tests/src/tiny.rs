@@ -1,5 +1,6 @@
-//! Tiny random Llama / Qwen2 / tied-Llama models, generated bit-for-bit the same way as
-//! `scripts/ref/tiny_llama.py` generates them, so tests can compare Ember against the committed
+//! Tiny random Llama / Qwen2 / tied-Llama models and Mixture-of-Experts Mixtral / Qwen2-MoE /
+//! OLMoE models, generated bit-for-bit the same way as `scripts/ref/tiny_llama.py` and
+//! `scripts/ref/tiny_moe.py` generate them, so tests can compare Ember against the committed
 //! reference logits (`tests/fixtures/tiny_*/logits.json`) without torch and without committed
 //! weights. [`write_tiny_gguf`] writes the same weights as a GGUF file, laid out as llama.cpp's
 //! converter lays them out (optionally quantized to Q8_0 / Q4_0 / Q4_1), see [`TinyGguf::new`].
@@ -20,13 +21,34 @@
 //!    nearest `0.2 * sqrt(3)` (bits `0x3EB15CAC`), i.e. uniform in `[-A, A)` with standard
 //!    deviation 0.2. `2u - 1` is exact in f32, so the only rounding is that of the product.
 //!    RMSNorm weights (names containing `norm`) are `1.0 + w` (one more f32 rounding); every
-//!    other tensor (embeddings, projections, `lm_head`, the Qwen2 q/k/v biases) is `w`.
+//!    other tensor (embeddings, projections, `lm_head`, the Qwen2 q/k/v biases, routers,
+//!    experts) is `w`.
 //!
 //! Tensors are stored as f32 in HF names and layouts: `model.embed_tokens.weight` `[256, 64]`,
 //! `model.norm.weight`, `lm_head.weight` (absent when tied), and per layer `i`
 //! `model.layers.{i}.input_layernorm.weight`, `.self_attn.{q,k,v,o}_proj.weight`,
-//! `.self_attn.{q,k,v}_proj.bias` (Qwen2 only), `.post_attention_layernorm.weight`,
-//! `.mlp.{gate,up,down}_proj.weight`.
+//! `.self_attn.{q,k,v}_proj.bias` (Qwen2 and Qwen2-MoE only), `.post_attention_layernorm.weight`,
+//! and for the dense variants `.mlp.{gate,up,down}_proj.weight`.
+//!
+//! The MoE variants ([`EXPERTS`] experts, top-[`EXPERTS_USED`], expert width [`EXPERT_FFN`],
+//! every layer sparse, untied) use the canonical per-expert keys of published checkpoints
+//! instead of the dense MLP (each `[out, in]`, layer `i`, expert `e`):
+//!
+//! * Mixtral: `model.layers.{i}.block_sparse_moe.gate.weight` `[4, 64]` (router),
+//!   `.block_sparse_moe.experts.{e}.w1.weight` `[32, 64]` (gate), `.w3.weight` `[32, 64]` (up),
+//!   `.w2.weight` `[64, 32]` (down).
+//! * Qwen2-MoE: `model.layers.{i}.mlp.gate.weight` `[4, 64]`,
+//!   `.mlp.experts.{e}.{gate_proj,up_proj}.weight` `[32, 64]`, `.down_proj.weight` `[64, 32]`,
+//!   the shared expert `.mlp.shared_expert.{gate_proj,up_proj}.weight` `[48, 64]`,
+//!   `.down_proj.weight` `[64, 48]` and its gate `.mlp.shared_expert_gate.weight` `[1, 64]`
+//!   (output scaled by `sigmoid(w . x)`), plus the q/k/v biases.
+//! * OLMoE: router and experts as Qwen2-MoE, no shared expert, plus
+//!   `.self_attn.q_norm.weight` `[64]` and `.self_attn.k_norm.weight` `[32]`: RMSNorms over the
+//!   whole q / k projection output (all heads together, before RoPE).
+//!
+//! The router takes the softmax over all experts, keeps the top 2 (largest first) and, for
+//! Mixtral only, renormalizes their weights to sum to 1 (`norm_topk_prob` false for the
+//! others). The fixtures describe all of it (`moe`, `routing`, `gguf` keys).
 //!
 //! [`weights_checksum`] is FNV-1a-64 over, in sorted (byte-wise) tensor-name order, each name's
 //! bytes followed by its f32 little-endian data; the fixtures record it as `weights_checksum`.
@@ -66,24 +88,61 @@ pub const MAX_POS: usize = 128;
 pub const RMS_EPS: f64 = 1e-5;
 /// `rope_theta`.
 pub const ROPE_THETA: f64 = 10000.0;
+/// Experts per MoE layer (`num_local_experts` / `num_experts`).
+pub const EXPERTS: usize = 4;
+/// Experts each token is routed to (`num_experts_per_tok`).
+pub const EXPERTS_USED: usize = 2;
+/// Width of each routed expert's SwiGLU MLP (Mixtral / OLMoE `intermediate_size`, Qwen2-MoE
+/// `moe_intermediate_size`).
+pub const EXPERT_FFN: usize = 32;
+/// Width of Qwen2-MoE's shared expert (`shared_expert_intermediate_size`).
+pub const SHARED_FFN: usize = 48;
+/// Qwen2-MoE's `intermediate_size` (a dense MLP's width; no layer of the tiny model is dense).
+pub const QWEN2_MOE_DENSE_FFN: usize = 128;
 
-/// The three tiny model variants of `scripts/ref/tiny_llama.py`.
+/// The tiny model variants: the three dense ones of `scripts/ref/tiny_llama.py` and the three
+/// Mixture-of-Experts ones of `scripts/ref/tiny_moe.py`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyVariant {
-    /// `LlamaForCausalLM`, untied `lm_head` (`--variant llama`).
+    /// `LlamaForCausalLM`, untied `lm_head` (`tiny_llama.py --variant llama`).
     Llama,
-    /// `Qwen2ForCausalLM`: biases on q/k/v, none on o (`--variant qwen2`).
+    /// `Qwen2ForCausalLM`: biases on q/k/v, none on o (`tiny_llama.py --variant qwen2`).
     Qwen2,
-    /// `LlamaForCausalLM` with `tie_word_embeddings` (no `lm_head.weight`; `--variant tied`).
+    /// `LlamaForCausalLM` with `tie_word_embeddings` (no `lm_head.weight`;
+    /// `tiny_llama.py --variant tied`).
     LlamaTied,
+    /// `MixtralForCausalLM` (`tiny_moe.py --variant mixtral`).
+    Mixtral,
+    /// `Qwen2MoeForCausalLM` with a shared expert and q/k/v biases
+    /// (`tiny_moe.py --variant qwen2_moe`).
+    Qwen2Moe,
+    /// `OlmoeForCausalLM` with q/k RMSNorms (`tiny_moe.py --variant olmoe`).
+    Olmoe,
 }
 
 impl TinyVariant {
-    /// All variants.
-    pub const ALL: [TinyVariant; 3] = [
+    /// All variants, dense first.
+    pub const ALL: [TinyVariant; 6] = [
         TinyVariant::Llama,
         TinyVariant::Qwen2,
         TinyVariant::LlamaTied,
+        TinyVariant::Mixtral,
+        TinyVariant::Qwen2Moe,
+        TinyVariant::Olmoe,
+    ];
+
+    /// The dense variants (`scripts/ref/tiny_llama.py`).
+    pub const DENSE: [TinyVariant; 3] = [
+        TinyVariant::Llama,
+        TinyVariant::Qwen2,
+        TinyVariant::LlamaTied,
+    ];
+
+    /// The Mixture-of-Experts variants (`scripts/ref/tiny_moe.py`).
+    pub const MOE: [TinyVariant; 3] = [
+        TinyVariant::Mixtral,
+        TinyVariant::Qwen2Moe,
+        TinyVariant::Olmoe,
     ];
 
     /// The script's `--variant` name.
@@ -92,6 +151,9 @@ impl TinyVariant {
             TinyVariant::Llama => "llama",
             TinyVariant::Qwen2 => "qwen2",
             TinyVariant::LlamaTied => "tied",
+            TinyVariant::Mixtral => "mixtral",
+            TinyVariant::Qwen2Moe => "qwen2_moe",
+            TinyVariant::Olmoe => "olmoe",
         }
     }
 
@@ -101,6 +163,9 @@ impl TinyVariant {
             TinyVariant::Llama => "fixtures/tiny_llama/logits.json",
             TinyVariant::Qwen2 => "fixtures/tiny_qwen2/logits.json",
             TinyVariant::LlamaTied => "fixtures/tiny_llama_tied/logits.json",
+            TinyVariant::Mixtral => "fixtures/tiny_mixtral/logits.json",
+            TinyVariant::Qwen2Moe => "fixtures/tiny_qwen2_moe/logits.json",
+            TinyVariant::Olmoe => "fixtures/tiny_olmoe/logits.json",
         }
     }
 
@@ -109,19 +174,77 @@ impl TinyVariant {
         self == TinyVariant::LlamaTied
     }
 
+    /// Whether the feed-forward blocks are Mixture-of-Experts blocks.
+    pub fn is_moe(self) -> bool {
+        matches!(
+            self,
+            TinyVariant::Mixtral | TinyVariant::Qwen2Moe | TinyVariant::Olmoe
+        )
+    }
+
+    /// Whether q/k/v have biases (Qwen2, Qwen2-MoE).
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, TinyVariant::Qwen2 | TinyVariant::Qwen2Moe)
+    }
+
     /// HF `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
+            TinyVariant::Llama | TinyVariant::LlamaTied => "llama",
             TinyVariant::Qwen2 => "qwen2",
-            _ => "llama",
+            TinyVariant::Mixtral => "mixtral",
+            TinyVariant::Qwen2Moe => "qwen2_moe",
+            TinyVariant::Olmoe => "olmoe",
         }
     }
 
     /// HF architecture class name.
     pub fn architecture(self) -> &'static str {
         match self {
+            TinyVariant::Llama | TinyVariant::LlamaTied => "LlamaForCausalLM",
             TinyVariant::Qwen2 => "Qwen2ForCausalLM",
-            _ => "LlamaForCausalLM",
+            TinyVariant::Mixtral => "MixtralForCausalLM",
+            TinyVariant::Qwen2Moe => "Qwen2MoeForCausalLM",
+            TinyVariant::Olmoe => "OlmoeForCausalLM",
+        }
+    }
+
+    /// llama.cpp's `general.architecture` for the variant: Mixtral is converted as `llama`
+    /// (llama.cpp's Llama graph with `llama.expert_count` experts).
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            TinyVariant::Llama | TinyVariant::LlamaTied | TinyVariant::Mixtral => "llama",
+            TinyVariant::Qwen2 => "qwen2",
+            TinyVariant::Qwen2Moe => "qwen2moe",
+            TinyVariant::Olmoe => "olmoe",
+        }
+    }
+
+    /// The config's `intermediate_size`: the dense MLP width, the expert width for Mixtral and
+    /// OLMoE, and Qwen2-MoE's (unused) dense width.
+    pub fn intermediate_size(self) -> usize {
+        match self {
+            TinyVariant::Llama | TinyVariant::Qwen2 | TinyVariant::LlamaTied => FFN,
+            TinyVariant::Mixtral | TinyVariant::Olmoe => EXPERT_FFN,
+            TinyVariant::Qwen2Moe => QWEN2_MOE_DENSE_FFN,
+        }
+    }
+
+    /// The per-expert weight names of the variant's checkpoints: (gate, up, down).
+    fn expert_weight_names(self) -> [&'static str; 3] {
+        if self == TinyVariant::Mixtral {
+            ["w1", "w3", "w2"]
+        } else {
+            ["gate_proj", "up_proj", "down_proj"]
+        }
+    }
+
+    /// The prefix of layer `i`'s MoE block in the checkpoint.
+    fn moe_prefix(self, i: usize) -> String {
+        if self == TinyVariant::Mixtral {
+            format!("model.layers.{i}.block_sparse_moe.")
+        } else {
+            format!("model.layers.{i}.mlp.")
         }
     }
 }
@@ -216,14 +339,53 @@ pub fn tensor_shapes(v: TinyVariant) -> Vec<(String, Vec<usize>)> {
         add("self_attn.k_proj.weight", vec![kv, HIDDEN]);
         add("self_attn.v_proj.weight", vec![kv, HIDDEN]);
         add("self_attn.o_proj.weight", vec![HIDDEN, HIDDEN]);
-        if v == TinyVariant::Qwen2 {
+        if v.qkv_bias() {
             add("self_attn.q_proj.bias", vec![HIDDEN]);
             add("self_attn.k_proj.bias", vec![kv]);
             add("self_attn.v_proj.bias", vec![kv]);
         }
-        add("mlp.gate_proj.weight", vec![FFN, HIDDEN]);
-        add("mlp.up_proj.weight", vec![FFN, HIDDEN]);
-        add("mlp.down_proj.weight", vec![HIDDEN, FFN]);
+        if v == TinyVariant::Olmoe {
+            add("self_attn.q_norm.weight", vec![HIDDEN]);
+            add("self_attn.k_norm.weight", vec![kv]);
+        }
+        if !v.is_moe() {
+            add("mlp.gate_proj.weight", vec![FFN, HIDDEN]);
+            add("mlp.up_proj.weight", vec![FFN, HIDDEN]);
+            add("mlp.down_proj.weight", vec![HIDDEN, FFN]);
+            continue;
+        }
+        let m = v.moe_prefix(i);
+        let [g, u, d] = v.expert_weight_names();
+        t.insert(format!("{m}gate.weight"), vec![EXPERTS, HIDDEN]);
+        for e in 0..EXPERTS {
+            t.insert(
+                format!("{m}experts.{e}.{g}.weight"),
+                vec![EXPERT_FFN, HIDDEN],
+            );
+            t.insert(
+                format!("{m}experts.{e}.{u}.weight"),
+                vec![EXPERT_FFN, HIDDEN],
+            );
+            t.insert(
+                format!("{m}experts.{e}.{d}.weight"),
+                vec![HIDDEN, EXPERT_FFN],
+            );
+        }
+        if v == TinyVariant::Qwen2Moe {
+            t.insert(
+                format!("{m}shared_expert.gate_proj.weight"),
+                vec![SHARED_FFN, HIDDEN],
+            );
+            t.insert(
+                format!("{m}shared_expert.up_proj.weight"),
+                vec![SHARED_FFN, HIDDEN],
+            );
+            t.insert(
+                format!("{m}shared_expert.down_proj.weight"),
+                vec![HIDDEN, SHARED_FFN],
+            );
+            t.insert(format!("{m}shared_expert_gate.weight"), vec![1, HIDDEN]);
+        }
     }
     t.into_iter().collect()
 }
@@ -247,7 +409,7 @@ pub fn config_json(v: TinyVariant) -> Value {
         "model_type": v.model_type(),
         "vocab_size": VOCAB,
         "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
+        "intermediate_size": v.intermediate_size(),
         "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
@@ -262,10 +424,38 @@ pub fn config_json(v: TinyVariant) -> Value {
         "eos_token_id": null,
         "torch_dtype": "float32",
     });
-    let extra = if v == TinyVariant::Qwen2 {
-        json!({"use_sliding_window": false, "sliding_window": null, "max_window_layers": LAYERS})
-    } else {
-        json!({"attention_bias": false, "mlp_bias": false})
+    let extra = match v {
+        TinyVariant::Qwen2 => {
+            json!({"use_sliding_window": false, "sliding_window": null, "max_window_layers": LAYERS})
+        }
+        TinyVariant::Llama | TinyVariant::LlamaTied => {
+            json!({"attention_bias": false, "mlp_bias": false})
+        }
+        TinyVariant::Mixtral => json!({
+            "num_experts_per_tok": EXPERTS_USED,
+            "num_local_experts": EXPERTS,
+            "sliding_window": null,
+        }),
+        TinyVariant::Qwen2Moe => json!({
+            "num_experts_per_tok": EXPERTS_USED,
+            "num_experts": EXPERTS,
+            "moe_intermediate_size": EXPERT_FFN,
+            "shared_expert_intermediate_size": SHARED_FFN,
+            "norm_topk_prob": false,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "use_sliding_window": false,
+            "sliding_window": null,
+            "max_window_layers": LAYERS,
+        }),
+        TinyVariant::Olmoe => json!({
+            "num_experts_per_tok": EXPERTS_USED,
+            "num_experts": EXPERTS,
+            "norm_topk_prob": false,
+            "attention_bias": false,
+            "clip_qkv": null,
+            "pad_token_id": null,
+        }),
     };
     if let (Value::Object(c), Value::Object(e)) = (&mut c, extra) {
         c.extend(e);
@@ -420,7 +610,10 @@ pub fn weights_checksum(dir: &Path) -> u64 {
 // --- GGUF ------------------------------------------------------------------------------------
 
 /// llama.cpp's GGUF name for one of the tiny models' HF tensor names (`None` for a name that
-/// is not part of a Llama/Qwen2 checkpoint).
+/// is not part of one of their checkpoints). Every expert's gate / up / down weight maps to
+/// the layer's stacked `ffn_{gate,up,down}_exps.weight` (see [`expert_index`] for its place).
+/// The names are those of gguf-py's `TensorNameMap` (`convert_hf_to_gguf.py`); the tests
+/// compare them with the fixtures' `gguf` section, which the script takes from gguf-py.
 pub fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
@@ -431,6 +624,15 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, what) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if let Some((_, w)) = split_expert(what) {
+        let g = match w {
+            "w1.weight" | "gate_proj.weight" => "ffn_gate_exps.weight",
+            "w3.weight" | "up_proj.weight" => "ffn_up_exps.weight",
+            "w2.weight" | "down_proj.weight" => "ffn_down_exps.weight",
+            _ => return None,
+        };
+        return Some(format!("blk.{layer}.{g}"));
+    }
     let g = match what {
         "input_layernorm.weight" => "attn_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
@@ -444,9 +646,34 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}"))
+}
+
+/// `(expert, rest)` for a layer-relative name `block_sparse_moe.experts.{e}.{rest}` or
+/// `mlp.experts.{e}.{rest}`.
+fn split_expert(what: &str) -> Option<(usize, &str)> {
+    let rest = what
+        .strip_prefix("block_sparse_moe.experts.")
+        .or_else(|| what.strip_prefix("mlp.experts."))?;
+    let (e, w) = rest.split_once('.')?;
+    Some((e.parse().ok()?, w))
+}
+
+/// The expert index of a per-expert HF tensor (`...experts.{e}...`), i.e. its place along the
+/// outermost dimension of the stacked GGUF tensor; `None` for every other tensor.
+pub fn expert_index(hf: &str) -> Option<usize> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (_, what) = rest.split_once('.')?;
+    split_expert(what).map(|(e, _)| e)
 }
 
 /// The row permutation llama.cpp's `convert_hf_to_gguf.py` applies to Llama q and k
@@ -518,28 +745,56 @@ fn file_type(quant: Option<ember::quant::QuantType>) -> u32 {
     }
 }
 
+/// Whether `llama-quantize` quantizes a weight of these ggml dims (`src/llama-quant.cpp`):
+/// it ends in `weight`, has at least 2 dims once trailing 1s are dropped (`ggml_n_dims`, so
+/// Qwen2-MoE's `[64, 1]` shared-expert gate stays f32), is not a norm and is not a router
+/// (`ffn_gate_inp.weight`, which the converter also always writes in f32).
+fn llama_quantize_quantizes(name: &str, dims: &[u64]) -> bool {
+    let n_dims = dims.iter().rposition(|&d| d != 1).map_or(1, |i| i + 1);
+    name.ends_with("weight")
+        && n_dims >= 2
+        && !name.ends_with("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight")
+}
+
 impl TinyGguf {
     /// The same weights as [`write_tiny_model`]'s checkpoint, laid out the way llama.cpp's
-    /// converter writes them: llama.cpp names, ggml dims, q/k rows permuted for Llama (not
-    /// for Qwen2, which llama.cpp runs with NeoX-style RoPE on the HF layout), the model's
-    /// hyperparameters as `{arch}.*` keys and a byte-level `gpt2` vocabulary of 256 tokens.
-    /// With `quant`, every 2-D weight (the embedding and `output.weight` included) is
-    /// stored in that format by [`crate::quantize::quantize`]; norms and biases stay f32.
+    /// converter (`convert_hf_to_gguf.py`: `LlamaModel`, which also converts Mixtral,
+    /// `Qwen2Model`, `Qwen2MoeModel`, `OlmoeModel`) writes them: llama.cpp names, ggml dims,
+    /// q/k rows permuted for the `llama` architecture (Llama and Mixtral; not for Qwen2,
+    /// Qwen2-MoE or OLMoE, which llama.cpp runs with NeoX-style RoPE on the HF layout), the
+    /// model's hyperparameters as `{arch}.*` keys and a byte-level `gpt2` vocabulary of 256
+    /// tokens. MoE variants add `{arch}.expert_count` and `{arch}.expert_used_count` (and for
+    /// `qwen2moe` `expert_feed_forward_length` and `expert_shared_feed_forward_length`), and
+    /// store each layer's experts as three 3-D tensors `blk.N.ffn_{gate,up,down}_exps.weight`:
+    /// the per-expert HF `[out, in]` matrices stacked in expert order (row-major
+    /// `[E][out][in]`, ggml dims `[in, out, E]`), next to the router `blk.N.ffn_gate_inp.weight`
+    /// (`[64, 4]`), Qwen2-MoE's shared expert `blk.N.ffn_{gate,up,down}_shexp.weight` and its
+    /// gate `blk.N.ffn_gate_inp_shexp.weight` (dims `[64, 1]`, as the converter writes the HF
+    /// `[1, 64]`), and OLMoE's `blk.N.attn_{q,k}_norm.weight` (`[64]`, `[32]`).
+    ///
+    /// With `quant`, every weight `llama-quantize` would quantize is stored in that format
+    /// by [`crate::quantize::quantize`]: the 2-D weights (the embedding and `output.weight`
+    /// included) and the 3-D expert tensors, row by row (blocks never straddle rows, so an
+    /// expert tensor is its experts' quantized matrices one after the other); norms, biases,
+    /// routers and the shared-expert gate stay f32. So does a weight whose rows are not a whole
+    /// number of blocks: Qwen2-MoE's `ffn_down_shexp` (48 wide), which `llama-quantize` would
+    /// refuse ("Unsupported tensor size encountered") for Q8_0 / Q4_0 / Q4_1.
     ///
     /// Errors: [`ember::Error::Unsupported`] for a `quant` other than Q8_0, Q4_0 or Q4_1.
     pub fn new(v: TinyVariant, quant: Option<ember::quant::QuantType>) -> ember::Result<Self> {
         use ember::format::gguf::{TensorType, Value};
-        let arch = v.model_type();
+        let arch = v.gguf_arch();
         let k = |key: &str| format!("{arch}.{key}");
         let u32v = |x: usize| Value::U32(x as u32);
-        let metadata: Vec<(String, Value)> = vec![
+        let mut metadata: Vec<(String, Value)> = vec![
             ("general.architecture".into(), arch.into()),
             ("general.name".into(), format!("tiny-{}", v.name()).into()),
             ("general.file_type".into(), Value::U32(file_type(quant))),
             (k("block_count"), u32v(LAYERS)),
             (k("context_length"), u32v(MAX_POS)),
             (k("embedding_length"), u32v(HIDDEN)),
-            (k("feed_forward_length"), u32v(FFN)),
+            (k("feed_forward_length"), u32v(v.intermediate_size())),
             (k("attention.head_count"), u32v(HEADS)),
             (k("attention.head_count_kv"), u32v(KV_HEADS)),
             (k("rope.freq_base"), Value::F32(ROPE_THETA as f32)),
@@ -547,6 +802,16 @@ impl TinyGguf {
                 k("attention.layer_norm_rms_epsilon"),
                 Value::F32(RMS_EPS as f32),
             ),
+        ];
+        if v.is_moe() {
+            metadata.push((k("expert_count"), u32v(EXPERTS)));
+            metadata.push((k("expert_used_count"), u32v(EXPERTS_USED)));
+        }
+        if v == TinyVariant::Qwen2Moe {
+            metadata.push((k("expert_feed_forward_length"), u32v(EXPERT_FFN)));
+            metadata.push((k("expert_shared_feed_forward_length"), u32v(SHARED_FFN)));
+        }
+        metadata.extend([
             (k("rope.dimension_count"), u32v(HEAD_DIM)),
             (k("vocab_size"), u32v(VOCAB)),
             ("tokenizer.ggml.model".into(), "gpt2".into()),
@@ -565,11 +830,11 @@ impl TinyGguf {
             ),
             ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
             ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        ];
+        ]);
 
         // llama.cpp's order: embedding, output norm, output, then the blocks.
         let order = |gguf: &str| -> (usize, usize, usize) {
-            const IN_BLOCK: [&str; 12] = [
+            const IN_BLOCK: [&str; 22] = [
                 "attn_norm.weight",
                 "attn_q.weight",
                 "attn_q.bias",
@@ -578,10 +843,20 @@ impl TinyGguf {
                 "attn_v.weight",
                 "attn_v.bias",
                 "attn_output.weight",
+                "attn_q_norm.weight",
+                "attn_k_norm.weight",
                 "ffn_norm.weight",
                 "ffn_gate.weight",
                 "ffn_up.weight",
                 "ffn_down.weight",
+                "ffn_gate_inp.weight",
+                "ffn_gate_exps.weight",
+                "ffn_up_exps.weight",
+                "ffn_down_exps.weight",
+                "ffn_gate_inp_shexp.weight",
+                "ffn_gate_shexp.weight",
+                "ffn_up_shexp.weight",
+                "ffn_down_shexp.weight",
             ];
             match gguf {
                 "token_embd.weight" => (0, 0, 0),
@@ -595,12 +870,19 @@ impl TinyGguf {
                 }
             }
         };
-        let mut named: Vec<(String, Vec<usize>, Vec<f32>, bool)> = Vec::new();
+        let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        // Per stacked expert tensor: (expert, HF shape, values) of each expert.
+        type Expert = (usize, Vec<usize>, Vec<f32>);
+        let mut stacks: BTreeMap<String, Vec<Expert>> = BTreeMap::new();
         for (hf, shape, values) in tiny_tensors(v) {
             let name = gguf_name(&hf).ok_or_else(|| {
                 ember::Error::Internal(format!("no GGUF name for tiny tensor {hf}"))
             })?;
-            let permute_heads = if v == TinyVariant::Qwen2 {
+            if let Some(e) = expert_index(&hf) {
+                stacks.entry(name).or_default().push((e, shape, values));
+                continue;
+            }
+            let permute_heads = if arch != "llama" {
                 None
             } else if name.ends_with("attn_q.weight") {
                 Some(HEADS)
@@ -614,15 +896,38 @@ impl TinyGguf {
                 Some(n) => permute_qk(&values, n, cols),
                 None => values,
             };
-            let matrix = shape.len() == 2;
-            named.push((name, shape, values, matrix));
+            named.push((name, shape, values));
+        }
+        for (name, mut experts) in stacks {
+            // convert_hf_to_gguf.py: torch.stack of experts 0..E-1 along a new outer dim.
+            experts.sort_by_key(|(e, ..)| *e);
+            let shape = experts[0].1.clone();
+            if experts.len() != EXPERTS
+                || experts
+                    .iter()
+                    .enumerate()
+                    .any(|(i, (e, s, _))| *e != i || *s != shape)
+            {
+                return Err(ember::Error::Internal(format!(
+                    "{name}: experts do not stack"
+                )));
+            }
+            let values: Vec<f32> = experts.into_iter().flat_map(|(_, _, x)| x).collect();
+            let mut stacked = vec![EXPERTS];
+            stacked.extend(shape);
+            named.push((name, stacked, values));
         }
         named.sort_by_key(|(n, ..)| order(n));
         let mut tensors = Vec::with_capacity(named.len());
-        for (name, shape, values, matrix) in named {
+        for (name, shape, values) in named {
             let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
             let (ty, data) = match quant {
-                Some(q) if matrix => (TensorType::Quant(q), crate::quantize::quantize(q, &values)?),
+                Some(q)
+                    if llama_quantize_quantizes(&name, &dims)
+                        && (dims[0] as usize).is_multiple_of(q.block_elems()) =>
+                {
+                    (TensorType::Quant(q), crate::quantize::quantize(q, &values)?)
+                }
                 _ => (
                     TensorType::F32,
                     values.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -764,12 +1069,37 @@ mod tests {
     #[test]
     fn gguf_names_cover_every_tensor() {
         for v in TinyVariant::ALL {
-            let names: std::collections::HashSet<String> = tensor_shapes(v)
+            let shapes = tensor_shapes(v);
+            let names: std::collections::HashSet<String> = shapes
                 .iter()
                 .map(|(n, _)| gguf_name(n).unwrap_or_else(|| panic!("{n}")))
                 .collect();
-            assert_eq!(names.len(), tensor_shapes(v).len());
+            // The E gate / up / down weights of a layer share one stacked name.
+            let n_experts = shapes
+                .iter()
+                .filter(|(n, _)| expert_index(n).is_some())
+                .count();
+            let stacked = if v.is_moe() { LAYERS * 3 } else { 0 };
+            assert_eq!(n_experts, stacked * EXPERTS, "{}", v.name());
+            assert_eq!(names.len(), shapes.len() - n_experts + stacked);
         }
+        assert_eq!(
+            gguf_name("model.layers.1.block_sparse_moe.experts.3.w3.weight").as_deref(),
+            Some("blk.1.ffn_up_exps.weight")
+        );
+        assert_eq!(
+            expert_index("model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+            Some(3)
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.experts.2.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down_exps.weight")
+        );
+        assert_eq!(expert_index("model.layers.0.mlp.gate.weight"), None);
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.gate.weight").as_deref(),
+            Some("blk.0.ffn_gate_inp.weight")
+        );
         assert_eq!(
             gguf_name("model.layers.1.mlp.down_proj.weight").as_deref(),
             Some("blk.1.ffn_down.weight")
@@ -812,5 +1142,24 @@ mod tests {
         let t = TinyGguf::new(TinyVariant::LlamaTied, None).unwrap();
         assert!(t.tensors.iter().all(|t| t.name != "output.weight"));
         assert!(t.tensors.iter().all(|t| t.ty == TensorType::F32));
+    }
+
+    #[test]
+    fn llama_quantize_rule() {
+        assert!(llama_quantize_quantizes(
+            "blk.0.ffn_up_exps.weight",
+            &[64, 32, 4]
+        ));
+        assert!(llama_quantize_quantizes("token_embd.weight", &[64, 256]));
+        assert!(!llama_quantize_quantizes(
+            "blk.0.ffn_gate_inp.weight",
+            &[64, 4]
+        ));
+        assert!(!llama_quantize_quantizes(
+            "blk.0.ffn_gate_inp_shexp.weight",
+            &[64, 1]
+        ));
+        assert!(!llama_quantize_quantizes("blk.0.attn_q_norm.weight", &[64]));
+        assert!(!llama_quantize_quantizes("blk.0.attn_q.bias", &[64]));
     }
 }
