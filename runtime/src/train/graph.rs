@@ -382,18 +382,13 @@ impl Builder<'_> {
     /// activation it used.
     fn teacher_forward(&self, h: &Tensor) -> Result<Vec<Dispatch>> {
         let (ctx, c, b) = (self.ctx, &self.model.config, &self.b);
-        self.base_only.set(true);
         let mut ops = self.model.embed.gather(ctx, &b.xs[0], &self.inputs.ids)?;
-        for l in 0..c.n_layers {
-            match self.layer_forward(l, &b.xs[l], Some(&b.xs[l + 1])) {
-                Ok(o) => ops.extend(o),
-                Err(e) => {
-                    self.base_only.set(false);
-                    return Err(e);
-                }
-            }
-        }
+        self.base_only.set(true);
+        let layers: Result<Vec<Vec<Dispatch>>> = (0..c.n_layers)
+            .map(|l| self.layer_forward(l, &b.xs[l], Some(&b.xs[l + 1])))
+            .collect();
         self.base_only.set(false);
+        ops.extend(layers?.into_iter().flatten());
         ops.push(norm_with(
             ctx,
             h,

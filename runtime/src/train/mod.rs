@@ -382,20 +382,25 @@ impl Trainer {
         Ok((blocks, n))
     }
 
+    /// The dispatches that replay block `b` (`train`: with the backward; with the base
+    /// model's forward first when the block has distilled rows).
+    fn ops_for(&self, b: &batch::Packed, train: bool) -> &[Dispatch] {
+        let g = &self.graph;
+        match (train, b.has_distill()) {
+            (false, false) => &g.eval_ops,
+            (true, false) => &g.train_ops,
+            (false, true) => &g.distill_eval_ops,
+            (true, true) => &g.distill_train_ops,
+        }
+    }
+
     /// Runs every block (`train`: with the backward) and returns the summed loss.
     fn replay(&self, blocks: &[batch::Packed], n: usize, train: bool) -> Result<f64> {
         let ctx = self.model.context();
-        let g = &self.graph;
         let mut loss = 0.0f64;
         for b in blocks {
             self.write_block(b, 1.0 / n as f32)?;
-            let ops = match (train, b.has_distill()) {
-                (false, false) => &g.eval_ops,
-                (true, false) => &g.train_ops,
-                (false, true) => &g.distill_eval_ops,
-                (true, true) => &g.distill_train_ops,
-            };
-            ctx.run(ops)?;
+            ctx.run(self.ops_for(b, train))?;
             loss += self
                 .graph
                 .loss
@@ -452,13 +457,7 @@ impl Trainer {
     pub fn profile(&self, examples: &[Example]) -> Result<Vec<(String, usize, f64)>> {
         let (blocks, n) = self.blocks(examples)?;
         self.write_block(&blocks[0], 1.0 / n as f32)?;
-        let g = &self.graph;
-        let ops = if blocks[0].has_distill() {
-            &g.distill_train_ops
-        } else {
-            &g.train_ops
-        };
-        self.model.context().profile(ops)
+        self.model.context().profile(self.ops_for(&blocks[0], true))
     }
 
     /// The gradients of the last step (host copies, model order), for tests and tools.
