@@ -10,7 +10,9 @@
 // mode 1: softmax over all experts, top k, not renormalized (Qwen2-MoE, OLMoE with
 //         norm_topk_prob = false)
 // mode 2: sigmoid of each logit, top k, renormalized (sigmoid-gated routers)
+// mode 3: sigmoid of each logit, top k, as they are (Qwen2-MoE's shared-expert gate)
 // The choice compares raw logits, which every mode orders the same way.
+// With STATS each choice also adds 1 to counts[stats_off + expert] (expert load statistics).
 //
 // moe_combine: out[t][c] (+)= sum_j weights[t][j] * expert_out[t * k + j][c], the weighted
 // sum of a token's k expert outputs (expert_out rows of stride ld, out rows of ld_out).
@@ -24,12 +26,19 @@ struct MoeParams {
     cols: u32,
     ld_out: u32,
     accumulate: u32,
+    stats_off: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MoeParams;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> weights: array<f32>;
+#if STATS
+@group(0) @binding(6) var<storage, read_write> counts: array<atomic<u32>>;
+#endif
 
 // One invocation per row (n_experts <= 256, k <= 16).
 @compute @workgroup_size(64)
@@ -59,12 +68,15 @@ fn moe_route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         }
         taken[best >> 5u] |= 1u << (best & 31u);
         var w = exp(best_v - mx) / sum;
-        if (p.mode == 2u) { w = 1.0 / (1.0 + exp(-best_v)); }
+        if (p.mode >= 2u) { w = 1.0 / (1.0 + exp(-best_v)); }
         ids[o + j] = best;
         weights[o + j] = w;
+#if STATS
+        atomicAdd(&counts[p.stats_off + best], 1u);
+#endif
         total += w;
     }
-    if (p.mode != 1u && total > 0.0) {
+    if ((p.mode == 0u || p.mode == 2u) && total > 0.0) {
         for (var j = 0u; j < p.k; j++) { weights[o + j] /= total; }
     }
 }

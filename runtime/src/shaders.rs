@@ -13,6 +13,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("lora", include_str!("../../shaders/lora.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("moe", include_str!("../../shaders/moe.wgsl")),
+    ("moe_dense", include_str!("../../shaders/moe_dense.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("quant", include_str!("../../shaders/quant.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),

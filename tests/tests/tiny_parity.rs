@@ -8,7 +8,11 @@
 //! - Q8_0 / Q4_0 / Q4_1 GGUFs match a float64 CPU forward pass on the dequantized weights
 //!   (`ember_tests::reference`), which itself reproduces the fixture from the f32 GGUF;
 //! - sequences decoded together in one batch (joining and leaving at different steps)
-//!   produce exactly the tokens each produces alone, greedy and seeded-sampled.
+//!   produce exactly the tokens each produces alone, greedy and seeded-sampled, for dense
+//!   and Mixture-of-Experts models.
+//!
+//! The Mixture-of-Experts models (Mixtral, Qwen2-MoE with its shared expert, OLMoE with its
+//! q/k norms) take the same checks as the dense ones.
 //!
 //! The measured differences are printed (`cargo test -- --nocapture` shows them).
 
@@ -168,7 +172,7 @@ fn check_fixture(model: &Arc<Model>, v: TinyVariant, label: &str, n_batch: usize
 
 #[test]
 fn hf_safetensors_matches_transformers() {
-    for v in TinyVariant::DENSE {
+    for v in TinyVariant::ALL {
         let dir = TempDir::new(v.name());
         write_tiny_model(dir.path(), v).unwrap();
         let model = load(dir.path());
@@ -184,7 +188,7 @@ fn hf_safetensors_matches_transformers() {
 
 #[test]
 fn f32_gguf_matches_transformers() {
-    for v in TinyVariant::DENSE {
+    for v in TinyVariant::ALL {
         let dir = TempDir::new(v.name());
         let path = dir.path().join("tiny-f32.gguf");
         write_tiny_gguf(&path, v, None).unwrap();
@@ -193,7 +197,8 @@ fn f32_gguf_matches_transformers() {
             let model = load_variant(&path, variant);
             assert_eq!(model.source.format, "gguf");
             assert_eq!(model.config.tied_embeddings, v.tied());
-            assert_eq!(model.config.qkv_bias, v == TinyVariant::Qwen2);
+            assert_eq!(model.config.qkv_bias, v.qkv_bias());
+            assert_eq!(model.config.moe.is_some(), v.is_moe());
             let label = format!("{} gguf f32 {variant:?}", v.name());
             let d = check_fixture(&model, v, &label, 256);
             println!("{label}: max |logit - transformers| = {d:.3e}");
@@ -488,6 +493,31 @@ fn batched_decode_matches_alone_greedy() {
     );
 }
 
+/// Mixture-of-Experts models in a batch: each token is routed on its own, so a sequence's
+/// experts (and tokens) do not depend on what else is in the batch.
+#[test]
+fn batched_moe_decode_matches_alone() {
+    let dir = TempDir::new("batch-moe");
+    write_tiny_model(dir.path(), TinyVariant::Qwen2Moe).unwrap();
+    let model = load(dir.path());
+    batch_matches_alone(
+        &model,
+        &plans(|_| SamplerConfig::greedy()),
+        "qwen2_moe safetensors greedy",
+    );
+    let path = dir.path().join("tiny-mixtral-q4_1.gguf");
+    write_tiny_gguf(&path, TinyVariant::Mixtral, Some(QuantType::Q4_1)).unwrap();
+    let model = load(&path);
+    assert!(model.source.weight_formats.contains("Q4_1"));
+    let sampled = |k: u64| SamplerConfig {
+        temperature: 0.9,
+        top_k: 20,
+        seed: 3 + k,
+        ..SamplerConfig::default()
+    };
+    batch_matches_alone(&model, &plans(sampled), "mixtral gguf Q4_1 sampled");
+}
+
 #[test]
 fn batched_decode_matches_alone_sampled() {
     let sampled = |k: u64| SamplerConfig {
@@ -518,4 +548,50 @@ fn batched_decode_matches_alone_sampled() {
     write_tiny_gguf(&path, TinyVariant::LlamaTied, Some(QuantType::Q8_0)).unwrap();
     let model = load(&path);
     batch_matches_alone(&model, &plans(sampled), "tied gguf Q8_0 sampled");
+}
+
+/// The expert loads a session counts are the routing transformers chose (the fixture's
+/// `routing`: every layer's top-k for each token of a 7-token prompt); resetting zeroes
+/// them; dense models have none.
+#[test]
+fn expert_counts_match_transformers_routing() {
+    for v in TinyVariant::MOE {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(v.fixture_path());
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let r = &fx["routing"];
+        let ids: Vec<u32> = r["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<Vec<u64>> = r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let mut c = vec![0u64; ember_tests::tiny::EXPERTS];
+                for tok in l["experts"].as_array().unwrap() {
+                    for e in tok.as_array().unwrap() {
+                        c[e.as_u64().unwrap() as usize] += 1;
+                    }
+                }
+                c
+            })
+            .collect();
+        let dir = TempDir::new(v.name());
+        write_tiny_model(dir.path(), v).unwrap();
+        let model = load(dir.path());
+        let mut s = session(&model, 1, 256);
+        assert_eq!(s.expert_counts().unwrap().unwrap(), vec![vec![0; 4]; 2]);
+        ember_logits(&mut s, &ids);
+        assert_eq!(s.expert_counts().unwrap().unwrap(), want, "{}", v.name());
+        s.reset_expert_counts().unwrap();
+        assert_eq!(s.expert_counts().unwrap().unwrap(), vec![vec![0; 4]; 2]);
+    }
+    let dir = TempDir::new("dense-counts");
+    write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();
+    let s = session(&load(dir.path()), 1, 256);
+    assert_eq!(s.expert_counts().unwrap(), None);
 }

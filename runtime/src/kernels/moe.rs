@@ -1,9 +1,12 @@
 //! Mixture-of-Experts routing on the GPU (`shaders/moe.wgsl`): each token's router logits
 //! become the k experts it is sent to and their mixing weights, by the convention of the
-//! model family ([`Gating`]).
+//! model family ([`Gating`]); and the routed products with f32/f16 experts
+//! (`shaders/moe_dense.wgsl`, the dense twin of [`crate::kernels::quant::qmatmul_experts`]).
 
 use crate::error::{Error, Result};
 use crate::gpu::{grid, Bind, Context, DType, Dispatch, PipelineKey, Tensor};
+use crate::kernels::embed::{DenseChunk, DenseMatrix};
+use crate::kernels::quant::ExpertDesc;
 use crate::uniform;
 
 uniform! {
@@ -17,6 +20,28 @@ uniform! {
         cols: u32,
         ld_out: u32,
         accumulate: u32,
+        stats_off: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+}
+
+uniform! {
+    /// Uniform of `shaders/moe_dense.wgsl`.
+    pub struct DenseExpertParams {
+        pairs: u32,
+        n: u32,
+        k: u32,
+        ldx: u32,
+        ldy: u32,
+        y_offset: u32,
+        n_ids: u32,
+        glu: u32,
+        row_start: u32,
+        experts: u32,
+        accumulate: u32,
+        _pad: u32,
     }
 }
 
@@ -26,7 +51,8 @@ pub const MAX_EXPERTS: usize = 256;
 pub const MAX_TOP_K: usize = 16;
 
 /// How router logits become expert weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Gating {
     /// Softmax over all experts, then the top k renormalized to sum 1 (Mixtral,
     /// Qwen3-MoE; `norm_topk_prob = true`).
@@ -36,6 +62,9 @@ pub enum Gating {
     Softmax,
     /// Sigmoid of each logit, the top k renormalized.
     SigmoidRenorm,
+    /// Sigmoid of each logit as it is (with one expert and k = 1: a sigmoid gate, as on
+    /// Qwen2-MoE's shared expert).
+    Sigmoid,
 }
 
 impl Gating {
@@ -44,6 +73,7 @@ impl Gating {
             Gating::SoftmaxRenorm => 0,
             Gating::Softmax => 1,
             Gating::SigmoidRenorm => 2,
+            Gating::Sigmoid => 3,
         }
     }
 }
@@ -64,9 +94,20 @@ pub fn check_top_k(n_experts: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// Where [`route`] counts its choices: `counts[offset + e]` (u32) gains 1 each time
+/// expert `e` is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteStats<'a> {
+    /// `u32` counters.
+    pub counts: &'a Tensor,
+    /// Index of expert 0's counter.
+    pub offset: usize,
+}
+
 /// For each of `rows` rows of router logits (`n_experts` values, stride `ld`): the `k`
 /// chosen experts into `ids` (`[rows][k]` u32, highest logit first, ties to the lower
-/// index) and their weights into `weights` (`[rows][k]` f32).
+/// index) and their weights into `weights` (`[rows][k]` f32); with `stats`, also counts
+/// each choice.
 #[allow(clippy::too_many_arguments)]
 pub fn route(
     ctx: &Context,
@@ -78,6 +119,7 @@ pub fn route(
     k: usize,
     ld: usize,
     gating: Gating,
+    stats: Option<RouteStats<'_>>,
 ) -> Result<Dispatch> {
     check_top_k(n_experts, k)?;
     let bad = |what: String| Err(Error::shape("moe_route", what));
@@ -93,20 +135,32 @@ pub fn route(
     if weights.dtype() != DType::F32 || weights.numel() < rows * k {
         return bad(format!("weights {:?} for {rows}x{k}", weights.shape()));
     }
+    if let Some(st) = stats {
+        if st.counts.dtype() != DType::U32 || st.counts.numel() < st.offset + n_experts {
+            return bad(format!(
+                "expert counters {:?} from {}",
+                st.counts.shape(),
+                st.offset
+            ));
+        }
+    }
     let u = ctx.uniform(&MoeParams {
         rows: rows as u32,
         n_experts: n_experts as u32,
         k: k as u32,
         ld: ld as u32,
         mode: gating.mode(),
-        cols: 0,
-        ld_out: 0,
-        accumulate: 0,
+        stats_off: stats.map_or(0, |s| s.offset as u32),
+        ..Default::default()
     });
+    let mut binds = vec![Bind::U(&u), Bind::T(logits), Bind::T(ids), Bind::T(weights)];
+    if let Some(st) = stats {
+        binds.extend([Bind::Skip, Bind::Skip, Bind::T(st.counts)]);
+    }
     ctx.dispatch(
         "moe_route",
-        &key("moe_route"),
-        &[Bind::U(&u), Bind::T(logits), Bind::T(ids), Bind::T(weights)],
+        &route_key(stats.is_some()),
+        &binds,
         grid(ctx, (rows as u32).div_ceil(64))?,
     )
 }
@@ -147,13 +201,12 @@ pub fn combine(
         .map_err(|_| Error::shape("moe_combine", format!("{tokens} x {cols}")))?;
     let u = ctx.uniform(&MoeParams {
         rows: tokens as u32,
-        n_experts: 0,
         k: k as u32,
         ld: ld as u32,
-        mode: 0,
         cols: cols as u32,
         ld_out: ld_out as u32,
         accumulate: accumulate as u32,
+        ..Default::default()
     });
     ctx.dispatch(
         "moe_combine",
@@ -174,10 +227,171 @@ fn key(entry: &'static str) -> PipelineKey {
     PipelineKey::new("moe", entry)
 }
 
+fn route_key(stats: bool) -> PipelineKey {
+    key("moe_route").def("STATS", stats)
+}
+
+fn dense_key(f16: bool) -> PipelineKey {
+    PipelineKey::new("moe_dense", "moe_dense_mv").def("F16", f16)
+}
+
 /// Every specialization (for the portability test).
 #[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
-    vec![key("moe_route"), key("moe_combine")]
+    vec![
+        route_key(false),
+        route_key(true),
+        key("moe_combine"),
+        dense_key(false),
+        dense_key(true),
+    ]
+}
+
+/// f32 or f16 experts of a Mixture-of-Experts layer: `n_experts` matrices of `rows` rows
+/// stacked (expert `e` is rows `e * rows ..`), in chunks that hold whole experts.
+#[derive(Debug, Clone)]
+pub struct DenseExperts {
+    /// The stacked matrix.
+    pub mat: DenseMatrix,
+    /// Experts.
+    pub n_experts: usize,
+    /// Rows (output features) per expert.
+    pub rows: usize,
+}
+
+impl DenseExperts {
+    /// Uploads `data` (`[n_experts * rows][cols]`) as `dtype` (F32, or F16 rounded).
+    pub fn upload(
+        ctx: &Context,
+        data: &[f32],
+        n_experts: usize,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<DenseExperts> {
+        let total = n_experts * rows;
+        let f16 = dtype == DType::F16;
+        if n_experts == 0
+            || rows == 0
+            || data.len() != total * cols
+            || !matches!(dtype, DType::F32 | DType::F16)
+            || (f16 && cols % 2 == 1)
+        {
+            return Err(Error::shape(
+                "experts",
+                format!(
+                    "{} values as {dtype:?} for {n_experts} experts of {rows}x{cols}",
+                    data.len()
+                ),
+            ));
+        }
+        let expert_bytes = (rows * cols) as u64 * dtype.size();
+        let per_chunk = (ctx.caps().max_binding / expert_bytes) as usize;
+        if per_chunk == 0 {
+            return Err(Error::Limit {
+                what: format!("one {dtype:?} expert of {rows}x{cols}"),
+                needed: expert_bytes,
+                limit: ctx.caps().max_binding,
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        while first < n_experts {
+            let n = per_chunk.min(n_experts - first);
+            let part = &data[first * rows * cols..(first + n) * rows * cols];
+            let shape = [n * rows, cols];
+            let t = if f16 {
+                Tensor::from_f32_as_f16(ctx, &shape, part)?
+            } else {
+                Tensor::from_f32(ctx, &shape, part)?
+            };
+            chunks.push(DenseChunk {
+                row_start: first * rows,
+                rows: n * rows,
+                t,
+            });
+            first += n;
+        }
+        Ok(DenseExperts {
+            mat: DenseMatrix {
+                dtype,
+                rows: total,
+                cols,
+                chunks,
+            },
+            n_experts,
+            rows,
+        })
+    }
+}
+
+/// The routed product of [`ExpertDesc`] with f32/f16 experts: each (token, expert) pair
+/// reads only its own expert's rows. One dispatch per chunk of experts.
+pub fn dense_experts(
+    ctx: &Context,
+    y: &Tensor,
+    x: &Tensor,
+    ids: &Tensor,
+    w: &DenseExperts,
+    d: &ExpertDesc,
+) -> Result<Vec<Dispatch>> {
+    let op = "dense_experts";
+    let k = w.mat.cols;
+    let bad = |what: String| Err(Error::shape(op, what));
+    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || (d.glu > 0 && d.glu < k) {
+        return bad(format!(
+            "{} pairs ({} per activation row), ldx {} glu {} for {k} columns",
+            d.pairs, d.pairs_per_x, d.ldx, d.glu
+        ));
+    }
+    if d.ldy < d.y_offset + w.rows {
+        return bad(format!("ldy {} y_offset {}", d.ldy, d.y_offset));
+    }
+    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
+    if x.dtype() != DType::F32 || x.numel() < (x_rows - 1) * d.ldx + k + d.glu {
+        return bad(format!("X {:?} for {x_rows} rows", x.shape()));
+    }
+    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
+        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
+    }
+    if ids.dtype() != DType::U32 || ids.numel() < d.pairs {
+        return bad(format!("ids {:?} for {} pairs", ids.shape(), d.pairs));
+    }
+    let u32_of = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} {v} exceeds u32")))
+    };
+    let groups = u32_of(d.pairs * w.rows, "pairs x rows")?;
+    let key = dense_key(w.mat.dtype == DType::F16);
+    let mut ops = Vec::with_capacity(w.mat.chunks.len());
+    for c in &w.mat.chunks {
+        let u = ctx.uniform(&DenseExpertParams {
+            pairs: u32_of(d.pairs, "pairs")?,
+            n: u32_of(w.rows, "rows")?,
+            k: u32_of(k, "cols")?,
+            ldx: u32_of(d.ldx, "ldx")?,
+            ldy: u32_of(d.ldy, "ldy")?,
+            y_offset: u32_of(d.y_offset, "y_offset")?,
+            n_ids: u32_of(d.pairs_per_x, "pairs_per_x")?,
+            glu: u32_of(d.glu, "glu")?,
+            row_start: u32_of(c.row_start / w.rows, "first expert")?,
+            experts: u32_of(c.rows / w.rows, "experts")?,
+            accumulate: d.accumulate as u32,
+            _pad: 0,
+        });
+        ops.push(ctx.dispatch(
+            op,
+            &key,
+            &[
+                Bind::U(&u),
+                Bind::T(x),
+                Bind::T(&c.t),
+                Bind::T(ids),
+                Bind::T(y),
+            ],
+            grid(ctx, groups)?,
+        )?);
+    }
+    Ok(ops)
 }
 
 /// CPU reference of [`route`] for one row of logits (f64 arithmetic).
@@ -191,11 +405,11 @@ pub fn route_ref(logits: &[f32], k: usize, gating: Gating) -> (Vec<u32>, Vec<f32
     let mut w: Vec<f64> = chosen
         .iter()
         .map(|&e| match gating {
-            Gating::SigmoidRenorm => 1.0 / (1.0 + (-(logits[e] as f64)).exp()),
+            Gating::SigmoidRenorm | Gating::Sigmoid => 1.0 / (1.0 + (-(logits[e] as f64)).exp()),
             _ => (logits[e] as f64 - mx).exp() / sum,
         })
         .collect();
-    if gating != Gating::Softmax {
+    if matches!(gating, Gating::SoftmaxRenorm | Gating::SigmoidRenorm) {
         let t: f64 = w.iter().sum();
         w.iter_mut().for_each(|v| *v /= t);
     }
@@ -232,10 +446,18 @@ mod tests {
                 Gating::SoftmaxRenorm,
                 Gating::Softmax,
                 Gating::SigmoidRenorm,
+                Gating::Sigmoid,
             ] {
                 let ids = Tensor::zeros(ctx, &[rows * k], DType::U32).unwrap();
                 let w = Tensor::zeros(ctx, &[rows * k], DType::F32).unwrap();
-                ctx.run(&[route(ctx, &l, &ids, &w, rows, n, k, ld, gating).unwrap()])
+                // Counters after 3 unused slots, counted twice over.
+                let counts = Tensor::zeros(ctx, &[3 + n], DType::U32).unwrap();
+                let stats = RouteStats {
+                    counts: &counts,
+                    offset: 3,
+                };
+                let op = |st| route(ctx, &l, &ids, &w, rows, n, k, ld, gating, st).unwrap();
+                ctx.run(&[op(None), op(Some(stats)), op(Some(stats))])
                     .unwrap();
                 let (mut want_ids, mut want_w) = (Vec::new(), Vec::new());
                 for r in 0..rows {
@@ -246,6 +468,11 @@ mod tests {
                 let name = format!("{rows}x{n} top-{k} {gating:?}");
                 let got: Vec<u32> = ids.read_u32(ctx).unwrap();
                 assert_eq!(got, want_ids, "{name}");
+                let mut want_counts = vec![0u32; 3 + n];
+                for &e in &want_ids {
+                    want_counts[3 + e as usize] += 2;
+                }
+                assert_eq!(counts.read_u32(ctx).unwrap(), want_counts, "{name} counts");
                 assert_close(&name, &w.read_f32(ctx).unwrap(), &want_w, 1e-6, 1e-5);
             }
         }
@@ -296,15 +523,15 @@ mod tests {
         let l = Tensor::zeros(ctx, &[4, 8], DType::F32).unwrap();
         let ids = Tensor::zeros(ctx, &[8], DType::U32).unwrap();
         let w = Tensor::zeros(ctx, &[8], DType::F32).unwrap();
-        let e = route(ctx, &l, &ids, &w, 4, 8, 9, 8, Gating::Softmax)
+        let e = route(ctx, &l, &ids, &w, 4, 8, 9, 8, Gating::Softmax, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("top-k of 9 experts with 8 experts"), "{e}");
-        assert!(route(ctx, &l, &ids, &w, 4, 8, 0, 8, Gating::Softmax).is_err());
-        assert!(route(ctx, &l, &ids, &w, 4, 300, 2, 300, Gating::Softmax).is_err());
+        assert!(route(ctx, &l, &ids, &w, 4, 8, 0, 8, Gating::Softmax, None).is_err());
+        assert!(route(ctx, &l, &ids, &w, 4, 300, 2, 300, Gating::Softmax, None).is_err());
         // ids too small for 4 rows of top-4.
-        assert!(route(ctx, &l, &ids, &w, 4, 8, 4, 8, Gating::Softmax).is_err());
+        assert!(route(ctx, &l, &ids, &w, 4, 8, 4, 8, Gating::Softmax, None).is_err());
         // logits too small for 5 rows.
-        assert!(route(ctx, &l, &ids, &w, 5, 8, 1, 8, Gating::Softmax).is_err());
+        assert!(route(ctx, &l, &ids, &w, 5, 8, 1, 8, Gating::Softmax, None).is_err());
     }
 }

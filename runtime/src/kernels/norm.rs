@@ -14,7 +14,7 @@ uniform! {
         eps: f32,
         x_off: u32,
         out_off: u32,
-        _pad: u32,
+        heads: u32,
     }
 }
 
@@ -46,6 +46,9 @@ pub struct NormDesc {
     pub x_off: usize,
     /// First element of out.
     pub out_off: usize,
+    /// Segments per strided row: rows come in groups of `heads` consecutive `cols`-wide
+    /// segments (per-head norms); 1 for plain rows.
+    pub heads: usize,
 }
 
 impl NormDesc {
@@ -60,6 +63,7 @@ impl NormDesc {
             ld_out: cols,
             x_off: 0,
             out_off: 0,
+            heads: 1,
         }
     }
 }
@@ -96,14 +100,49 @@ pub fn norm_with(
     bias: Option<&Tensor>,
     d: &NormDesc,
 ) -> Result<Dispatch> {
+    norm_impl(ctx, out, x, weight, bias, d, false)
+}
+
+/// RMSNorm of `t`'s rows where they are (`d.x_off == d.out_off`, `d.ld_x == d.ld_out`),
+/// scaled by `weight`: the q/k norms of OLMoE and Qwen3 on the fused q|k|v rows.
+pub fn rms_norm_in_place(
+    ctx: &Context,
+    t: &Tensor,
+    weight: &Tensor,
+    d: &NormDesc,
+) -> Result<Dispatch> {
+    if d.kind != NormKind::Rms || d.x_off != d.out_off || d.ld_x != d.ld_out {
+        return Err(Error::InvalidArgument(format!(
+            "an in-place norm reads and writes the same rows: {d:?}"
+        )));
+    }
+    // x is unused in place: bind the weight there (a different buffer than t).
+    norm_impl(ctx, t, weight, Some(weight), None, d, true)
+}
+
+fn norm_impl(
+    ctx: &Context,
+    out: &Tensor,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    d: &NormDesc,
+    in_place: bool,
+) -> Result<Dispatch> {
     let (rows, cols, kind) = (d.rows, d.cols, d.kind);
     let fits = |t: &Tensor, n: usize| t.dtype() == DType::F32 && t.numel() >= n;
-    let need = |off: usize, ld: usize| off + rows.saturating_sub(1) * ld + cols;
+    let heads = d.heads.max(1);
+    let need = |off: usize, ld: usize| {
+        let last = rows.saturating_sub(1);
+        off + (last / heads) * ld + (last % heads) * cols + cols
+    };
+    let x_need = if in_place { 0 } else { need(d.x_off, d.ld_x) };
     if rows == 0
         || cols == 0
-        || d.ld_x < cols
-        || d.ld_out < cols
-        || !fits(x, need(d.x_off, d.ld_x))
+        || d.ld_x < cols * heads
+        || d.ld_out < cols * heads
+        || rows % heads != 0
+        || !fits(x, x_need)
         || !fits(out, need(d.out_off, d.ld_out))
     {
         return Err(Error::shape(
@@ -130,7 +169,8 @@ pub fn norm_with(
         weight.is_some(),
         bias.is_some(),
         wg,
-    );
+    )
+    .constant("IN_PLACE", in_place as u32 as f64);
     let u = ctx.uniform(&NormParams {
         rows: rows as u32,
         cols: cols as u32,
@@ -139,7 +179,7 @@ pub fn norm_with(
         eps: d.eps,
         x_off: d.x_off as u32,
         out_off: d.out_off as u32,
-        _pad: 0,
+        heads: heads as u32,
     });
     ctx.dispatch(
         "norm",
@@ -171,6 +211,9 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
     for bits in 0..8u32 {
         for wg in [64, 256] {
             v.push(key(bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, wg));
+            if bits == 2 {
+                v.push(key(false, true, false, wg).constant("IN_PLACE", 1.0));
+            }
         }
     }
     v
@@ -301,5 +344,48 @@ mod tests {
         let e = norm(ctx, NormKind::Rms, &x, &x, Some(&w), None, 2, 8, 1e-5).unwrap_err();
         assert!(e.to_string().contains("weight"), "{e}");
         assert!(norm(ctx, NormKind::Rms, &x, &x, None, None, 3, 8, 1e-5).is_err());
+    }
+
+    /// q/k norms on fused q|k|v rows, in place: over all heads of q (OLMoE) and per head
+    /// (Qwen3), leaving the other columns alone.
+    #[test]
+    fn in_place_norms_over_strided_heads() {
+        let ctx = ctx();
+        let mut rng = Rng::new(5);
+        let (m, heads, hd, ld) = (3, 4, 16, 4 * 16 + 2 * 32 + 8);
+        let xv = rng.vec(m * ld, -2.0, 2.0);
+        let t = Tensor::from_f32(ctx, &[m, ld], &xv).unwrap();
+        for per_head in [false, true] {
+            t.write(ctx, &xv).unwrap();
+            let cols = if per_head { hd } else { heads * hd };
+            let wv = rng.vec(cols, 0.5, 1.5);
+            let w = Tensor::from_f32(ctx, &[cols], &wv).unwrap();
+            let mut d = NormDesc::new(NormKind::Rms, m, cols, 1e-5);
+            d.ld_x = ld;
+            d.ld_out = ld;
+            d.x_off = 2;
+            d.out_off = 2;
+            if per_head {
+                d.rows = m * heads;
+                d.heads = heads;
+            }
+            ctx.run(&[rms_norm_in_place(ctx, &t, &w, &d).unwrap()])
+                .unwrap();
+            let got = t.read_f32(ctx).unwrap();
+            let mut want = xv.clone();
+            for r in 0..m {
+                let span = &mut want[r * ld + 2..r * ld + 2 + heads * hd];
+                let normed: Vec<f32> = span
+                    .chunks(cols)
+                    .flat_map(|c| norm_ref(NormKind::Rms, c, Some(&wv), None, cols, 1e-5))
+                    .collect();
+                span.copy_from_slice(&normed);
+            }
+            assert_close(&format!("per_head={per_head}"), &got, &want, 1e-5, 1e-5);
+        }
+        let mut bad = NormDesc::new(NormKind::Rms, 1, 8, 1e-5);
+        bad.out_off = 1;
+        let w = Tensor::from_f32(ctx, &[8], &[1.0; 8]).unwrap();
+        assert!(rms_norm_in_place(ctx, &t, &w, &bad).is_err());
     }
 }

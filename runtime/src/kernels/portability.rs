@@ -221,6 +221,7 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<rope::RopeParams>("rope");
     check_uniform::<softmax::SoftmaxParams>("softmax");
     check_uniform::<moe::MoeParams>("moe");
+    check_uniform::<moe::DenseExpertParams>("moe_dense");
     check_uniform::<elementwise::EltParams>("elementwise");
     check_uniform::<embed::EmbedParams>("embed");
     check_uniform::<attention::AttnParams>("attention");

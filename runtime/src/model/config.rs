@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::gguf::GgufFile;
+use crate::kernels::moe::{check_top_k, Gating};
 use crate::kernels::rope::RopeConfig;
 
 /// Architectures of the Llama family that Ember runs.
@@ -19,6 +20,15 @@ pub enum Arch {
     Qwen2,
     /// Mistral (a Llama layout).
     Mistral,
+    /// Mixtral: Mistral with a Mixture-of-Experts feed-forward (GGUF files call it `llama`
+    /// with an expert count).
+    Mixtral,
+    /// Qwen2-MoE: Qwen2 attention, routed experts plus a gated shared expert.
+    Qwen2Moe,
+    /// Qwen3-MoE: per-head q/k RMSNorms, routed experts renormalized.
+    Qwen3Moe,
+    /// OLMoE: q/k RMSNorms over all heads, routed experts.
+    Olmoe,
 }
 
 impl Arch {
@@ -28,7 +38,42 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Mistral => "mistral",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Olmoe => "olmoe",
         }
+    }
+
+    /// The GGUF `general.architecture` (llama.cpp writes Mixtral as `llama`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Mixtral => "llama",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            other => other.name(),
+        }
+    }
+
+    /// Rotary embedding rotates halves of each head (GPT-NeoX style) in GGUF files; the
+    /// Llama-layout families rotate adjacent pairs there, because llama.cpp's converter
+    /// permutes their q and k rows.
+    pub fn gguf_neox(self) -> bool {
+        !matches!(self, Arch::Llama | Arch::Mistral | Arch::Mixtral)
+    }
+
+    /// A Mixture-of-Experts family.
+    pub fn is_moe(self) -> bool {
+        matches!(
+            self,
+            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe
+        )
+    }
+
+    /// Whether the family renormalizes its top-k expert weights when the file does not say
+    /// (`norm_topk_prob`; Mixtral always does).
+    fn default_topk_renorm(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen3Moe)
     }
 
     fn parse(s: &str, path: Option<&Path>) -> Result<Arch> {
@@ -36,13 +81,45 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "mistral" => Ok(Arch::Mistral),
+            "mixtral" => Ok(Arch::Mixtral),
+            "qwen2_moe" | "qwen2moe" => Ok(Arch::Qwen2Moe),
+            "qwen3_moe" | "qwen3moe" => Ok(Arch::Qwen3Moe),
+            "olmoe" => Ok(Arch::Olmoe),
             other => Err(Error::Unsupported(format!(
-                "{}model architecture {other:?} (Ember runs llama, qwen2 and mistral)",
+                "{}model architecture {other:?} (Ember runs llama, qwen2, mistral, mixtral, \
+                 qwen2_moe, qwen3_moe and olmoe)",
                 path.map(|p| format!("{}: ", p.display()))
                     .unwrap_or_default()
             ))),
         }
     }
+}
+
+/// RMSNorms on the query and key projections before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// None (most families).
+    None,
+    /// One norm over the whole q (and k) output, all heads together (OLMoE).
+    Whole,
+    /// One norm per head, weights `[head_dim]` shared by the heads (Qwen3).
+    PerHead,
+}
+
+/// The Mixture-of-Experts feed-forward of every layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeConfig {
+    /// Routed experts per layer.
+    pub n_experts: usize,
+    /// Experts each token goes to.
+    pub top_k: usize,
+    /// Width of each expert's SwiGLU MLP.
+    pub expert_ff: usize,
+    /// How router logits become weights.
+    pub gating: Gating,
+    /// Width of the shared expert every token also goes through (0: none; Qwen2-MoE).
+    pub shared_ff: usize,
 }
 
 /// Everything the forward pass needs to know about a model's shape.
@@ -77,6 +154,10 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
     /// q, k and v projections carry biases.
     pub qkv_bias: bool,
+    /// RMSNorms on q and k.
+    pub qk_norm: QkNorm,
+    /// Mixture-of-Experts feed-forward (`ff` is then each expert's width).
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -98,8 +179,9 @@ impl ModelConfig {
     /// Reads the hyperparameters of a GGUF file.
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         let path = g.path();
-        let arch = Arch::parse(g.architecture()?, path)?;
-        let a = arch.name();
+        let a = g.architecture()?.to_string();
+        let a = a.as_str();
+        let mut arch = Arch::parse(a, path)?;
         let need = |key: &str| -> Result<usize> {
             let k = format!("{a}.{key}");
             g.get_u64(&k)?
@@ -127,9 +209,13 @@ impl ModelConfig {
         };
         let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
         let base = optf("rope.freq_base")?.unwrap_or(10000.0);
-        // GGUF Llama/Mistral q and k rows are permuted by the converter for adjacent-pair
-        // rotation; Qwen2 keeps the HF layout and rotates halves (GPT-NeoX style).
-        let mut rope = RopeConfig::new(n_rot, base, arch == Arch::Qwen2);
+        let n_experts = opt("expert_count")?.unwrap_or(0);
+        if arch == Arch::Llama && n_experts > 0 {
+            arch = Arch::Mixtral;
+        }
+        // GGUF Llama/Mistral/Mixtral q and k rows are permuted by the converter for
+        // adjacent-pair rotation; the others keep the HF layout and rotate halves.
+        let mut rope = RopeConfig::new(n_rot, base, arch.gguf_neox());
         let train_ctx = opt("context_length")?.unwrap_or(2048);
         match g.get_str(&format!("{a}.rope.scaling.type"))? {
             None | Some("none") => {}
@@ -150,6 +236,50 @@ impl ModelConfig {
                 return Err(Error::Unsupported(format!("rope scaling type {other:?}")));
             }
         }
+        let moe = if n_experts > 0 || arch.is_moe() {
+            let top_k = need("expert_used_count")?;
+            let ff = need("feed_forward_length");
+            let expert_ff = match opt("expert_feed_forward_length")? {
+                Some(f) => f,
+                None => ff?,
+            };
+            let renorm = match g.get_bool(&format!("{a}.expert_weights_norm"))? {
+                Some(b) => b,
+                None => arch.default_topk_renorm(),
+            };
+            // llama.cpp's expert_gating_func: 1 softmax, 2 sigmoid.
+            let gating = match (opt("expert_gating_func")?, renorm) {
+                (None | Some(0) | Some(1), true) => Gating::SoftmaxRenorm,
+                (None | Some(0) | Some(1), false) => Gating::Softmax,
+                (Some(2), true) => Gating::SigmoidRenorm,
+                (Some(f), _) => {
+                    return Err(Error::Unsupported(format!(
+                        "{}expert gating function {f} (softmax, or sigmoid renormalized)",
+                        path.map(|p| format!("{}: ", p.display()))
+                            .unwrap_or_default()
+                    )))
+                }
+            };
+            Some(MoeConfig {
+                n_experts,
+                top_k,
+                expert_ff,
+                gating,
+                shared_ff: opt("expert_shared_feed_forward_length")?.unwrap_or(0),
+            })
+        } else {
+            None
+        };
+        let qk_norm = match g.tensor("blk.0.attn_q_norm.weight") {
+            None => QkNorm::None,
+            Some(t) if t.n_elements() == head_dim as u64 => QkNorm::PerHead,
+            Some(_) => QkNorm::Whole,
+        };
+        let ff = match (opt("feed_forward_length")?, &moe) {
+            (Some(f), _) => f,
+            (None, Some(m)) => m.expert_ff,
+            (None, None) => need("feed_forward_length")?,
+        };
         let cfg = ModelConfig {
             arch,
             name: g.get_str("general.name")?.unwrap_or("model").to_string(),
@@ -159,12 +289,14 @@ impl ModelConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            ff: need("feed_forward_length")?,
+            ff,
             norm_eps: optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,
             rope,
             train_ctx,
             tied_embeddings: g.tensor("output.weight").is_none(),
             qkv_bias: g.tensor("blk.0.attn_q.bias").is_some(),
+            qk_norm,
+            moe,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -249,10 +381,58 @@ impl ModelConfig {
             }
         }
         let qkv_bias = match arch {
-            Arch::Qwen2 => true,
+            Arch::Qwen2 | Arch::Qwen2Moe => true,
             _ => get("attention_bias")
                 .and_then(|b| b.as_bool())
                 .unwrap_or(false),
+        };
+        let moe = if arch.is_moe() {
+            let n_experts = match arch {
+                Arch::Mixtral => need("num_local_experts")?,
+                _ => need("num_experts")?,
+            };
+            let expert_ff = match num("moe_intermediate_size")? {
+                Some(f) => f,
+                None => need("intermediate_size")?,
+            };
+            let renorm = match arch {
+                Arch::Mixtral => true,
+                _ => get("norm_topk_prob")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(arch.default_topk_renorm()),
+            };
+            if num("decoder_sparse_step")?.is_some_and(|s| s != 1)
+                || get("mlp_only_layers")
+                    .and_then(|l| l.as_array())
+                    .is_some_and(|l| !l.is_empty())
+            {
+                return Err(Error::Unsupported(format!(
+                    "{}: dense layers among the MoE layers (decoder_sparse_step / \
+                     mlp_only_layers)",
+                    path.display()
+                )));
+            }
+            if get("clip_qkv").is_some() {
+                return Err(Error::Unsupported(format!("{}: clip_qkv", path.display())));
+            }
+            Some(MoeConfig {
+                n_experts,
+                top_k: need("num_experts_per_tok")?,
+                expert_ff,
+                gating: if renorm {
+                    Gating::SoftmaxRenorm
+                } else {
+                    Gating::Softmax
+                },
+                shared_ff: num("shared_expert_intermediate_size")?.unwrap_or(0),
+            })
+        } else {
+            None
+        };
+        let qk_norm = match arch {
+            Arch::Olmoe => QkNorm::Whole,
+            Arch::Qwen3Moe => QkNorm::PerHead,
+            _ => QkNorm::None,
         };
         let cfg = ModelConfig {
             arch,
@@ -275,6 +455,8 @@ impl ModelConfig {
                 .and_then(|b| b.as_bool())
                 .unwrap_or(false),
             qkv_bias,
+            qk_norm,
+            moe,
         };
         cfg.validate(p)?;
         Ok(cfg)
@@ -338,6 +520,18 @@ impl ModelConfig {
         }
         if !(c.rope.freq_scale.is_finite() && c.rope.freq_scale > 0.0) {
             return bad(format!("rope scale {}", c.rope.freq_scale));
+        }
+        if let Some(m) = &c.moe {
+            check_top_k(m.n_experts, m.top_k).map_err(|e| match e {
+                Error::InvalidArgument(d) => Error::format(path, d),
+                other => other,
+            })?;
+            if m.expert_ff == 0 || m.expert_ff > MAX || m.shared_ff > MAX {
+                return bad(format!(
+                    "expert width {} / shared expert width {}",
+                    m.expert_ff, m.shared_ff
+                ));
+            }
         }
         Ok(())
     }

@@ -12,12 +12,13 @@ use crate::kernels::attention::{
 use crate::kernels::elementwise::{binary, swiglu, BinaryOp};
 use crate::kernels::kv::{rope_store, QkvLayout};
 use crate::kernels::lora::{lora_apply, LoraPack, LoraRows};
-use crate::kernels::norm::{norm_with, NormDesc, NormKind};
+use crate::kernels::norm::{norm_with, rms_norm_in_place, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
 use crate::kernels::rope::RopeTable;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, QkNorm};
+use crate::model::moe::MoeScratch;
 use crate::model::weights::Rows;
-use crate::model::Model;
+use crate::model::{Ffn, Model};
 
 /// Keys and values of every layer, `[slots][kv_dim]` f32 each.
 pub struct KvCache {
@@ -87,6 +88,8 @@ pub struct Activations {
     pub logit_rows: usize,
     /// Attention scores scratch for the prefill path.
     pub scores: Tensor,
+    /// Router and expert buffers of a Mixture-of-Experts model.
+    pub moe: Option<MoeScratch>,
 }
 
 impl Activations {
@@ -117,6 +120,19 @@ impl Activations {
             logits: Tensor::zeros(ctx, &[logit_rows, cfg.vocab], DType::F32)?,
             logit_rows,
             scores: Tensor::zeros(ctx, &[scores.max(1)], DType::F32)?,
+            moe: match &cfg.moe {
+                None => None,
+                Some(mc) => Some(MoeScratch::for_shape(
+                    ctx,
+                    rows,
+                    cfg.n_layers,
+                    mc.n_experts,
+                    mc.top_k,
+                    mc.expert_ff,
+                    cfg.hidden,
+                    (mc.shared_ff > 0).then_some(mc.shared_ff),
+                )?),
+            },
         })
     }
 }
@@ -308,6 +324,21 @@ impl Model {
                     ops.extend(ls.apply(ctx, l, t, &a.qkv, &a.h, m, c.hidden, qkv_dim, off)?);
                 }
             }
+            if let Some((qn, kn)) = &layer.qk_norm {
+                let per_head = c.qk_norm == QkNorm::PerHead;
+                for (w, off, heads) in [(qn, 0, c.n_heads), (kn, q_dim, c.n_kv_heads)] {
+                    let mut d = NormDesc::new(NormKind::Rms, m, heads * hd, c.norm_eps);
+                    if per_head {
+                        d = NormDesc::new(NormKind::Rms, m * heads, hd, c.norm_eps);
+                        d.heads = heads;
+                    }
+                    d.ld_x = qkv_dim;
+                    d.ld_out = qkv_dim;
+                    d.x_off = off;
+                    d.out_off = off;
+                    ops.push(rms_norm_in_place(ctx, &a.qkv, w, &d)?);
+                }
+            }
             // RoPE on q (in place) and k (into the cache), v into the cache: one pass.
             let qkv_l = QkvLayout {
                 n_heads: c.n_heads,
@@ -356,7 +387,18 @@ impl Model {
                 None,
                 &nd,
             )?);
-            ops.extend(layer.gate_up.forward(
+            let (gate_up, down) = match &layer.ffn {
+                Ffn::Dense { gate_up, down } => (gate_up, down),
+                Ffn::Moe(moe) => {
+                    let scratch = a
+                        .moe
+                        .as_ref()
+                        .ok_or_else(|| Error::Internal("activations without MoE buffers".into()))?;
+                    ops.extend(moe.forward(ctx, &a.x, &a.h, scratch, l, m, variant)?);
+                    continue;
+                }
+            };
+            ops.extend(gate_up.forward(
                 ctx,
                 &a.gu,
                 &a.h,
@@ -370,17 +412,17 @@ impl Model {
                 }
             }
             let down_lora = lora.is_some_and(|ls| ls.has(l, Target::Down));
-            if layer.down.fuses_glu() && !down_lora {
+            if down.fuses_glu() && !down_lora {
                 // The down projection reads silu(gate) * up straight from the gate|up rows.
                 let r = Rows {
                     glu: c.ff,
                     ..rows(2 * c.ff, c.hidden, true)
                 };
-                ops.extend(layer.down.forward(ctx, &a.x, &a.gu, r, variant, shape)?);
+                ops.extend(down.forward(ctx, &a.x, &a.gu, r, variant, shape)?);
             } else {
                 ops.push(swiglu(ctx, &a.ff, &a.gu, None, m, c.ff)?);
                 let r = rows(c.ff, c.hidden, true);
-                ops.extend(layer.down.forward(ctx, &a.x, &a.ff, r, variant, shape)?);
+                ops.extend(down.forward(ctx, &a.x, &a.ff, r, variant, shape)?);
                 if let Some(ls) = lora {
                     ops.extend(ls.apply(
                         ctx,

@@ -48,6 +48,33 @@ pub enum LayerWeight {
     Up,
     /// Down projection.
     Down,
+    /// RMSNorm on the query projection (OLMoE, Qwen3).
+    QNorm,
+    /// RMSNorm on the key projection.
+    KNorm,
+    /// Mixture-of-Experts router, `[n_experts][hidden]`.
+    Router,
+    /// Every expert's gate projection stacked, `[n_experts * ff][hidden]` (GGUF
+    /// `ffn_gate_exps`).
+    ExpertsGate,
+    /// Every expert's up projection stacked.
+    ExpertsUp,
+    /// Every expert's down projection stacked, `[n_experts * hidden][ff]`.
+    ExpertsDown,
+    /// One expert's gate projection, `[ff][hidden]` (HF checkpoints).
+    ExpertGate(usize),
+    /// One expert's up projection.
+    ExpertUp(usize),
+    /// One expert's down projection.
+    ExpertDown(usize),
+    /// The shared expert's gate projection (Qwen2-MoE).
+    SharedGate,
+    /// The shared expert's up projection.
+    SharedUp,
+    /// The shared expert's down projection.
+    SharedDown,
+    /// The shared expert's output gate, `[1][hidden]`.
+    SharedRouter,
 }
 
 impl WeightName {
@@ -58,6 +85,10 @@ impl WeightName {
             WeightName::Embed => "token_embd.weight".into(),
             WeightName::Norm => "output_norm.weight".into(),
             WeightName::LmHead => "output.weight".into(),
+            // Early Mixtral GGUFs stored each expert on its own.
+            WeightName::Layer(i, ExpertGate(e)) => format!("blk.{i}.ffn_gate.{e}.weight"),
+            WeightName::Layer(i, ExpertUp(e)) => format!("blk.{i}.ffn_up.{e}.weight"),
+            WeightName::Layer(i, ExpertDown(e)) => format!("blk.{i}.ffn_down.{e}.weight"),
             WeightName::Layer(i, w) => format!(
                 "blk.{i}.{}",
                 match w {
@@ -73,13 +104,63 @@ impl WeightName {
                     Gate => "ffn_gate.weight",
                     Up => "ffn_up.weight",
                     Down => "ffn_down.weight",
+                    QNorm => "attn_q_norm.weight",
+                    KNorm => "attn_k_norm.weight",
+                    Router => "ffn_gate_inp.weight",
+                    ExpertsGate => "ffn_gate_exps.weight",
+                    ExpertsUp => "ffn_up_exps.weight",
+                    ExpertsDown => "ffn_down_exps.weight",
+                    SharedGate => "ffn_gate_shexp.weight",
+                    SharedUp => "ffn_up_shexp.weight",
+                    SharedDown => "ffn_down_shexp.weight",
+                    SharedRouter => "ffn_gate_inp_shexp.weight",
+                    ExpertGate(_) | ExpertUp(_) | ExpertDown(_) => unreachable!(),
                 }
             ),
         }
     }
 
-    /// The tensor name in an HF checkpoint.
+    /// The tensor name in an HF checkpoint (the first of [`WeightName::hf_names`]).
     pub fn hf(self) -> String {
+        self.hf_names().swap_remove(0)
+    }
+
+    /// The names an HF checkpoint may give the tensor: Mixtral keeps its experts under
+    /// `block_sparse_moe` (`w1` gate, `w3` up, `w2` down), the other MoE families under
+    /// `mlp`. Stacked expert tensors are a GGUF layout and have no HF name.
+    pub fn hf_names(self) -> Vec<String> {
+        use LayerWeight::*;
+        let moe = |i: usize, mixtral: String, other: String| {
+            vec![
+                format!("model.layers.{i}.block_sparse_moe.{mixtral}"),
+                format!("model.layers.{i}.mlp.{other}"),
+            ]
+        };
+        match self {
+            WeightName::Layer(i, Router) => moe(i, "gate.weight".into(), "gate.weight".into()),
+            WeightName::Layer(i, ExpertGate(e)) => moe(
+                i,
+                format!("experts.{e}.w1.weight"),
+                format!("experts.{e}.gate_proj.weight"),
+            ),
+            WeightName::Layer(i, ExpertUp(e)) => moe(
+                i,
+                format!("experts.{e}.w3.weight"),
+                format!("experts.{e}.up_proj.weight"),
+            ),
+            WeightName::Layer(i, ExpertDown(e)) => moe(
+                i,
+                format!("experts.{e}.w2.weight"),
+                format!("experts.{e}.down_proj.weight"),
+            ),
+            WeightName::Layer(i, ExpertsGate | ExpertsUp | ExpertsDown) => {
+                vec![format!("model.layers.{i}.mlp.experts (stacked)")]
+            }
+            other => vec![other.hf_plain()],
+        }
+    }
+
+    fn hf_plain(self) -> String {
         use LayerWeight::*;
         match self {
             WeightName::Embed => "model.embed_tokens.weight".into(),
@@ -100,6 +181,14 @@ impl WeightName {
                     Gate => "mlp.gate_proj.weight",
                     Up => "mlp.up_proj.weight",
                     Down => "mlp.down_proj.weight",
+                    QNorm => "self_attn.q_norm.weight",
+                    KNorm => "self_attn.k_norm.weight",
+                    SharedGate => "mlp.shared_expert.gate_proj.weight",
+                    SharedUp => "mlp.shared_expert.up_proj.weight",
+                    SharedDown => "mlp.shared_expert.down_proj.weight",
+                    SharedRouter => "mlp.shared_expert_gate.weight",
+                    Router | ExpertsGate | ExpertsUp | ExpertsDown | ExpertGate(_)
+                    | ExpertUp(_) | ExpertDown(_) => unreachable!(),
                 }
             ),
         }
@@ -266,8 +355,11 @@ impl SafetensorsSource {
 
 impl WeightSource for SafetensorsSource {
     fn get(&self, name: WeightName) -> Result<Option<HostTensor>> {
-        let tname = name.hf();
-        let Some(&i) = self.index.get(&tname) else {
+        let Some((tname, &i)) = name
+            .hf_names()
+            .into_iter()
+            .find_map(|n| self.index.get(&n).map(|i| (n, i)))
+        else {
             return Ok(None);
         };
         let (path, map) = &self.maps[i];
@@ -325,6 +417,6 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn tensor_name(&self, name: WeightName) -> String {
-        name.hf()
+        name.hf_names().join(" or ")
     }
 }

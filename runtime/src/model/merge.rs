@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Context, DType};
 use crate::kernels::embed::DenseMatrix;
 use crate::model::weights::{Linear, Mat};
-use crate::model::Model;
+use crate::model::{Ffn, Model};
 use crate::util::Fnv64;
 
 /// A change to rows `first .. first + rows` of one linear layer: `[rows][cols]` values.
@@ -116,11 +116,16 @@ impl Model {
         let mut layers = self.layers.clone();
         for ((l, lin), ds) in deltas {
             let layer = &mut layers[l];
-            let linear: &mut Linear = match lin {
-                0 => &mut layer.qkv,
-                1 => &mut layer.o,
-                2 => &mut layer.gate_up,
-                _ => &mut layer.down,
+            let linear: &mut Linear = match (lin, &mut layer.ffn) {
+                (0, _) => &mut layer.qkv,
+                (1, _) => &mut layer.o,
+                (2, Ffn::Dense { gate_up, .. }) => gate_up,
+                (_, Ffn::Dense { down, .. }) => down,
+                (_, Ffn::Moe(_)) => {
+                    return Err(Error::Unsupported(format!(
+                        "merging a feed-forward adapter into layer {l}'s experts"
+                    )))
+                }
             };
             let cols = linear.cols;
             for part in linear.parts.iter_mut() {

@@ -37,12 +37,68 @@ pub struct Layer {
     pub qkv_bias: Option<Tensor>,
     /// Attention output projection, `[hidden][q_dim]`.
     pub o: Linear,
+    /// RMSNorms on q and k before RoPE (`[q_dim]` and `[kv_dim]`, or `[head_dim]` each
+    /// per head; [`config::QkNorm`]).
+    pub qk_norm: Option<(Tensor, Tensor)>,
     /// RMSNorm weight before the feed-forward, `[hidden]`.
     pub ffn_norm: Tensor,
-    /// Fused gate|up projection, `[2 ff][hidden]`.
-    pub gate_up: Linear,
-    /// Down projection, `[hidden][ff]`.
-    pub down: Linear,
+    /// The feed-forward.
+    pub ffn: Ffn,
+}
+
+/// A block's feed-forward.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// A SwiGLU MLP.
+    Dense {
+        /// Fused gate|up projection, `[2 ff][hidden]`.
+        gate_up: Linear,
+        /// Down projection, `[hidden][ff]`.
+        down: Linear,
+    },
+    /// Routed experts.
+    Moe(Box<moe::MoeFfn>),
+}
+
+impl Layer {
+    /// The dense MLP's gate|up and down projections; an error naming `what` for a
+    /// Mixture-of-Experts block.
+    pub fn mlp(&self, what: &str) -> Result<(&Linear, &Linear)> {
+        match &self.ffn {
+            Ffn::Dense { gate_up, down } => Ok((gate_up, down)),
+            Ffn::Moe(_) => Err(Error::Unsupported(format!(
+                "{what} on a Mixture-of-Experts model's expert feed-forward"
+            ))),
+        }
+    }
+
+    /// The routed experts, if the block has them.
+    pub fn moe(&self) -> Option<&moe::MoeFfn> {
+        match &self.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense { .. } => None,
+        }
+    }
+
+    /// Device bytes of the block's weights.
+    pub fn bytes(&self) -> u64 {
+        let ffn = match &self.ffn {
+            Ffn::Dense { gate_up, down } => gate_up.bytes() + down.bytes(),
+            Ffn::Moe(m) => m.bytes(),
+        };
+        let qkn = self
+            .qk_norm
+            .as_ref()
+            .map_or(0, |(q, k)| q.bytes() + k.bytes());
+        let bias = self.qkv_bias.as_ref().map_or(0, |b| b.bytes());
+        self.qkv.bytes()
+            + self.o.bytes()
+            + self.attn_norm.bytes()
+            + self.ffn_norm.bytes()
+            + ffn
+            + qkn
+            + bias
+    }
 }
 
 /// Where a model came from.
@@ -109,7 +165,7 @@ impl Default for LoadOptions<'_> {
     }
 }
 
-fn f32_vector(ctx: &Context, t: &HostTensor, len: usize) -> Result<Tensor> {
+pub(crate) fn f32_vector(ctx: &Context, t: &HostTensor, len: usize) -> Result<Tensor> {
     let v = t.to_f32()?;
     if v.len() != len {
         return Err(Error::format(
@@ -120,7 +176,7 @@ fn f32_vector(ctx: &Context, t: &HostTensor, len: usize) -> Result<Tensor> {
     Tensor::from_f32(ctx, &[len], &v)
 }
 
-fn count_formats(tensors: &[&HostTensor], counts: &mut Vec<(String, usize)>) {
+pub(crate) fn count_formats(tensors: &[&HostTensor], counts: &mut Vec<(String, usize)>) {
     for t in tensors {
         let f = match &t.data {
             HostMatrix::F32(_) => "F32".to_string(),
@@ -168,7 +224,7 @@ impl Model {
                 file: &file,
                 path: path.to_path_buf(),
             };
-            let permuted = config.arch != config::Arch::Qwen2;
+            let permuted = !config.arch.gguf_neox();
             Self::from_source(ctx, config, tokenizer, &src, "gguf", permuted, &mut opts)
         }
     }
@@ -257,17 +313,43 @@ impl Model {
             v.expect_shape(c.kv_dim(), c.hidden)?;
             let o = w(LayerWeight::O)?;
             o.expect_shape(c.hidden, c.q_dim())?;
-            let (gate, up, down) = (
-                w(LayerWeight::Gate)?,
-                w(LayerWeight::Up)?,
-                w(LayerWeight::Down)?,
-            );
-            gate.expect_shape(c.ff, c.hidden)?;
-            up.expect_shape(c.ff, c.hidden)?;
-            down.expect_shape(c.hidden, c.ff)?;
+            let ffn = match &c.moe {
+                None => {
+                    let (gate, up, down) = (
+                        w(LayerWeight::Gate)?,
+                        w(LayerWeight::Up)?,
+                        w(LayerWeight::Down)?,
+                    );
+                    gate.expect_shape(c.ff, c.hidden)?;
+                    up.expect_shape(c.ff, c.hidden)?;
+                    down.expect_shape(c.hidden, c.ff)?;
+                    count_formats(&[&gate, &up, &down], &mut counts);
+                    Ffn::Dense {
+                        gate_up: Linear::from_parts(ctx, vec![gate, up], "gate_up")?,
+                        down: Linear::from_parts(ctx, vec![down], "down")?,
+                    }
+                }
+                Some(mc) => {
+                    let m = moe::load_layer(ctx, src, i, c, mc, &mut counts)?;
+                    hash_values(&mut idh, &m.1);
+                    Ffn::Moe(Box::new(m.0))
+                }
+            };
+            let qk_norm = match c.qk_norm {
+                config::QkNorm::None => None,
+                kind => {
+                    let (nq, nk) = match kind {
+                        config::QkNorm::PerHead => (c.head_dim, c.head_dim),
+                        _ => (c.q_dim(), c.kv_dim()),
+                    };
+                    let (qn, kn) = (w(LayerWeight::QNorm)?, w(LayerWeight::KNorm)?);
+                    count_formats(&[&qn, &kn], &mut counts);
+                    Some((f32_vector(ctx, &qn, nq)?, f32_vector(ctx, &kn, nk)?))
+                }
+            };
             let an = w(LayerWeight::AttnNorm)?;
             let fnn = w(LayerWeight::FfnNorm)?;
-            count_formats(&[&q, &k, &v, &o, &gate, &up, &down, &an, &fnn], &mut counts);
+            count_formats(&[&q, &k, &v, &o, &an, &fnn], &mut counts);
             hash_values(&mut idh, &an.to_f32()?);
             hash_values(&mut idh, &fnn.to_f32()?);
             hash_values(&mut idh, &q.row_f32(0)?);
@@ -297,9 +379,9 @@ impl Model {
                 qkv: Linear::from_parts(ctx, vec![q, k, v], "qkv")?,
                 qkv_bias,
                 o: Linear::from_parts(ctx, vec![o], "o")?,
+                qk_norm,
                 ffn_norm: f32_vector(ctx, &fnn, c.hidden)?,
-                gate_up: Linear::from_parts(ctx, vec![gate, up], "gate_up")?,
-                down: Linear::from_parts(ctx, vec![down], "down")?,
+                ffn,
             });
             tick(i + 2, opts)?;
         }
@@ -356,18 +438,7 @@ impl Model {
 
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> u64 {
-        let l: u64 = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.qkv.bytes()
-                    + l.o.bytes()
-                    + l.gate_up.bytes()
-                    + l.down.bytes()
-                    + l.attn_norm.bytes()
-                    + l.ffn_norm.bytes()
-            })
-            .sum();
+        let l: u64 = self.layers.iter().map(Layer::bytes).sum();
         let head = if self.config.tied_embeddings {
             0
         } else {
@@ -376,10 +447,34 @@ impl Model {
         l + self.embed.bytes() + self.norm.bytes() + head
     }
 
-    /// Parameter count.
+    /// Parameter count (every expert of a Mixture-of-Experts model).
     pub fn n_params(&self) -> u64 {
+        self.count_params(false)
+    }
+
+    /// Parameters one token goes through: a Mixture-of-Experts model's router, its top-k
+    /// experts and shared expert (equal to [`Model::n_params`] for a dense model).
+    pub fn n_active_params(&self) -> u64 {
+        self.count_params(true)
+    }
+
+    fn count_params(&self, active: bool) -> u64 {
         let c = &self.config;
-        let per_layer = c.hidden * (c.qkv_dim() + c.q_dim() + 3 * c.ff) + 2 * c.hidden;
+        let ffn = match &c.moe {
+            None => 3 * c.ff,
+            Some(m) => {
+                let experts = if active { m.top_k } else { m.n_experts };
+                let gate = if m.shared_ff > 0 { 1 } else { 0 };
+                m.n_experts + experts * 3 * m.expert_ff + 3 * m.shared_ff + gate
+            }
+        };
+        let qkn = match c.qk_norm {
+            config::QkNorm::None => 0,
+            config::QkNorm::PerHead => 2 * c.head_dim,
+            config::QkNorm::Whole => c.q_dim() + c.kv_dim(),
+        };
+        let bias = if c.qkv_bias { c.qkv_dim() } else { 0 };
+        let per_layer = c.hidden * (c.qkv_dim() + c.q_dim() + ffn) + 2 * c.hidden + qkn + bias;
         let head = if c.tied_embeddings {
             0
         } else {

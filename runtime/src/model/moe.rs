@@ -7,10 +7,152 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
-use crate::kernels::moe::{check_top_k, combine, route, Gating};
+use crate::kernels::elementwise::swiglu;
+use crate::kernels::moe::{
+    check_top_k, combine, dense_experts, route, DenseExperts, Gating, RouteStats,
+};
 use crate::kernels::quant::{qmatmul_experts, ExpertDesc, QExperts, QShape};
 use crate::kernels::Variant;
-use crate::model::weights::{Linear, Rows};
+use crate::model::config::{ModelConfig, MoeConfig};
+use crate::model::count_formats;
+use crate::model::loader::{LayerWeight, WeightName, WeightSource};
+use crate::model::weights::{HostMatrix, HostTensor, Linear, Rows};
+use crate::quant::repack;
+
+/// The stacked experts of one projection, quantized or f32/f16.
+#[derive(Debug, Clone)]
+pub enum ExpertMats {
+    /// GGUF-quantized experts.
+    Quant(QExperts),
+    /// f32 or f16 experts.
+    Dense(DenseExperts),
+}
+
+impl From<QExperts> for ExpertMats {
+    fn from(q: QExperts) -> Self {
+        ExpertMats::Quant(q)
+    }
+}
+
+impl From<DenseExperts> for ExpertMats {
+    fn from(d: DenseExperts) -> Self {
+        ExpertMats::Dense(d)
+    }
+}
+
+impl ExpertMats {
+    /// Uploads `t` (`n_experts` experts stacked by rows), keeping its format.
+    pub fn upload(ctx: &Context, t: &HostTensor, n_experts: usize) -> Result<ExpertMats> {
+        if n_experts == 0 || t.rows % n_experts != 0 {
+            return Err(Error::format(
+                t.source.as_deref(),
+                format!(
+                    "{} has {} rows, not a whole number for {n_experts} experts",
+                    t.name, t.rows
+                ),
+            ));
+        }
+        let rows = t.rows / n_experts;
+        Ok(match &t.data {
+            HostMatrix::Quant(ty, b) => {
+                let r = repack(*ty, t.rows, t.cols, b)?;
+                ExpertMats::Quant(QExperts::upload(ctx, &r, n_experts)?)
+            }
+            HostMatrix::F32(v) => ExpertMats::Dense(DenseExperts::upload(
+                ctx,
+                v,
+                n_experts,
+                rows,
+                t.cols,
+                DType::F32,
+            )?),
+            HostMatrix::F16(_) => ExpertMats::Dense(DenseExperts::upload(
+                ctx,
+                &t.to_f32()?,
+                n_experts,
+                rows,
+                t.cols,
+                DType::F16,
+            )?),
+        })
+    }
+
+    /// Experts.
+    pub fn n_experts(&self) -> usize {
+        match self {
+            ExpertMats::Quant(q) => q.n_experts,
+            ExpertMats::Dense(d) => d.n_experts,
+        }
+    }
+
+    /// Rows (output features) per expert.
+    pub fn rows(&self) -> usize {
+        match self {
+            ExpertMats::Quant(q) => q.rows,
+            ExpertMats::Dense(d) => d.rows,
+        }
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        match self {
+            ExpertMats::Quant(q) => q.mat.cols,
+            ExpertMats::Dense(d) => d.mat.cols,
+        }
+    }
+
+    /// Device bytes.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            ExpertMats::Quant(q) => q.mat.bytes(),
+            ExpertMats::Dense(d) => d.mat.bytes(),
+        }
+    }
+
+    /// Format name (`f32`, `f16`, `Q4_K`, ...).
+    pub fn format(&self) -> String {
+        match self {
+            ExpertMats::Quant(q) => q.mat.ty.name().into(),
+            ExpertMats::Dense(d) if d.mat.dtype == DType::F16 => "f16".into(),
+            ExpertMats::Dense(_) => "f32".into(),
+        }
+    }
+
+    /// Dispatches of the routed product `d` (see [`ExpertDesc`]).
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        y: &Tensor,
+        x: &Tensor,
+        ids: &Tensor,
+        d: &ExpertDesc,
+        variant: Variant,
+    ) -> Result<Vec<Dispatch>> {
+        match self {
+            ExpertMats::Quant(q) => qmatmul_experts(ctx, y, x, ids, q, d, variant),
+            ExpertMats::Dense(w) => dense_experts(ctx, y, x, ids, w, d),
+        }
+    }
+}
+
+/// Qwen2-MoE's shared expert: a SwiGLU MLP every token goes through, its output scaled by
+/// `sigmoid(gate . h)` when the model has that gate.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    /// Fused gate|up, `[2 ff][hidden]`.
+    pub gate_up: Linear,
+    /// Down projection, `[hidden][ff]`.
+    pub down: Linear,
+    /// The output gate, `[1][hidden]`.
+    pub gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// Width of the MLP.
+    pub fn ff(&self) -> usize {
+        self.down.cols
+    }
+}
 
 /// The weights of one MoE feed-forward block.
 #[derive(Debug, Clone)]
@@ -19,38 +161,103 @@ pub struct MoeFfn {
     pub router: Linear,
     /// Every expert's gate and up projections: expert `e` is rows `e * 2 ff ..`, its gate
     /// rows first, then its up rows (`[n_experts][2 ff][hidden]`).
-    pub gate_up: QExperts,
+    pub gate_up: ExpertMats,
     /// Every expert's down projection, `[n_experts][hidden][ff]`.
-    pub down: QExperts,
+    pub down: ExpertMats,
     /// Experts each token uses.
     pub top_k: usize,
     /// How router logits become weights.
     pub gating: Gating,
+    /// The shared expert (Qwen2-MoE).
+    pub shared: Option<SharedExpert>,
 }
 
 /// Scratch buffers of [`MoeFfn::forward`] for up to `rows` tokens.
 pub struct MoeScratch {
     rows: usize,
-    logits: Tensor,
-    ids: Tensor,
+    /// Router logits `[rows][n_experts]` (read back for expert statistics).
+    pub logits: Tensor,
+    /// Chosen experts `[rows][k]` u32 (read back for expert statistics).
+    pub ids: Tensor,
     weights: Tensor,
     gu: Tensor,
     out: Tensor,
+    /// Shared expert: gate|up, SwiGLU output (dense weights), output, gate logit and its
+    /// sigmoid (with a dummy expert id).
+    shared: Option<[Tensor; 6]>,
+    /// Expert loads, `[layers][n_experts]` u32: how many tokens each layer sent to each
+    /// expert since the last reset ([`MoeScratch::expert_counts`]).
+    pub counts: Tensor,
+    n_experts: usize,
 }
 
 impl MoeScratch {
-    /// Buffers for `rows` tokens through `ffn`.
-    pub fn new(ctx: &Context, ffn: &MoeFfn, rows: usize) -> Result<MoeScratch> {
-        let pairs = rows * ffn.top_k;
-        let f = |n: usize| Tensor::zeros(ctx, &[n], DType::F32);
+    /// Buffers for `rows` tokens through `layers` layers shaped like `ffn`.
+    pub fn new(ctx: &Context, ffn: &MoeFfn, rows: usize, layers: usize) -> Result<MoeScratch> {
+        let shared_ff = ffn.shared.as_ref().map(|s| s.ff());
+        Self::for_shape(
+            ctx,
+            rows,
+            layers,
+            ffn.n_experts(),
+            ffn.top_k,
+            ffn.down.cols(),
+            ffn.router.cols,
+            shared_ff,
+        )
+    }
+
+    /// Buffers for `rows` tokens through `layers` layers of `n_experts` experts of width
+    /// `ff` of which `k` are used, `hidden` wide, with a shared expert of width `shared_ff`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_shape(
+        ctx: &Context,
+        rows: usize,
+        layers: usize,
+        n_experts: usize,
+        k: usize,
+        ff: usize,
+        hidden: usize,
+        shared_ff: Option<usize>,
+    ) -> Result<MoeScratch> {
+        let pairs = rows * k;
+        let f = |n: usize| Tensor::zeros(ctx, &[n.max(1)], DType::F32);
+        let shared = match shared_ff {
+            None => None,
+            Some(sff) => Some([
+                f(rows * 2 * sff)?,
+                f(rows * sff)?,
+                f(rows * hidden)?,
+                f(rows)?,
+                f(rows)?,
+                Tensor::zeros(ctx, &[rows], DType::U32)?,
+            ]),
+        };
         Ok(MoeScratch {
             rows,
-            logits: f(rows * ffn.n_experts())?,
+            logits: f(rows * n_experts)?,
             ids: Tensor::zeros(ctx, &[pairs], DType::U32)?,
             weights: f(pairs)?,
-            gu: f(pairs * ffn.gate_up.rows)?,
-            out: f(pairs * ffn.down.rows)?,
+            gu: f(pairs * 2 * ff)?,
+            out: f(pairs * hidden)?,
+            shared,
+            counts: Tensor::zeros(ctx, &[(layers * n_experts).max(1)], DType::U32)?,
+            n_experts,
         })
+    }
+
+    /// Tokens each layer sent to each expert since the last [`MoeScratch::reset_counts`],
+    /// `[layer][expert]`.
+    pub fn expert_counts(&self, ctx: &Context) -> Result<Vec<Vec<u64>>> {
+        let v = self.counts.read_u32(ctx)?;
+        Ok(v.chunks(self.n_experts.max(1))
+            .map(|c| c.iter().map(|&n| n as u64).collect())
+            .collect())
+    }
+
+    /// Zeroes the expert counters.
+    pub fn reset_counts(&self, ctx: &Context) -> Result<()> {
+        self.counts.write(ctx, &vec![0u32; self.counts.numel()])
     }
 }
 
@@ -58,26 +265,47 @@ impl MoeFfn {
     /// Checks that the parts fit together (expert counts, sizes, top-k).
     pub fn new(
         router: Linear,
-        gate_up: QExperts,
-        down: QExperts,
+        gate_up: ExpertMats,
+        down: ExpertMats,
         top_k: usize,
         gating: Gating,
+        shared: Option<SharedExpert>,
     ) -> Result<MoeFfn> {
         let e = router.rows;
         check_top_k(e, top_k)?;
         let hidden = router.cols;
-        let ff = down.mat.cols;
-        if gate_up.n_experts != e || down.n_experts != e {
+        let ff = down.cols();
+        if gate_up.n_experts() != e || down.n_experts() != e {
             return Err(Error::InvalidArgument(format!(
                 "the router has {e} experts but the expert tensors hold {} and {}",
-                gate_up.n_experts, down.n_experts
+                gate_up.n_experts(),
+                down.n_experts()
             )));
         }
-        if gate_up.rows != 2 * ff || gate_up.mat.cols != hidden || down.rows != hidden {
+        if gate_up.rows() != 2 * ff || gate_up.cols() != hidden || down.rows() != hidden {
             return Err(Error::InvalidArgument(format!(
                 "expert shapes: gate|up {}x{}, down {}x{} for hidden {hidden}",
-                gate_up.rows, gate_up.mat.cols, down.rows, ff
+                gate_up.rows(),
+                gate_up.cols(),
+                down.rows(),
+                ff
             )));
+        }
+        if let Some(s) = &shared {
+            let g_ok = s
+                .gate
+                .as_ref()
+                .is_none_or(|g| g.rows == 1 && g.cols == hidden);
+            if s.gate_up.rows != 2 * s.ff()
+                || s.gate_up.cols != hidden
+                || s.down.rows != hidden
+                || !g_ok
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "shared expert shapes: gate|up {}x{}, down {}x{} for hidden {hidden}",
+                    s.gate_up.rows, s.gate_up.cols, s.down.rows, s.down.cols
+                )));
+            }
         }
         Ok(MoeFfn {
             router,
@@ -85,6 +313,7 @@ impl MoeFfn {
             down,
             top_k,
             gating,
+            shared,
         })
     }
 
@@ -93,13 +322,29 @@ impl MoeFfn {
         self.router.rows
     }
 
-    /// Dispatches of `x[..m] += MoE(h[..m])` (`x` and `h` are `[m][hidden]`).
+    /// Width of each expert.
+    pub fn ff(&self) -> usize {
+        self.down.cols()
+    }
+
+    /// Device bytes of the block's weights.
+    pub fn bytes(&self) -> u64 {
+        let shared = self.shared.as_ref().map_or(0, |s| {
+            s.gate_up.bytes() + s.down.bytes() + s.gate.as_ref().map_or(0, |g| g.bytes())
+        });
+        self.router.bytes() + self.gate_up.bytes() + self.down.bytes() + shared
+    }
+
+    /// Dispatches of `x[..m] += MoE(h[..m])` (`x` and `h` are `[m][hidden]`) as layer
+    /// `layer` (whose expert loads it counts in `s`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &Context,
         x: &Tensor,
         h: &Tensor,
         s: &MoeScratch,
+        layer: usize,
         m: usize,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
@@ -110,19 +355,19 @@ impl MoeFfn {
             ));
         }
         let (e, k, hidden) = (self.n_experts(), self.top_k, self.router.cols);
-        let ff = self.down.mat.cols;
+        let ff = self.ff();
         let pairs = m * k;
-        let rows = Rows {
+        let rows = |ldy: usize| Rows {
             m,
             ldx: hidden,
-            ldy: e,
+            ldy,
             y_off: 0,
             accumulate: false,
             glu: 0,
         };
         let mut ops = self
             .router
-            .forward(ctx, &s.logits, h, rows, variant, QShape::Auto)?;
+            .forward(ctx, &s.logits, h, rows(e), variant, QShape::Vector)?;
         ops.push(route(
             ctx,
             &s.logits,
@@ -133,6 +378,10 @@ impl MoeFfn {
             k,
             e,
             self.gating,
+            Some(RouteStats {
+                counts: &s.counts,
+                offset: layer * e,
+            }),
         )?);
         let gate_up = ExpertDesc {
             pairs,
@@ -143,15 +392,10 @@ impl MoeFfn {
             accumulate: false,
             glu: 0,
         };
-        ops.extend(qmatmul_experts(
-            ctx,
-            &s.gu,
-            h,
-            &s.ids,
-            &self.gate_up,
-            &gate_up,
-            variant,
-        )?);
+        ops.extend(
+            self.gate_up
+                .forward(ctx, &s.gu, h, &s.ids, &gate_up, variant)?,
+        );
         let down = ExpertDesc {
             pairs,
             pairs_per_x: 1,
@@ -161,14 +405,233 @@ impl MoeFfn {
             accumulate: false,
             glu: ff,
         };
-        ops.extend(qmatmul_experts(
-            ctx, &s.out, &s.gu, &s.ids, &self.down, &down, variant,
-        )?);
+        ops.extend(
+            self.down
+                .forward(ctx, &s.out, &s.gu, &s.ids, &down, variant)?,
+        );
         ops.push(combine(
             ctx, x, &s.out, &s.weights, m, k, hidden, hidden, hidden, true,
         )?);
+        if let Some(sh) = &self.shared {
+            let [gu, act, out, g, gw, gid] = s
+                .shared
+                .as_ref()
+                .ok_or_else(|| Error::Internal("MoE scratch without a shared expert".into()))?;
+            let sff = sh.ff();
+            ops.extend(
+                sh.gate_up
+                    .forward(ctx, gu, h, rows(2 * sff), variant, QShape::Vector)?,
+            );
+            let target = if sh.gate.is_some() { out } else { x };
+            let acc = sh.gate.is_none();
+            if sh.down.fuses_glu() {
+                let r = Rows {
+                    m,
+                    ldx: 2 * sff,
+                    ldy: hidden,
+                    y_off: 0,
+                    accumulate: acc,
+                    glu: sff,
+                };
+                ops.extend(
+                    sh.down
+                        .forward(ctx, target, gu, r, variant, QShape::Vector)?,
+                );
+            } else {
+                ops.push(swiglu(ctx, act, gu, None, m, sff)?);
+                let r = Rows {
+                    m,
+                    ldx: sff,
+                    ldy: hidden,
+                    y_off: 0,
+                    accumulate: acc,
+                    glu: 0,
+                };
+                ops.extend(
+                    sh.down
+                        .forward(ctx, target, act, r, variant, QShape::Vector)?,
+                );
+            }
+            if let Some(gate) = &sh.gate {
+                ops.extend(gate.forward(ctx, g, h, rows(1), variant, QShape::Vector)?);
+                ops.push(route(ctx, g, gid, gw, m, 1, 1, 1, Gating::Sigmoid, None)?);
+                ops.push(combine(
+                    ctx, x, out, gw, m, 1, hidden, hidden, hidden, true,
+                )?);
+            }
+        }
         Ok(ops)
     }
+}
+
+/// Stacks a layer's experts of one projection: the file's stacked tensor (GGUF
+/// `ffn_*_exps`) or each expert's own tensor (HF checkpoints), checked to be `rows x cols`
+/// per expert.
+fn expert_stack(
+    src: &dyn WeightSource,
+    layer: usize,
+    stacked: LayerWeight,
+    single: fn(usize) -> LayerWeight,
+    n_experts: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<HostTensor> {
+    if let Some(t) = src.get(WeightName::Layer(layer, stacked))? {
+        t.expect_shape(n_experts * rows, cols)?;
+        return Ok(t);
+    }
+    let mut parts = Vec::with_capacity(n_experts);
+    for e in 0..n_experts {
+        let t = src.need(WeightName::Layer(layer, single(e)))?;
+        t.expect_shape(rows, cols)?;
+        parts.push(t);
+    }
+    // A tensor for an expert the config does not have means the counts disagree.
+    if src
+        .get(WeightName::Layer(layer, single(n_experts)))?
+        .is_some()
+    {
+        return Err(Error::format(
+            Some(src.path()),
+            format!(
+                "layer {layer} has more than the {n_experts} experts the config declares ({})",
+                src.tensor_name(WeightName::Layer(layer, single(n_experts)))
+            ),
+        ));
+    }
+    let name = src.tensor_name(WeightName::Layer(layer, stacked));
+    HostTensor::concat_rows(&parts, &name).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: layer {layer}'s experts are stored in different formats",
+            src.path().display()
+        ))
+    })
+}
+
+/// `[E][2 ff][cols]` from `[E][ff][cols]` gate and up stacks: each expert's gate rows, then
+/// its up rows (the layout [`MoeFfn::gate_up`] reads).
+fn interleave_experts(gate: &HostTensor, up: &HostTensor, n_experts: usize) -> Result<HostTensor> {
+    let rows = gate.rows / n_experts;
+    let mismatch = || {
+        Error::Unsupported(format!(
+            "{} and {} are stored in different formats",
+            gate.name, up.name
+        ))
+    };
+    fn weave<T: Copy>(g: &[T], u: &[T], n_experts: usize) -> Vec<T> {
+        let per = g.len() / n_experts;
+        let mut out = Vec::with_capacity(2 * g.len());
+        for e in 0..n_experts {
+            out.extend_from_slice(&g[e * per..(e + 1) * per]);
+            out.extend_from_slice(&u[e * per..(e + 1) * per]);
+        }
+        out
+    }
+    let data = match (&gate.data, &up.data) {
+        (HostMatrix::F32(g), HostMatrix::F32(u)) => HostMatrix::F32(weave(g, u, n_experts)),
+        (HostMatrix::F16(g), HostMatrix::F16(u)) => HostMatrix::F16(weave(g, u, n_experts)),
+        (HostMatrix::Quant(tg, g), HostMatrix::Quant(tu, u)) if tg == tu => {
+            let need = n_experts * rows * tg.row_bytes(gate.cols)?;
+            if g.len() != need || u.len() != need {
+                return Err(Error::format(
+                    gate.source.as_deref(),
+                    format!("{}: {} bytes of blocks for {need}", gate.name, g.len()),
+                ));
+            }
+            HostMatrix::Quant(*tg, weave(g, u, n_experts))
+        }
+        _ => return Err(mismatch()),
+    };
+    Ok(HostTensor {
+        name: format!("{} + {}", gate.name, up.name),
+        source: gate.source.clone(),
+        rows: 2 * gate.rows,
+        cols: gate.cols,
+        data,
+    })
+}
+
+/// Loads layer `i`'s Mixture-of-Experts feed-forward; also returns the router's first row
+/// (for the model's fingerprint).
+pub(crate) fn load_layer(
+    ctx: &Context,
+    src: &dyn WeightSource,
+    i: usize,
+    c: &ModelConfig,
+    mc: &MoeConfig,
+    counts: &mut Vec<(String, usize)>,
+) -> Result<(MoeFfn, Vec<f32>)> {
+    let (e, ff, hidden) = (mc.n_experts, mc.expert_ff, c.hidden);
+    let router = src.need(WeightName::Layer(i, LayerWeight::Router))?;
+    router.expect_shape(e, hidden)?;
+    let gate = expert_stack(
+        src,
+        i,
+        LayerWeight::ExpertsGate,
+        LayerWeight::ExpertGate,
+        e,
+        ff,
+        hidden,
+    )?;
+    let up = expert_stack(
+        src,
+        i,
+        LayerWeight::ExpertsUp,
+        LayerWeight::ExpertUp,
+        e,
+        ff,
+        hidden,
+    )?;
+    let down = expert_stack(
+        src,
+        i,
+        LayerWeight::ExpertsDown,
+        LayerWeight::ExpertDown,
+        e,
+        hidden,
+        ff,
+    )?;
+    count_formats(&[&router, &gate, &up, &down], counts);
+    let gate_up = interleave_experts(&gate, &up, e)?;
+    drop((gate, up));
+    let shared = if mc.shared_ff > 0 {
+        let w = |lw| src.need(WeightName::Layer(i, lw));
+        let (sg, su, sd) = (
+            w(LayerWeight::SharedGate)?,
+            w(LayerWeight::SharedUp)?,
+            w(LayerWeight::SharedDown)?,
+        );
+        sg.expect_shape(mc.shared_ff, hidden)?;
+        su.expect_shape(mc.shared_ff, hidden)?;
+        sd.expect_shape(hidden, mc.shared_ff)?;
+        count_formats(&[&sg, &su, &sd], counts);
+        let gate = match src.get(WeightName::Layer(i, LayerWeight::SharedRouter))? {
+            Some(t) => {
+                t.expect_shape(1, hidden)?;
+                count_formats(&[&t], counts);
+                Some(Linear::from_parts(ctx, vec![t], "shared_expert_gate")?)
+            }
+            None => None,
+        };
+        Some(SharedExpert {
+            gate_up: Linear::from_parts(ctx, vec![sg, su], "shared_gate_up")?,
+            down: Linear::from_parts(ctx, vec![sd], "shared_down")?,
+            gate,
+        })
+    } else {
+        None
+    };
+    let row0 = router.row_f32(0)?;
+    let ffn = MoeFfn::new(
+        Linear::from_parts(ctx, vec![router], "router")?,
+        ExpertMats::upload(ctx, &gate_up, e)?,
+        ExpertMats::upload(ctx, &down, e)?,
+        mc.top_k,
+        mc.gating,
+        shared,
+    )
+    .map_err(|err| Error::format(Some(src.path()), format!("layer {i}: {err}")))?;
+    Ok((ffn, row0))
 }
 
 #[cfg(test)]
@@ -187,11 +650,11 @@ mod tests {
         rows: usize,
         cols: usize,
         seed: u64,
-    ) -> (QExperts, Vec<f32>) {
+    ) -> (ExpertMats, Vec<f32>) {
         let raw = random_blocks(ty, &mut Rng::new(seed), e * rows * cols / ty.block_elems());
         let r = repack(ty, e * rows, cols, &raw).unwrap();
         (
-            QExperts::upload(ctx, &r, e).unwrap(),
+            QExperts::upload(ctx, &r, e).unwrap().into(),
             dequantize(ty, &raw).unwrap(),
         )
     }
@@ -254,24 +717,54 @@ mod tests {
         .unwrap();
         let (gu, guf) = experts(ctx, QuantType::Q8_0, e, 2 * ff, hidden, 1);
         let (dn, dnf) = experts(ctx, QuantType::Q4_1, e, hidden, ff, 2);
-        for gating in [Gating::SoftmaxRenorm, Gating::Softmax] {
-            let ffn = MoeFfn::new(router.clone(), gu.clone(), dn.clone(), k, gating).unwrap();
-            let s = MoeScratch::new(ctx, &ffn, 8).unwrap();
+        // The same values as f32 experts, and rounded to f16 as f16 experts.
+        let dense = |v: &[f32], rows: usize, cols: usize, dt: DType| -> ExpertMats {
+            DenseExperts::upload(ctx, v, e, rows, cols, dt)
+                .unwrap()
+                .into()
+        };
+        let to_f16 = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let (guh, dnh) = (to_f16(&guf), to_f16(&dnf));
+        let cases = [
+            ("quantized", gu.clone(), dn.clone(), &guf, &dnf),
+            (
+                "f32",
+                dense(&guf, 2 * ff, hidden, DType::F32),
+                dense(&dnf, hidden, ff, DType::F32),
+                &guf,
+                &dnf,
+            ),
+            (
+                "f16",
+                dense(&guf, 2 * ff, hidden, DType::F16),
+                dense(&dnf, hidden, ff, DType::F16),
+                &guh,
+                &dnh,
+            ),
+        ];
+        for ((what, gu, dn, guf, dnf), gating) in cases
+            .iter()
+            .flat_map(|c| [Gating::SoftmaxRenorm, Gating::Softmax].map(|g| (c, g)))
+        {
+            let ffn = MoeFfn::new(router.clone(), gu.clone(), dn.clone(), k, gating, None).unwrap();
+            let s = MoeScratch::new(ctx, &ffn, 8, 1).unwrap();
             let hv = rng.vec(m * hidden, -1.0, 1.0);
             let xv = rng.vec(m * hidden, -1.0, 1.0);
             let h = Tensor::from_f32(ctx, &[m, hidden], &hv).unwrap();
             let x = Tensor::from_f32(ctx, &[m, hidden], &xv).unwrap();
             for variant in Variant::all(ctx) {
                 x.write(ctx, &xv).unwrap();
-                ctx.run(&ffn.forward(ctx, &x, &h, &s, m, variant).unwrap())
+                ctx.run(&ffn.forward(ctx, &x, &h, &s, 0, m, variant).unwrap())
                     .unwrap();
                 let mut want = Vec::new();
                 for t in 0..m {
                     let r = reference(
                         &hv[t * hidden..][..hidden],
                         &router_w,
-                        &guf,
-                        &dnf,
+                        guf,
+                        dnf,
                         e,
                         k,
                         ff,
@@ -280,7 +773,7 @@ mod tests {
                     want.extend((0..hidden).map(|c| (xv[t * hidden + c] as f64 + r[c]) as f32));
                 }
                 assert_close(
-                    &format!("MoE {gating:?} {variant:?}"),
+                    &format!("MoE {what} {gating:?} {variant:?}"),
                     &x.read_f32(ctx).unwrap(),
                     &want,
                     2e-4,
@@ -290,11 +783,11 @@ mod tests {
         }
         // Mismatched parts are refused.
         let (gu3, _) = experts(ctx, QuantType::Q8_0, 3, 2 * ff, hidden, 1);
-        let err = MoeFfn::new(router.clone(), gu3, dn.clone(), k, Gating::Softmax)
+        let err = MoeFfn::new(router.clone(), gu3, dn.clone(), k, Gating::Softmax, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("router has 4 experts"), "{err}");
-        let err = MoeFfn::new(router, gu, dn, 5, Gating::Softmax)
+        let err = MoeFfn::new(router, gu, dn, 5, Gating::Softmax, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("top-k of 5"), "{err}");

@@ -232,6 +232,25 @@ impl Session {
         })
     }
 
+    /// Expert loads of a Mixture-of-Experts model: how many tokens each layer routed to
+    /// each expert (`[layer][expert]`) since the session began or
+    /// [`Session::reset_expert_counts`]; every forward pass counts (prefill, decode,
+    /// logits, perplexity). `None` for a dense model.
+    pub fn expert_counts(&self) -> Result<Option<Vec<Vec<u64>>>> {
+        match &self.acts.moe {
+            None => Ok(None),
+            Some(m) => Ok(Some(m.expert_counts(self.model.context())?)),
+        }
+    }
+
+    /// Zeroes the counters of [`Session::expert_counts`].
+    pub fn reset_expert_counts(&mut self) -> Result<()> {
+        match &self.acts.moe {
+            None => Ok(()),
+            Some(m) => m.reset_counts(self.model.context()),
+        }
+    }
+
     /// The model.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
@@ -494,6 +513,13 @@ impl Session {
         }
         let c = &self.model.config;
         for ((l, t), p) in &adapter.weights {
+            if c.moe.is_some() && matches!(t, Target::Gate | Target::Up | Target::Down) {
+                return Err(Error::Unsupported(format!(
+                    "adapter {name:?}: a {} adapter on a Mixture-of-Experts model (its \
+                     feed-forward is the experts; adapt q, k, v or o)",
+                    t.module()
+                )));
+            }
             let (out, inp) = t.dims(c);
             let r = adapter.config.rank;
             if *l >= c.n_layers || p.a.len() != r * inp || p.b.len() != out * r {

@@ -242,12 +242,12 @@ impl Graph {
             &inputs.ranges,
             budgets.scores,
         )?;
-        let linears = model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
-            .chain(std::iter::once(&model.lm_head));
-        let dq = Dequant::new(ctx, linears, budgets.dequant)?;
+        let mut linears = vec![&model.lm_head];
+        for l in &model.layers {
+            let (gate_up, down) = l.mlp("training")?;
+            linears.extend([&l.qkv, &l.o, gate_up, down]);
+        }
+        let dq = Dequant::new(ctx, linears.into_iter(), budgets.dequant)?;
         // Distillation needs the base model's logits beside the adapted ones: the two chunks
         // share the logits budget, so training without it costs no extra memory.
         let distill = lora.is_some() && virt == Virtual::None;
@@ -619,7 +619,8 @@ impl Builder<'_> {
             None,
             &nd,
         )?);
-        ops.extend(self.linear(&layer.gate_up, &a.gu, &a.h2, c.hidden, 2 * c.ff, false)?);
+        let (gate_up, down) = layer.mlp("training")?;
+        ops.extend(self.linear(gate_up, &a.gu, &a.h2, c.hidden, 2 * c.ff, false)?);
         for (tg, off) in [(Target::Gate, 0), (Target::Up, c.ff)] {
             ops.extend(self.lora_t(l, tg, &a.h2, c.hidden)?);
             ops.extend(self.lora_out(l, tg, &a.gu, 2 * c.ff, off)?);
@@ -634,7 +635,7 @@ impl Builder<'_> {
                 Some(&a.xmid),
                 m * c.hidden,
             )?);
-            ops.extend(self.linear(&layer.down, x_out, &a.ff, c.ff, c.hidden, true)?);
+            ops.extend(self.linear(down, x_out, &a.ff, c.ff, c.hidden, true)?);
             ops.extend(self.lora_out(l, Target::Down, x_out, c.hidden, 0)?);
         }
         Ok(ops)
@@ -789,10 +790,11 @@ impl Builder<'_> {
             self.layer_forward(l, &b.xs[l], None)?
         };
         // FFN: x' = xmid + down(swiglu(gate_up(norm(xmid)))).
-        ops.extend(self.frozen_backward(&layer.down, &b.dff, &b.dx, c.hidden, ff)?);
+        let (gate_up, down) = layer.mlp("training")?;
+        ops.extend(self.frozen_backward(down, &b.dff, &b.dx, c.hidden, ff)?);
         ops.extend(self.lora_backward(l, Target::Down, &b.dx, c.hidden, 0, &a.ff, ff, &b.dff)?);
         ops.push(swiglu_backward(ctx, &b.dgu, &a.gu, &b.dff, m, ff)?);
-        ops.extend(self.frozen_backward(&layer.gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
+        ops.extend(self.frozen_backward(gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
         for (tg, off) in [(Target::Gate, 0), (Target::Up, ff)] {
             ops.extend(self.lora_backward(l, tg, &b.dgu, 2 * ff, off, &a.h2, c.hidden, &b.dh)?);
         }
