@@ -3,6 +3,7 @@
 mod bench_kernels;
 mod info;
 mod model_cmds;
+mod moe_cmds;
 mod train_cmds;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Command {
     BenchTrain(train_cmds::BenchTrainArgs),
     /// Ask the questions of a JSONL file (chat template, greedy) and score the answers.
     EvalQa(train_cmds::EvalQaArgs),
+    /// Mixture-of-Experts tools (upcycle a dense model).
+    Moe(moe_cmds::MoeArgs),
 }
 
 fn main() {
@@ -58,6 +61,7 @@ fn main() {
         Command::Finetune(a) => train_cmds::run_finetune(a),
         Command::BenchTrain(a) => train_cmds::run_bench_train(a),
         Command::EvalQa(a) => train_cmds::run_eval_qa(a),
+        Command::Moe(a) => moe_cmds::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

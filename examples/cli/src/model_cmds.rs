@@ -170,6 +170,47 @@ pub struct GenerateArgs {
     /// Print a JSON summary (text, tokens, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Report how many tokens each layer sent to each expert (Mixture-of-Experts models):
+    /// a table on stderr, or `expert_load` in the JSON summary.
+    #[arg(long = "expert-stats")]
+    expert_stats: bool,
+}
+
+/// Per-layer expert loads as JSON: the counts, each expert's share of the layer's choices,
+/// and the imbalance (largest load over the mean; 1 is perfectly even).
+pub fn expert_load_json(counts: &[Vec<u64>]) -> serde_json::Value {
+    let layers: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .map(|(l, c)| {
+            let total: u64 = c.iter().sum();
+            let share: Vec<f64> = c.iter().map(|&n| n as f64 / total.max(1) as f64).collect();
+            let mean = total as f64 / c.len().max(1) as f64;
+            let max = c.iter().copied().max().unwrap_or(0) as f64;
+            json!({"layer": l, "counts": c, "share": share,
+                   "imbalance": if mean > 0.0 { max / mean } else { 0.0 }})
+        })
+        .collect();
+    json!(layers)
+}
+
+/// Prints [`expert_load_json`] as a table: one row per layer, each expert's share in %.
+fn print_expert_load(counts: &[Vec<u64>]) {
+    eprintln!("expert load (% of the layer's routed tokens; imbalance = max / mean):");
+    for (l, c) in counts.iter().enumerate() {
+        let total: u64 = c.iter().sum::<u64>().max(1);
+        let cells: Vec<String> = c
+            .iter()
+            .map(|&n| format!("{:5.1}", 100.0 * n as f64 / total as f64))
+            .collect();
+        let mean = total as f64 / c.len().max(1) as f64;
+        let max = c.iter().copied().max().unwrap_or(0) as f64;
+        eprintln!(
+            "layer {l:>3}: {}  imbalance {:.2}",
+            cells.join(" "),
+            max / mean
+        );
+    }
 }
 
 /// Generates from `prompt` (already rendered), streaming text pieces to `out`.
@@ -232,16 +273,33 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         &adapter,
         &mut print,
     )?;
+    let load = if a.expert_stats {
+        let counts = sess.expert_counts()?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--expert-stats: {} is not a Mixture-of-Experts model",
+                model.config.name
+            ))
+        })?;
+        Some(counts)
+    } else {
+        None
+    };
     if json {
-        let v = json!({
+        let mut v = json!({
             "text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
             "stop_reason": g.stop,
             "prefill_tok_s": g.prompt_tokens as f64 / g.prefill_secs,
             "decode_tok_s": g.tokens.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9),
         });
+        if let Some(c) = &load {
+            v["expert_load"] = expert_load_json(c);
+        }
         println!("{v}");
     } else {
         println!();
+        if let Some(c) = &load {
+            print_expert_load(c);
+        }
     }
     Ok(())
 }
@@ -408,12 +466,14 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let adapter = attach_adapters(&mut sess, &a.model.adapters)?;
     // A prompt of ordinary text tokens (the same token ids every run).
     let vocab = model.config.vocab as u32;
+    let first = if vocab > 2000 { 1000 } else { 0 };
     let prompt: Vec<u32> = (0..a.prompt as u32)
-        .map(|i| 1000 + (i * 7919) % (vocab - 1000))
+        .map(|i| first + (i * 7919) % (vocab - first))
         .collect();
     let mut best_prefill = 0.0f64;
     let mut best_decode = 0.0f64;
     let mut dispatches = 0;
+    let mut expert_load = None;
     for _ in 0..a.reps.max(1) {
         sess.reset();
         let ids: Vec<_> = (0..a.batch)
@@ -439,6 +499,10 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         }
         let decode = (a.generate * a.batch) as f64 / t1.elapsed().as_secs_f64();
         dispatches = sess.last_dispatches;
+        if sess.expert_counts()?.is_some() {
+            expert_load = sess.expert_counts()?;
+            sess.reset_expert_counts()?;
+        }
         best_prefill = best_prefill.max(prefill);
         best_decode = best_decode.max(decode);
     }
@@ -448,11 +512,13 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         }
     }
     let info = ctx.info();
-    let v = json!({
+    let mut v = json!({
         "model": a.model.model.display().to_string(),
         "model_name": model.config.name,
+        "arch": model.config.arch.name(),
         "weights": model.source.weight_formats,
         "params": model.n_params(),
+        "active_params": model.n_active_params(),
         "device": info.name, "backend": info.backend, "driver": info.driver_info,
         "variant": format!("{:?}", model.variant).to_lowercase(),
         "prompt": a.prompt, "gen": a.generate, "batch": a.batch,
@@ -463,6 +529,14 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         "gpu_mem_mb": ctx.allocated_bytes() as f64 / (1024.0 * 1024.0),
         "weights_mb": model.weight_bytes() as f64 / (1024.0 * 1024.0),
     });
+    if let Some(m) = &model.config.moe {
+        v["experts"] = json!({"n": m.n_experts, "top_k": m.top_k, "ff": m.expert_ff,
+                              "shared_ff": m.shared_ff, "gating": m.gating});
+    }
+    if let Some(c) = &expert_load {
+        // The last repetition's prefill and decode.
+        v["expert_load"] = expert_load_json(c);
+    }
     if a.json {
         println!("{v}");
     } else {

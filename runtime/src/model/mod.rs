@@ -11,6 +11,7 @@ pub mod forward;
 pub mod loader;
 mod merge;
 pub mod moe;
+pub mod upcycle;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -409,6 +410,60 @@ impl Model {
         })
     }
 
+    /// This model with one more expert in every Mixture-of-Experts layer (`experts[l]` for
+    /// layer `l`), without reloading anything: the other weights are shared with `self`, the
+    /// new ones uploaded. Sessions of the new model see `n_experts + 1` experts.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a dense model, a count of new experts other
+    /// than the layer count, shapes or formats that do not match the layer's experts, or
+    /// more than [`crate::kernels::moe::MAX_EXPERTS`] experts.
+    pub fn with_expert(&self, experts: &[moe::NewExpert]) -> Result<Model> {
+        let c = &self.config;
+        let Some(mc) = &c.moe else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a Mixture-of-Experts model",
+                c.name
+            )));
+        };
+        if experts.len() != c.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "{} new experts for {} layers",
+                experts.len(),
+                c.n_layers
+            )));
+        }
+        crate::kernels::moe::check_top_k(mc.n_experts + 1, mc.top_k)?;
+        let mut layers = self.layers.clone();
+        for (l, (layer, x)) in layers.iter_mut().zip(experts).enumerate() {
+            let Ffn::Moe(m) = &layer.ffn else {
+                return Err(Error::Internal(format!(
+                    "layer {l} of a MoE model is dense"
+                )));
+            };
+            let grown = m
+                .with_expert(&self.ctx, x)
+                .map_err(|e| Error::InvalidArgument(format!("layer {l}: {e}")))?;
+            layer.ffn = Ffn::Moe(Box::new(grown));
+        }
+        let mut config = c.clone();
+        if let Some(m) = config.moe.as_mut() {
+            m.n_experts += 1;
+        }
+        Ok(Model {
+            ctx: self.ctx.clone(),
+            config,
+            tokenizer: self.tokenizer.clone(),
+            source: self.source.clone(),
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            variant: self.variant,
+            qk_permuted: self.qk_permuted,
+            identity: self.identity,
+        })
+    }
+
     /// The device the weights live on.
     pub fn context(&self) -> &Context {
         &self.ctx
@@ -459,27 +514,31 @@ impl Model {
     }
 
     fn count_params(&self, active: bool) -> u64 {
-        let c = &self.config;
-        let ffn = match &c.moe {
-            None => 3 * c.ff,
-            Some(m) => {
-                let experts = if active { m.top_k } else { m.n_experts };
-                let gate = if m.shared_ff > 0 { 1 } else { 0 };
-                m.n_experts + experts * 3 * m.expert_ff + 3 * m.shared_ff + gate
-            }
-        };
-        let qkn = match c.qk_norm {
-            config::QkNorm::None => 0,
-            config::QkNorm::PerHead => 2 * c.head_dim,
-            config::QkNorm::Whole => c.q_dim() + c.kv_dim(),
-        };
-        let bias = if c.qkv_bias { c.qkv_dim() } else { 0 };
-        let per_layer = c.hidden * (c.qkv_dim() + c.q_dim() + ffn) + 2 * c.hidden + qkn + bias;
-        let head = if c.tied_embeddings {
-            0
-        } else {
-            c.vocab * c.hidden
-        };
-        (c.n_layers * per_layer + c.vocab * c.hidden + c.hidden + head) as u64
+        count_params(&self.config, active)
     }
+}
+
+/// Parameters of a model shaped `c`: all of them, or (`active`) those one token uses.
+pub(crate) fn count_params(c: &ModelConfig, active: bool) -> u64 {
+    let ffn = match &c.moe {
+        None => 3 * c.ff,
+        Some(m) => {
+            let experts = if active { m.top_k } else { m.n_experts };
+            let gate = if m.shared_ff > 0 { 1 } else { 0 };
+            m.n_experts + experts * 3 * m.expert_ff + 3 * m.shared_ff + gate
+        }
+    };
+    let qkn = match c.qk_norm {
+        config::QkNorm::None => 0,
+        config::QkNorm::PerHead => 2 * c.head_dim,
+        config::QkNorm::Whole => c.q_dim() + c.kv_dim(),
+    };
+    let bias = if c.qkv_bias { c.qkv_dim() } else { 0 };
+    let per_layer = c.hidden * (c.qkv_dim() + c.q_dim() + ffn) + 2 * c.hidden + qkn + bias;
+    let head = if c.tied_embeddings {
+        0
+    } else {
+        c.vocab * c.hidden
+    };
+    (c.n_layers * per_layer + c.vocab * c.hidden + c.hidden + head) as u64
 }

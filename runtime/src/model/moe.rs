@@ -8,15 +8,16 @@
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::elementwise::swiglu;
+use crate::kernels::embed::DenseChunk;
 use crate::kernels::moe::{
     check_top_k, combine, dense_experts, route, DenseExperts, Gating, RouteStats,
 };
-use crate::kernels::quant::{qmatmul_experts, ExpertDesc, QExperts, QShape};
+use crate::kernels::quant::{qmatmul_experts, ExpertDesc, QChunk, QExperts, QShape};
 use crate::kernels::Variant;
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::count_formats;
 use crate::model::loader::{LayerWeight, WeightName, WeightSource};
-use crate::model::weights::{HostMatrix, HostTensor, Linear, Rows};
+use crate::model::weights::{HostMatrix, HostTensor, Linear, Mat, Rows};
 use crate::quant::repack;
 
 /// The stacked experts of one projection, quantized or f32/f16.
@@ -118,6 +119,56 @@ impl ExpertMats {
         }
     }
 
+    /// These experts and one more (`t`, `rows x cols` in the same format) stored as its own
+    /// chunk: nothing already on the device is copied or rewritten.
+    pub fn with_expert(&self, ctx: &Context, t: &HostTensor) -> Result<ExpertMats> {
+        t.expect_shape(self.rows(), self.cols())?;
+        let start = self.n_experts() * self.rows();
+        let wrong = |have: String| {
+            Error::InvalidArgument(format!(
+                "new expert {} is {have}, the layer's experts are {}",
+                t.name,
+                self.format()
+            ))
+        };
+        Ok(match (self, &t.data) {
+            (ExpertMats::Quant(q), HostMatrix::Quant(ty, b)) if *ty == q.mat.ty => {
+                let r = repack(*ty, t.rows, t.cols, b)?;
+                let mut q = q.clone();
+                q.mat.chunks.push(QChunk {
+                    row_start: start,
+                    rows: t.rows,
+                    q: Tensor::from_slice(ctx, &[r.q.len()], DType::U32, &r.q)?,
+                    s: Tensor::from_slice(ctx, &[r.s.len()], DType::U32, &r.s)?,
+                });
+                q.mat.rows += t.rows;
+                q.n_experts += 1;
+                ExpertMats::Quant(q)
+            }
+            (ExpertMats::Dense(d), HostMatrix::F32(_) | HostMatrix::F16(_)) => {
+                let v = t.to_f32()?;
+                let shape = [t.rows, t.cols];
+                let tensor = if d.mat.dtype == DType::F16 {
+                    Tensor::from_f32_as_f16(ctx, &shape, &v)?
+                } else {
+                    Tensor::from_f32(ctx, &shape, &v)?
+                };
+                let mut d = d.clone();
+                d.mat.chunks.push(DenseChunk {
+                    row_start: start,
+                    rows: t.rows,
+                    t: tensor,
+                });
+                d.mat.rows += t.rows;
+                d.n_experts += 1;
+                ExpertMats::Dense(d)
+            }
+            (_, HostMatrix::Quant(ty, _)) => return Err(wrong(ty.name().into())),
+            (_, HostMatrix::F32(_)) => return Err(wrong("f32".into())),
+            (_, HostMatrix::F16(_)) => return Err(wrong("f16".into())),
+        })
+    }
+
     /// Dispatches of the routed product `d` (see [`ExpertDesc`]).
     pub fn forward(
         &self,
@@ -133,6 +184,20 @@ impl ExpertMats {
             ExpertMats::Dense(w) => dense_experts(ctx, y, x, ids, w, d),
         }
     }
+}
+
+/// One layer's new expert for [`crate::model::Model::with_expert`]: its router row and its
+/// SwiGLU weights, in the format of the layer's other experts.
+#[derive(Debug, Clone)]
+pub struct NewExpert {
+    /// Router weights, `[hidden]`.
+    pub router_row: Vec<f32>,
+    /// Gate projection, `[ff][hidden]`.
+    pub gate: HostTensor,
+    /// Up projection, `[ff][hidden]`.
+    pub up: HostTensor,
+    /// Down projection, `[hidden][ff]`.
+    pub down: HostTensor,
 }
 
 /// Qwen2-MoE's shared expert: a SwiGLU MLP every token goes through, its output scaled by
@@ -320,6 +385,42 @@ impl MoeFfn {
     /// Experts.
     pub fn n_experts(&self) -> usize {
         self.router.rows
+    }
+
+    /// This block with one more expert (`x`): its router row becomes the last router
+    /// output, its weights the last expert.
+    pub fn with_expert(&self, ctx: &Context, x: &NewExpert) -> Result<MoeFfn> {
+        let hidden = self.router.cols;
+        if x.router_row.len() != hidden || x.router_row.iter().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "the new expert's router row has {} values (finite ones needed: {hidden})",
+                x.router_row.len()
+            )));
+        }
+        let gate_up = HostTensor::concat_rows(&[x.gate.clone(), x.up.clone()], "new gate|up")
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "the new expert's gate and up are in different formats or widths".into(),
+                )
+            })?;
+        let mut router = self.router.clone();
+        let row = HostTensor {
+            name: "new router row".into(),
+            source: None,
+            rows: 1,
+            cols: hidden,
+            data: HostMatrix::F32(x.router_row.clone()),
+        };
+        router.parts.push((router.rows, Mat::upload(ctx, &row)?));
+        router.rows += 1;
+        MoeFfn::new(
+            router,
+            self.gate_up.with_expert(ctx, &gate_up)?,
+            self.down.with_expert(ctx, &x.down)?,
+            self.top_k,
+            self.gating,
+            self.shared.clone(),
+        )
     }
 
     /// Width of each expert.
