@@ -509,8 +509,12 @@ fn safetensors_of(tensors: &[Raw]) -> Vec<u8> {
 }
 
 fn hf_dir_with(tag: &str, tensors: &[Raw]) -> TempDir {
+    hf_variant_dir_with(TinyVariant::Llama, tag, tensors)
+}
+
+fn hf_variant_dir_with(v: TinyVariant, tag: &str, tensors: &[Raw]) -> TempDir {
     let dir = TempDir::new(tag);
-    write_tiny_model(&dir.0, TinyVariant::Llama).unwrap();
+    write_tiny_model(&dir.0, v).unwrap();
     std::fs::write(dir.join("model.safetensors"), safetensors_of(tensors)).unwrap();
     dir
 }
@@ -684,4 +688,131 @@ fn missing_tensor_errors_name_the_tensor() {
         ErrorKind::Format,
         &["model.layers.1.mlp.down_proj.weight"],
     );
+}
+
+/// Mixture-of-Experts files with one thing wrong: top-k above the expert count, missing or
+/// mis-shaped expert tensors, a router whose expert count disagrees with the experts'.
+#[test]
+fn moe_bad_inputs() {
+    let dir = TempDir::new("moe");
+    let case = |name: &str, edit: &dyn Fn(&mut TinyGguf), kind: ErrorKind, needles: &[&str]| {
+        let mut g = gguf(TinyVariant::Mixtral);
+        edit(&mut g);
+        let p = write_gguf(&dir, name, &g);
+        expect_error(&p, kind, needles);
+    };
+    case(
+        "topk.gguf",
+        &|g| {
+            g.set("llama.expert_used_count", Value::U32(5));
+        },
+        ErrorKind::Format,
+        &["top-k of 5", "4 experts"],
+    );
+    case(
+        "nok.gguf",
+        &|g| {
+            assert!(g.remove_key("llama.expert_used_count"));
+        },
+        ErrorKind::Format,
+        &["llama.expert_used_count"],
+    );
+    case(
+        "many.gguf",
+        &|g| {
+            g.set("llama.expert_count", Value::U32(300));
+        },
+        ErrorKind::Unsupported,
+        &["300 experts"],
+    );
+    case(
+        "noup.gguf",
+        &|g| {
+            assert!(g.remove_tensor("blk.1.ffn_up_exps.weight"));
+        },
+        ErrorKind::Format,
+        &["missing tensor blk.1.ffn_up_exps.weight"],
+    );
+    case(
+        "norouter.gguf",
+        &|g| {
+            assert!(g.remove_tensor("blk.0.ffn_gate_inp.weight"));
+        },
+        ErrorKind::Format,
+        &["missing tensor blk.0.ffn_gate_inp.weight"],
+    );
+    // The router knows 3 experts, the file and the metadata 4.
+    case(
+        "router3.gguf",
+        &|g| {
+            let t = g.tensor_mut("blk.0.ffn_gate_inp.weight").unwrap();
+            t.dims = vec![HIDDEN as u64, 3];
+            t.data = f32_bytes(3 * HIDDEN);
+        },
+        ErrorKind::Format,
+        &["blk.0.ffn_gate_inp.weight", "[3, 64]", "[4, 64]"],
+    );
+    // 3 experts' worth of down projections.
+    case(
+        "down3.gguf",
+        &|g| {
+            let t = g.tensor_mut("blk.1.ffn_down_exps.weight").unwrap();
+            t.dims = vec![32, HIDDEN as u64, 3];
+            t.data = f32_bytes(3 * 32 * HIDDEN);
+        },
+        ErrorKind::Format,
+        &["blk.1.ffn_down_exps.weight", "[192, 32]", "[256, 32]"],
+    );
+
+    // HF checkpoints: top-k above the expert count, a missing expert, an expert the config
+    // does not declare, a mis-shaped expert.
+    let d = TempDir::new("moe-hf");
+    write_tiny_model(&d.0, TinyVariant::Mixtral).unwrap();
+    let mut cfg = ember_tests::tiny::config_json(TinyVariant::Mixtral);
+    cfg["num_experts_per_tok"] = 5.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    expect_error(&d.0, ErrorKind::Format, &["config.json", "top-k of 5"]);
+    let mut cfg = ember_tests::tiny::config_json(TinyVariant::Mixtral);
+    cfg["num_local_experts"] = 3.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    expect_error(
+        &d.0,
+        ErrorKind::Format,
+        &[
+            "model.layers.0.block_sparse_moe.gate.weight",
+            "[4, 64]",
+            "[3, 64]",
+        ],
+    );
+
+    let missing = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let t: Vec<Raw> = raw_tensors(TinyVariant::Mixtral)
+        .into_iter()
+        .filter(|r| r.0 != missing)
+        .collect();
+    let d = hf_variant_dir_with(TinyVariant::Mixtral, "moe-missing", &t);
+    expect_error(&d.0, ErrorKind::Format, &["missing tensor", missing]);
+
+    let mut t = raw_tensors(TinyVariant::Qwen2Moe);
+    let name = "model.layers.0.mlp.experts.2.up_proj.weight";
+    let e = t.iter_mut().find(|e| e.0 == name).unwrap();
+    e.2 = vec![31, HIDDEN];
+    e.3.truncate(31 * HIDDEN * 4);
+    let d = hf_variant_dir_with(TinyVariant::Qwen2Moe, "moe-shape", &t);
+    expect_error(&d.0, ErrorKind::Format, &[name, "[31, 64]", "[32, 64]"]);
+
+    let mut t = raw_tensors(TinyVariant::Olmoe);
+    let extra = t
+        .iter()
+        .find(|r| r.0 == "model.layers.0.mlp.experts.0.gate_proj.weight")
+        .unwrap()
+        .clone();
+    t.push((
+        "model.layers.0.mlp.experts.4.gate_proj.weight".into(),
+        extra.1,
+        extra.2,
+        extra.3,
+    ));
+    let d = hf_variant_dir_with(TinyVariant::Olmoe, "moe-extra", &t);
+    expect_error(&d.0, ErrorKind::Format, &["more than the 4 experts"]);
 }

@@ -582,6 +582,19 @@ fn expert_stack(
         return Ok(t);
     }
     let mut parts = Vec::with_capacity(n_experts);
+    let stacked_name = src.tensor_name(WeightName::Layer(layer, stacked));
+    if src.get(WeightName::Layer(layer, single(0)))?.is_none() {
+        // Neither layout: name what a file of this kind should have.
+        let want = if stacked_name.starts_with("blk.") {
+            stacked_name.clone()
+        } else {
+            src.tensor_name(WeightName::Layer(layer, single(0)))
+        };
+        return Err(Error::format(
+            Some(src.path()),
+            format!("missing tensor {want} (layer {layer}'s experts)"),
+        ));
+    }
     for e in 0..n_experts {
         let t = src.need(WeightName::Layer(layer, single(e)))?;
         t.expect_shape(rows, cols)?;
@@ -600,8 +613,7 @@ fn expert_stack(
             ),
         ));
     }
-    let name = src.tensor_name(WeightName::Layer(layer, stacked));
-    HostTensor::concat_rows(&parts, &name).ok_or_else(|| {
+    HostTensor::concat_rows(&parts, &stacked_name).ok_or_else(|| {
         Error::Unsupported(format!(
             "{}: layer {layer}'s experts are stored in different formats",
             src.path().display()
