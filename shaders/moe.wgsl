@@ -98,3 +98,37 @@ fn moe_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let o = t * p.ld_out + c;
     if (p.accumulate != 0u) { out[o] = out[o] + acc; } else { out[o] = acc; }
 }
+
+// moe_group: the routed pairs grouped by expert, for the grouped (prefill) expert products:
+// group = [n_experts] counts, [n_experts] offsets (exclusive prefix sums), then the pair
+// indices 0 .. rows * k sorted by expert (ascending pair order within an expert, so the
+// grouping is deterministic). One workgroup of 256 invocations, invocation e owning expert e.
+@group(0) @binding(7) var<storage, read_write> group: array<u32>;
+var<workgroup> group_counts: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn moe_group(@builtin(local_invocation_index) e: u32) {
+    let pairs = p.rows * p.k;
+    var count = 0u;
+    if (e < p.n_experts) {
+        for (var i = 0u; i < pairs; i++) {
+            if (ids[i] == e) { count++; }
+        }
+    }
+    group_counts[e] = count;
+    workgroupBarrier();
+    if (e < p.n_experts) {
+        var off = 0u;
+        for (var j = 0u; j < e; j++) { off += group_counts[j]; }
+        group[e] = count;
+        group[p.n_experts + e] = off;
+        let base = 2u * p.n_experts + off;
+        var n = 0u;
+        for (var i = 0u; i < pairs; i++) {
+            if (ids[i] == e) {
+                group[base + n] = i;
+                n++;
+            }
+        }
+    }
+}

@@ -23,6 +23,13 @@
 // `n` rows each, the first being expert `row_start` of the model; each dispatch row is one
 // (token, expert) pair whose expert is ids[pair] (pairs of experts outside W are skipped),
 // reading activation row pair / n_ids and writing output row pair.
+//
+// With GROUPED (qmm_tiled only; the batched prefill path of Mixture-of-Experts layers): the
+// pairs come grouped by expert (moe.wgsl's moe_group): ids holds [all_experts] counts,
+// [all_experts] offsets, then the pair indices sorted by expert. Workgroup z is expert
+// row_start + z of this W; its tiles cover that expert's pairs only (tiles past its count
+// exit at once), so each expert's weights are read once per 64 of its tokens, not once per
+// token. Rows read activation row pair / n_ids and write output row pair.
 
 struct QuantParams {
     m: u32,
@@ -35,7 +42,7 @@ struct QuantParams {
     n_ids: u32,
     glu4: u32,
     experts: u32,
-    _pad1: u32,
+    all_experts: u32,
     _pad2: u32,
 }
 
@@ -379,14 +386,31 @@ fn put_wb(r: u32, k0: u32, v: vec4<f32>) {
     wb[(k0 + 3u) * 16u + r / 4u][r % 4u] = v.w;
 }
 
+#if GROUPED
+// (count, offset) of the workgroup's expert, read once and shared uniformly.
+var<workgroup> group_span: vec2<u32>;
+#endif
+
 @compute @workgroup_size(8, 8)
 fn qmm_tiled(@builtin(workgroup_id) wg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>,
              @builtin(local_invocation_index) li: u32) {
     let m0 = wg.y * 64u;
     let n0 = wg.x * 64u;
+#if GROUPED
+    let expert = p.row_start + wg.z;
+    if (li == 0u) { group_span = vec2<u32>(ids[expert], ids[p.all_experts + expert]); }
+    let span = workgroupUniformLoad(&group_span);
+    let rows = span.x;
+    if (m0 >= rows) { return; }
+    let sorted = 2u * p.all_experts + span.y;
+    let xr = ids[sorted + min(m0 + li, rows - 1u)] / p.n_ids;
+    let wr = wg.z * p.n + min(n0 + li, p.n - 1u);
+#else
+    let rows = p.m;
     let xr = min(m0 + li, p.m - 1u);
     let wr = min(n0 + li, p.n - 1u);
+#endif
     var acc: array<vec4<f32>, 16>;
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
     let groups = p.k / 32u;
@@ -422,10 +446,15 @@ fn qmm_tiled(@builtin(workgroup_id) wg: vec3<u32>,
     let c0 = n0 + lid.x * 8u;
     for (var i = 0u; i < 8u; i++) {
         let r = r0 + i;
-        if (r >= p.m) { break; }
+        if (r >= rows) { break; }
+#if GROUPED
+        let out_row = ids[sorted + r];
+#else
+        let out_row = r;
+#endif
         for (var j = 0u; j < 8u; j++) {
             let c = c0 + j;
-            if (c < p.n) { put(r, c, acc[2u * i + j / 4u][j % 4u]); }
+            if (c < p.n) { put(out_row, c, acc[2u * i + j / 4u][j % 4u]); }
         }
     }
 }

@@ -165,6 +165,55 @@ pub fn route(
     )
 }
 
+/// Groups the `rows * k` routed pairs of `ids` by expert into `group`:
+/// `[n_experts]` counts, `[n_experts]` offsets, then the pair indices sorted by expert (in
+/// pair order within an expert), the input of
+/// [`crate::kernels::quant::qmatmul_experts_grouped`].
+pub fn group(
+    ctx: &Context,
+    ids: &Tensor,
+    group: &Tensor,
+    rows: usize,
+    n_experts: usize,
+    k: usize,
+) -> Result<Dispatch> {
+    check_top_k(n_experts, k)?;
+    let pairs = rows * k;
+    if rows == 0 || ids.dtype() != DType::U32 || ids.numel() < pairs {
+        return Err(Error::shape(
+            "moe_group",
+            format!("ids {:?} for {rows}x{k}", ids.shape()),
+        ));
+    }
+    if group.dtype() != DType::U32 || group.numel() < 2 * n_experts + pairs {
+        return Err(Error::shape(
+            "moe_group",
+            format!("group {:?} for {n_experts} experts", group.shape()),
+        ));
+    }
+    let u = ctx.uniform(&MoeParams {
+        rows: rows as u32,
+        n_experts: n_experts as u32,
+        k: k as u32,
+        ..Default::default()
+    });
+    ctx.dispatch(
+        "moe_group",
+        &key("moe_group"),
+        &[
+            Bind::U(&u),
+            Bind::Skip,
+            Bind::T(ids),
+            Bind::Skip,
+            Bind::Skip,
+            Bind::Skip,
+            Bind::Skip,
+            Bind::T(group),
+        ],
+        [1, 1, 1],
+    )
+}
+
 /// `out[t][..cols] (+)= sum_j weights[t][j] * expert_out[t * k + j][..cols]` for `tokens`
 /// tokens: each token's k expert outputs (rows of stride `ld`) mixed by its routing
 /// weights (`[tokens][k]`), written or added (`accumulate`, the residual) into `out` (rows
@@ -242,6 +291,7 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
         route_key(false),
         route_key(true),
         key("moe_combine"),
+        key("moe_group"),
         dense_key(false),
         dense_key(true),
     ]

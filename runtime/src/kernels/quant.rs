@@ -21,7 +21,7 @@ uniform! {
         n_ids: u32,
         glu4: u32,
         experts: u32,
-        _pad1: u32,
+        all_experts: u32,
         _pad2: u32,
     }
 }
@@ -189,6 +189,9 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
                     v.push(base_key(entry, ty, sg, acc, glu));
                     if entry.starts_with("qmv") {
                         v.push(expert_key(entry, ty, sg, acc, glu, true));
+                    }
+                    if entry == "qmm_tiled" {
+                        v.push(base_key(entry, ty, sg, acc, glu).def("GROUPED", true));
                     }
                 }
             }
@@ -372,31 +375,14 @@ pub fn qmatmul_experts(
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
     let op = "qmatmul_experts";
-    let k = w.mat.cols;
-    let bad = |what: String| Err(Error::shape(op, what));
-    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || d.ldx % 4 != 0 {
-        return bad(format!(
-            "{} pairs ({} per activation row), ldx {} for {k} columns",
-            d.pairs, d.pairs_per_x, d.ldx
-        ));
-    }
-    if d.glu % 4 != 0 || (d.glu > 0 && d.glu < k) || d.ldy < d.y_offset + w.rows {
-        return bad(format!(
-            "glu {} ldy {} y_offset {}",
-            d.glu, d.ldy, d.y_offset
-        ));
-    }
-    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
-    let need_x = (x_rows - 1) * d.ldx + k + d.glu;
-    if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
-        return bad(format!("X {:?} needs {need_x} f32", x.shape()));
-    }
-    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
-        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
-    }
+    validate_experts(op, y, x, w, d)?;
     if ids.dtype() != DType::U32 || ids.numel() < d.pairs {
-        return bad(format!("ids {:?} for {} pairs", ids.shape(), d.pairs));
+        return Err(Error::shape(
+            op,
+            format!("ids {:?} for {} pairs", ids.shape(), d.pairs),
+        ));
     }
+    let k = w.mat.cols;
     let sg = variant.resolve(ctx) == Variant::Subgroup;
     if sg && !Variant::subgroup_available(ctx) {
         return Err(Error::Unsupported(format!("{op}: no 8-wide subgroups")));
@@ -434,6 +420,104 @@ pub fn qmatmul_experts(
         )?);
     }
     Ok(ops)
+}
+
+/// [`qmatmul_experts`] for many tokens at once (prefill): `group` holds the pairs grouped
+/// by expert as [`crate::kernels::moe::group`] writes them (`[n_experts]` counts,
+/// `[n_experts]` offsets, the sorted pair indices), and each expert multiplies its own
+/// pairs as one matrix product, reading its weights once per 64 of them. The tiled
+/// (workgroup-memory) kernel runs it on every device. One dispatch per chunk of experts.
+pub fn qmatmul_experts_grouped(
+    ctx: &Context,
+    y: &Tensor,
+    x: &Tensor,
+    group: &Tensor,
+    w: &QExperts,
+    d: &ExpertDesc,
+) -> Result<Vec<Dispatch>> {
+    let op = "qmatmul_experts_grouped";
+    validate_experts(op, y, x, w, d)?;
+    if group.dtype() != DType::U32 || group.numel() < 2 * w.n_experts + d.pairs {
+        return Err(Error::shape(
+            op,
+            format!(
+                "group {:?} for {} experts and {} pairs",
+                group.shape(),
+                w.n_experts,
+                d.pairs
+            ),
+        ));
+    }
+    let key = expert_key("qmm_tiled", w.mat.ty, false, d.accumulate, d.glu > 0, false)
+        .def("GROUPED", true);
+    let mut ops = Vec::with_capacity(w.mat.chunks.len());
+    for c in &w.mat.chunks {
+        let u = ctx.uniform(&QuantParams {
+            m: to_u32(d.pairs, "pairs")?,
+            n: to_u32(w.rows, "rows")?,
+            k: to_u32(w.mat.cols, "cols")?,
+            ldx: to_u32(d.ldx, "ldx")?,
+            ldy: to_u32(d.ldy, "ldy")?,
+            y_offset: to_u32(d.y_offset, "y_offset")?,
+            row_start: to_u32(c.row_start / w.rows, "first expert")?,
+            n_ids: to_u32(d.pairs_per_x, "pairs_per_x")?,
+            glu4: (d.glu / 4) as u32,
+            experts: to_u32(c.rows / w.rows, "experts")?,
+            all_experts: to_u32(w.n_experts, "experts")?,
+            ..Default::default()
+        });
+        ops.push(ctx.dispatch(
+            op,
+            &key,
+            &[
+                Bind::U(&u),
+                Bind::T(x),
+                Bind::T(&c.q),
+                Bind::T(&c.s),
+                Bind::T(y),
+                Bind::T(group),
+            ],
+            [
+                to_u32(w.rows.div_ceil(64), "rows")?,
+                to_u32(d.pairs.div_ceil(64), "pairs")?,
+                to_u32(c.rows / w.rows, "experts")?,
+            ],
+        )?);
+    }
+    Ok(ops)
+}
+
+/// Checks an expert product's shapes against `w`, `x` and `y` (not its ids).
+fn validate_experts(
+    op: &'static str,
+    y: &Tensor,
+    x: &Tensor,
+    w: &QExperts,
+    d: &ExpertDesc,
+) -> Result<()> {
+    let k = w.mat.cols;
+    let bad = |what: String| Err(Error::shape(op, what));
+    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || d.ldx % 4 != 0 {
+        return bad(format!(
+            "{} pairs ({} per activation row), ldx {} for {k} columns",
+            d.pairs, d.pairs_per_x, d.ldx
+        ));
+    }
+    if d.glu % 4 != 0 || (d.glu > 0 && d.glu < k) || d.ldy < d.y_offset + w.rows {
+        return bad(format!(
+            "glu {} ldy {} y_offset {}",
+            d.glu, d.ldy, d.y_offset
+        ));
+    }
+    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
+    let need_x = (x_rows - 1) * d.ldx + k + d.glu;
+    if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
+        return bad(format!("X {:?} needs {need_x} f32", x.shape()));
+    }
+    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
+        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
+    }
+    Ok(())
 }
 
 /// Builds the dispatches that write `out[t][..] = dequantized row ids[t]` (`out` is

@@ -394,7 +394,8 @@ impl Model {
                         .moe
                         .as_ref()
                         .ok_or_else(|| Error::Internal("activations without MoE buffers".into()))?;
-                    ops.extend(moe.forward(ctx, &a.x, &a.h, scratch, l, m, variant)?);
+                    let batched = shape != QShape::Vector && m > 4;
+                    ops.extend(moe.forward(ctx, &a.x, &a.h, scratch, l, m, batched, variant)?);
                     continue;
                 }
             };

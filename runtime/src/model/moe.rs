@@ -10,9 +10,11 @@ use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::elementwise::swiglu;
 use crate::kernels::embed::DenseChunk;
 use crate::kernels::moe::{
-    check_top_k, combine, dense_experts, route, DenseExperts, Gating, RouteStats,
+    check_top_k, combine, dense_experts, group, route, DenseExperts, Gating, RouteStats,
 };
-use crate::kernels::quant::{qmatmul_experts, ExpertDesc, QChunk, QExperts, QShape};
+use crate::kernels::quant::{
+    qmatmul_experts, qmatmul_experts_grouped, ExpertDesc, QChunk, QExperts, QShape,
+};
 use crate::kernels::Variant;
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::count_formats;
@@ -169,19 +171,24 @@ impl ExpertMats {
         })
     }
 
-    /// Dispatches of the routed product `d` (see [`ExpertDesc`]).
+    /// Dispatches of the routed product `d` (see [`ExpertDesc`]): per pair, or, with
+    /// `grouped` (the pairs grouped by expert, quantized experts only), as one matrix
+    /// product per expert.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &Context,
         y: &Tensor,
         x: &Tensor,
         ids: &Tensor,
+        grouped: Option<&Tensor>,
         d: &ExpertDesc,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
-        match self {
-            ExpertMats::Quant(q) => qmatmul_experts(ctx, y, x, ids, q, d, variant),
-            ExpertMats::Dense(w) => dense_experts(ctx, y, x, ids, w, d),
+        match (self, grouped) {
+            (ExpertMats::Quant(q), Some(g)) => qmatmul_experts_grouped(ctx, y, x, g, q, d),
+            (ExpertMats::Quant(q), None) => qmatmul_experts(ctx, y, x, ids, q, d, variant),
+            (ExpertMats::Dense(w), _) => dense_experts(ctx, y, x, ids, w, d),
         }
     }
 }
@@ -244,6 +251,8 @@ pub struct MoeScratch {
     pub logits: Tensor,
     /// Chosen experts `[rows][k]` u32 (read back for expert statistics).
     pub ids: Tensor,
+    /// The pairs grouped by expert ([`crate::kernels::moe::group`]).
+    group: Tensor,
     weights: Tensor,
     gu: Tensor,
     out: Tensor,
@@ -302,6 +311,7 @@ impl MoeScratch {
             rows,
             logits: f(rows * n_experts)?,
             ids: Tensor::zeros(ctx, &[pairs], DType::U32)?,
+            group: Tensor::zeros(ctx, &[2 * n_experts + pairs], DType::U32)?,
             weights: f(pairs)?,
             gu: f(pairs * 2 * ff)?,
             out: f(pairs * hidden)?,
@@ -437,7 +447,10 @@ impl MoeFfn {
     }
 
     /// Dispatches of `x[..m] += MoE(h[..m])` (`x` and `h` are `[m][hidden]`) as layer
-    /// `layer` (whose expert loads it counts in `s`).
+    /// `layer` (whose expert loads it counts in `s`). `batched` (prefill) groups the
+    /// tokens by expert so that quantized experts multiply all their tokens at once;
+    /// otherwise (decode) each (token, expert) pair is its own product, whose result does
+    /// not depend on the rest of the batch.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -447,6 +460,7 @@ impl MoeFfn {
         s: &MoeScratch,
         layer: usize,
         m: usize,
+        batched: bool,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
         if m == 0 || m > s.rows {
@@ -484,6 +498,11 @@ impl MoeFfn {
                 offset: layer * e,
             }),
         )?);
+        let grouped = batched && matches!(self.gate_up, ExpertMats::Quant(_));
+        if grouped {
+            ops.push(group(ctx, &s.ids, &s.group, m, e, k)?);
+        }
+        let grouped = grouped.then_some(&s.group);
         let gate_up = ExpertDesc {
             pairs,
             pairs_per_x: k,
@@ -495,7 +514,7 @@ impl MoeFfn {
         };
         ops.extend(
             self.gate_up
-                .forward(ctx, &s.gu, h, &s.ids, &gate_up, variant)?,
+                .forward(ctx, &s.gu, h, &s.ids, grouped, &gate_up, variant)?,
         );
         let down = ExpertDesc {
             pairs,
@@ -508,7 +527,7 @@ impl MoeFfn {
         };
         ops.extend(
             self.down
-                .forward(ctx, &s.out, &s.gu, &s.ids, &down, variant)?,
+                .forward(ctx, &s.out, &s.gu, &s.ids, grouped, &down, variant)?,
         );
         ops.push(combine(
             ctx, x, &s.out, &s.weights, m, k, hidden, hidden, hidden, true,
@@ -813,7 +832,7 @@ mod tests {
     #[test]
     fn moe_block_matches_the_textbook_formula() {
         let ctx = ctx();
-        let (hidden, ff, e, k, m) = (64, 32, 4, 2, 5);
+        let (hidden, ff, e, k, m) = (64, 32, 4, 2, 70);
         let mut rng = Rng::new(21);
         let router_w = rng.vec(e * hidden, -0.5, 0.5);
         let router = Linear::from_parts(
@@ -862,15 +881,21 @@ mod tests {
             .flat_map(|c| [Gating::SoftmaxRenorm, Gating::Softmax].map(|g| (c, g)))
         {
             let ffn = MoeFfn::new(router.clone(), gu.clone(), dn.clone(), k, gating, None).unwrap();
-            let s = MoeScratch::new(ctx, &ffn, 8, 1).unwrap();
+            let s = MoeScratch::new(ctx, &ffn, 80, 1).unwrap();
             let hv = rng.vec(m * hidden, -1.0, 1.0);
             let xv = rng.vec(m * hidden, -1.0, 1.0);
             let h = Tensor::from_f32(ctx, &[m, hidden], &hv).unwrap();
             let x = Tensor::from_f32(ctx, &[m, hidden], &xv).unwrap();
-            for variant in Variant::all(ctx) {
+            let runs = Variant::all(ctx)
+                .into_iter()
+                .flat_map(|v| [(v, false), (v, true)]);
+            for (variant, batched) in runs {
                 x.write(ctx, &xv).unwrap();
-                ctx.run(&ffn.forward(ctx, &x, &h, &s, 0, m, variant).unwrap())
-                    .unwrap();
+                ctx.run(
+                    &ffn.forward(ctx, &x, &h, &s, 0, m, batched, variant)
+                        .unwrap(),
+                )
+                .unwrap();
                 let mut want = Vec::new();
                 for t in 0..m {
                     let r = reference(
@@ -886,7 +911,7 @@ mod tests {
                     want.extend((0..hidden).map(|c| (xv[t * hidden + c] as f64 + r[c]) as f32));
                 }
                 assert_close(
-                    &format!("MoE {what} {gating:?} {variant:?}"),
+                    &format!("MoE {what} {gating:?} {variant:?} batched={batched}"),
                     &x.read_f32(ctx).unwrap(),
                     &want,
                     2e-4,
