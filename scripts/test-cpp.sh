@@ -121,13 +121,14 @@ LINK=(-L "$LIB_DIR" -lember -Wl,-rpath,"$LIB_DIR")
 
 log "writing the tiny model"
 cargo run --locked -q -p ember-tests --example write_tiny -- "$WORK/tiny.gguf" llama gguf q4_1
+cargo run --locked -q -p ember-tests --example write_tiny -- "$WORK/tiny-moe.gguf" mixtral gguf q8_0
 
 if [ -n "${EMBER_TEST_MODEL:-}" ]; then
   log "running the tests (tiny model and $EMBER_TEST_MODEL)"
 else
   log "running the tests (tiny model; set EMBER_TEST_MODEL for SmolLM2)"
 fi
-"$WORK/tests" "$WORK/tiny.gguf" "$WORK"
+"$WORK/tests" "$WORK/tiny.gguf" "$WORK" "$WORK/tiny-moe.gguf"
 
 log "running the generate example"
 "$WORK/generate" "$WORK/tiny.gguf" "Hello" -n 8 >"$WORK/generate.out"

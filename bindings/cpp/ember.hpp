@@ -453,6 +453,12 @@ struct ModelInfo {
     uint64_t n_params = 0;
     /// Device bytes taken by the weights.
     uint64_t weight_bytes = 0;
+    /// Routed experts per layer of a Mixture-of-Experts model (0 for a dense model).
+    uint32_t n_experts = 0;
+    /// Experts each token uses (0 for a dense model).
+    uint32_t n_experts_used = 0;
+    /// Parameters one token goes through (n_params for a dense model).
+    uint64_t n_active_params = 0;
 };
 
 /// One chat message for Model::apply_chat_template.
@@ -635,6 +641,9 @@ public:
         i.eos = c.eos;
         i.n_params = c.n_params;
         i.weight_bytes = c.weight_bytes;
+        i.n_experts = c.n_experts;
+        i.n_experts_used = c.n_experts_used;
+        i.n_active_params = c.n_active_params;
         return i;
     }
 
@@ -886,6 +895,24 @@ public:
 
     /// Forgets every sequence (the cache is reused).
     void reset() { detail::check(ember_session_reset(handle_)); }
+
+    /// Mixture-of-Experts loads: how many tokens each layer sent to each expert since the
+    /// session began or reset_expert_counts(), layer-major (`counts[layer * n_experts +
+    /// expert]`, n_experts from Model::info()). Empty for a dense model.
+    std::vector<uint64_t> expert_counts() {
+        size_t n = 0;
+        ember_status st = ember_session_expert_counts(handle_, nullptr, 0, &n);
+        std::vector<uint64_t> counts(n);
+        if (st == EMBER_BUFFER_TOO_SMALL) {
+            st = ember_session_expert_counts(handle_, counts.data(), counts.size(), &n);
+        }
+        detail::check(st);
+        counts.resize(n);
+        return counts;
+    }
+
+    /// Zeroes the counters of expert_counts().
+    void reset_expert_counts() { detail::check(ember_session_reset_expert_counts(handle_)); }
 
     /// Generates a continuation of `prompt` in a fresh sequence (the session needs a free
     /// sequence slot). `on_token` (optional) streams each token on this thread; when it

@@ -349,6 +349,18 @@ typedef struct ember_model_info {
    * Device bytes taken by the weights.
    */
   uint64_t weight_bytes;
+  /**
+   * Routed experts per layer of a Mixture-of-Experts model (0 for a dense model).
+   */
+  uint32_t n_experts;
+  /**
+   * Experts each token uses (0 for a dense model).
+   */
+  uint32_t n_experts_used;
+  /**
+   * Parameters one token goes through (`n_params` for a dense model).
+   */
+  uint64_t n_active_params;
 } ember_model_info;
 
 /**
@@ -824,6 +836,28 @@ void ember_session_free(struct ember_session *session);
  * `session` live, used by one thread at a time.
  */
 enum ember_status ember_session_reset(struct ember_session *session);
+
+/**
+ * Expert loads of a Mixture-of-Experts model: how many tokens each layer sent to each
+ * expert since the session was created or `ember_session_reset_expert_counts`, every
+ * forward pass counted (prefill, decode, evaluate, perplexity). Writes `n_layers *
+ * n_experts` counts, layer-major (`counts[layer * n_experts + expert]`), and sets
+ * `*n_counts` to that number (0 for a dense model, which is not an error). If they do not
+ * fit in `capacity`, returns `EMBER_BUFFER_TOO_SMALL` and writes no counts.
+ *
+ * # Safety
+ * `session` live, used by one thread at a time; `counts` valid for `capacity` values (may
+ * be NULL when `capacity` is 0); `n_counts` valid.
+ */
+enum ember_status ember_session_expert_counts(struct ember_session *session, uint64_t *counts, size_t capacity, size_t *n_counts);
+
+/**
+ * Zeroes the counters of `ember_session_expert_counts` (nothing for a dense model).
+ *
+ * # Safety
+ * `session` live, used by one thread at a time.
+ */
+enum ember_status ember_session_reset_expert_counts(struct ember_session *session);
 
 /**
  * Default sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalty, seed 0.

@@ -440,6 +440,12 @@ pub struct ember_model_info {
     pub n_params: u64,
     /// Device bytes taken by the weights.
     pub weight_bytes: u64,
+    /// Routed experts per layer of a Mixture-of-Experts model (0 for a dense model).
+    pub n_experts: u32,
+    /// Experts each token uses (0 for a dense model).
+    pub n_experts_used: u32,
+    /// Parameters one token goes through (`n_params` for a dense model).
+    pub n_active_params: u64,
 }
 
 /// Fills `*info` (whose `struct_size` the caller sets; fields beyond it are not written).
@@ -474,6 +480,9 @@ pub unsafe extern "C" fn ember_model_get_info(
             eos: t.eos().map(|b| b as i32).unwrap_or(-1),
             n_params: m.model.n_params(),
             weight_bytes: m.model.weight_bytes(),
+            n_experts: c.moe.as_ref().map_or(0, |x| x.n_experts as u32),
+            n_experts_used: c.moe.as_ref().map_or(0, |x| x.top_k as u32),
+            n_active_params: m.model.n_active_params(),
         };
         let n = size.min(std::mem::size_of::<ember_model_info>());
         // SAFETY: the caller's struct has `size` bytes.
@@ -497,7 +506,10 @@ pub unsafe extern "C" fn ember_model_info_json(
         // SAFETY: checked non-NULL; a failure leaves NULL there, as for every output.
         unsafe { *out_json = std::ptr::null_mut() };
         let m = unsafe { get(K_MODEL, model) }?;
-        let v = serde_json::json!({"config": m.model.config, "source": m.model.source, "n_params": m.model.n_params()});
+        let v = serde_json::json!({
+            "config": m.model.config, "source": m.model.source,
+            "n_params": m.model.n_params(), "n_active_params": m.model.n_active_params(),
+        });
         out_string(out_json, &v.to_string())
     })
 }
@@ -756,6 +768,60 @@ pub unsafe extern "C" fn ember_session_free(session: *mut ember_session) {
 pub unsafe extern "C" fn ember_session_reset(session: *mut ember_session) -> ember_status {
     guard("ember_session_reset", || {
         unsafe { get_mut(K_SESSION, session) }?.session.reset();
+        Ok(())
+    })
+}
+
+/// Expert loads of a Mixture-of-Experts model: how many tokens each layer sent to each
+/// expert since the session was created or `ember_session_reset_expert_counts`, every
+/// forward pass counted (prefill, decode, evaluate, perplexity). Writes `n_layers *
+/// n_experts` counts, layer-major (`counts[layer * n_experts + expert]`), and sets
+/// `*n_counts` to that number (0 for a dense model, which is not an error). If they do not
+/// fit in `capacity`, returns `EMBER_BUFFER_TOO_SMALL` and writes no counts.
+///
+/// # Safety
+/// `session` live, used by one thread at a time; `counts` valid for `capacity` values (may
+/// be NULL when `capacity` is 0); `n_counts` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_expert_counts(
+    session: *mut ember_session,
+    counts: *mut u64,
+    capacity: usize,
+    n_counts: *mut usize,
+) -> ember_status {
+    guard("ember_session_expert_counts", || {
+        non_null(n_counts, "n_counts")?;
+        let s = unsafe { get_mut(K_SESSION, session) }?;
+        let flat: Vec<u64> = s.session.expert_counts()?.unwrap_or_default().concat();
+        // SAFETY: checked non-NULL.
+        unsafe { *n_counts = flat.len() };
+        if flat.len() > capacity {
+            return Err(CError(
+                EMBER_BUFFER_TOO_SMALL,
+                format!("{} counts do not fit in {capacity}", flat.len()),
+            ));
+        }
+        if !flat.is_empty() {
+            non_null(counts, "counts")?;
+            // SAFETY: the caller gave `capacity` >= flat.len() values.
+            unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), counts, flat.len()) };
+        }
+        Ok(())
+    })
+}
+
+/// Zeroes the counters of `ember_session_expert_counts` (nothing for a dense model).
+///
+/// # Safety
+/// `session` live, used by one thread at a time.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_reset_expert_counts(
+    session: *mut ember_session,
+) -> ember_status {
+    guard("ember_session_reset_expert_counts", || {
+        unsafe { get_mut(K_SESSION, session) }?
+            .session
+            .reset_expert_counts()?;
         Ok(())
     })
 }

@@ -581,3 +581,92 @@ fn merge_and_prompt_adapters_through_the_abi() {
     }
     let _ = std::fs::remove_dir_all(root);
 }
+
+#[test]
+fn moe_model_info_and_expert_counts() {
+    use ember_tests::tiny::{write_tiny_model, TinyVariant};
+    let root = ember_tests::model::temp_dir("capi-moe");
+    let (moe, dense) = (root.join("moe"), root.join("dense"));
+    write_tiny_model(&moe, TinyVariant::Qwen2Moe).unwrap();
+    write_tiny_model(&dense, TinyVariant::Llama).unwrap();
+    let c = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    unsafe {
+        let mut ctx: *mut ember_context = std::ptr::null_mut();
+        assert_eq!(ember_context_create(std::ptr::null(), &mut ctx), EMBER_OK);
+        let mut model: *mut ember_model = std::ptr::null_mut();
+        let st = ember_model_load(ctx, c(&moe).as_ptr(), std::ptr::null(), &mut model);
+        assert_eq!(st, EMBER_OK);
+        let mut info = ember_model_info {
+            struct_size: std::mem::size_of::<ember_model_info>() as u32,
+            ..Default::default()
+        };
+        assert_eq!(ember_model_get_info(model, &mut info), EMBER_OK);
+        assert_eq!((info.n_experts, info.n_experts_used), (4, 2));
+        assert!(info.n_active_params < info.n_params);
+        assert_eq!(info.n_active_params, (*model).model.n_active_params());
+
+        let mut sp = ember_session_default_params();
+        sp.n_ctx = 64;
+        let mut s: *mut ember_session = std::ptr::null_mut();
+        assert_eq!(ember_session_create(model, &sp, &mut s), EMBER_OK);
+        let greedy = {
+            let mut p = ember_sampler_default_params();
+            p.temperature = 0.0;
+            p
+        };
+        let mut seq = 0u64;
+        assert_eq!(ember_seq_add(s, &greedy, &mut seq), EMBER_OK);
+        let prompt = [5u32, 17, 200, 3, 99];
+        let mut next = 0u32;
+        assert_eq!(
+            ember_seq_prefill(s, seq, prompt.as_ptr(), prompt.len(), &mut next),
+            EMBER_OK
+        );
+        // Too small a buffer: the size needed, nothing written.
+        let mut n = 0usize;
+        let mut counts = [u64::MAX; 8];
+        assert_eq!(
+            ember_session_expert_counts(s, counts.as_mut_ptr(), 3, &mut n),
+            EMBER_BUFFER_TOO_SMALL
+        );
+        assert_eq!(n, 8);
+        assert_eq!(counts, [u64::MAX; 8]);
+        assert_eq!(
+            ember_session_expert_counts(s, counts.as_mut_ptr(), 8, &mut n),
+            EMBER_OK
+        );
+        // 2 layers x 4 experts; each layer routed 5 tokens to 2 experts each.
+        for layer in counts.chunks(4) {
+            assert_eq!(layer.iter().sum::<u64>(), 10, "{counts:?}");
+        }
+        assert_eq!(ember_session_reset_expert_counts(s), EMBER_OK);
+        assert_eq!(
+            ember_session_expert_counts(s, counts.as_mut_ptr(), 8, &mut n),
+            EMBER_OK
+        );
+        assert_eq!(counts, [0; 8]);
+        assert_eq!(
+            ember_session_expert_counts(s, std::ptr::null_mut(), 0, std::ptr::null_mut()),
+            EMBER_INVALID_ARGUMENT
+        );
+        ember_session_free(s);
+        ember_model_free(model);
+
+        // A dense model has no counts, which is not an error.
+        let st = ember_model_load(ctx, c(&dense).as_ptr(), std::ptr::null(), &mut model);
+        assert_eq!(st, EMBER_OK);
+        assert_eq!(ember_model_get_info(model, &mut info), EMBER_OK);
+        assert_eq!((info.n_experts, info.n_experts_used), (0, 0));
+        assert_eq!(info.n_active_params, info.n_params);
+        assert_eq!(ember_session_create(model, &sp, &mut s), EMBER_OK);
+        assert_eq!(
+            ember_session_expert_counts(s, std::ptr::null_mut(), 0, &mut n),
+            EMBER_OK
+        );
+        assert_eq!(n, 0);
+        ember_session_free(s);
+        ember_model_free(model);
+        ember_context_free(ctx);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

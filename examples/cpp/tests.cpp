@@ -227,6 +227,7 @@ void run(const char* name, void (*test)()) {
 
 std::string g_tiny;
 std::string g_scratch = "/tmp";
+std::string g_moe;  // a tiny Mixture-of-Experts GGUF (optional third argument)
 ember::Context* g_ctx = nullptr;
 
 std::string write_file(const std::string& name, const std::string& bytes) {
@@ -465,6 +466,36 @@ void test_model_info() {
     CHECK(i.train_ctx == 128 && i.bos == -1 && i.eos == -1 && i.n_params > 0);
     CHECK(model.info_json().find("\"config\"") != std::string::npos);
     CHECK(g_ctx->info_json().find('{') == 0);
+}
+
+void test_moe_expert_counts() {
+    ember::Model model(*g_ctx, g_moe);
+    const ember::ModelInfo i = model.info();
+    CHECK(i.n_experts == 4 && i.n_experts_used == 2);
+    CHECK(i.n_active_params > 0 && i.n_active_params < i.n_params);
+    ember::SessionParams sp;
+    sp.n_ctx = 64;
+    ember::Session session(model, sp);
+    CHECK(session.expert_counts() == std::vector<uint64_t>(8, 0));
+    ember::GenerateParams p;
+    p.max_tokens = 3;
+    p.sampler.temperature = 0.0f;
+    session.generate("Hello", p);
+    const std::vector<uint64_t> c = session.expert_counts();
+    CHECK(c.size() == 8);
+    uint64_t layer0 = 0, layer1 = 0;
+    for (int e = 0; e < 4; e++) {
+        layer0 += c[e];
+        layer1 += c[4 + e];
+    }
+    CHECK(layer0 == layer1 && layer0 > 0 && layer0 % 2 == 0);
+    session.reset_expert_counts();
+    CHECK(session.expert_counts() == std::vector<uint64_t>(8, 0));
+    // A dense model has none.
+    ember::Model dense(*g_ctx, g_tiny);
+    CHECK(dense.info().n_experts == 0 && dense.info().n_active_params == dense.info().n_params);
+    ember::Session ds(dense, sp);
+    CHECK(ds.expert_counts().empty());
 }
 
 void test_load_progress() {
@@ -1038,11 +1069,12 @@ void test_real_model() {
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: %s TINY.gguf [SCRATCH_DIR]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s TINY.gguf [SCRATCH_DIR [TINY_MOE.gguf]]\n", argv[0]);
         return 2;
     }
     g_tiny = argv[1];
     if (argc > 2) g_scratch = argv[2];
+    if (argc > 3) g_moe = argv[3];
 
     run("version", test_version);
     run("defaults_from_c", test_defaults_from_c);
@@ -1056,6 +1088,11 @@ int main(int argc, char** argv) {
         run("error_bad_gguf", test_error_bad_gguf);
         run("error_invalid_arguments", test_error_invalid_arguments);
         run("model_info", test_model_info);
+        if (!g_moe.empty()) {
+            run("moe_expert_counts", test_moe_expert_counts);
+        } else {
+            std::fprintf(stderr, "test moe_expert_counts ... skipped (no TINY_MOE.gguf)\n");
+        }
         run("load_progress", test_load_progress);
         run("tokenize_round_trip", test_tokenize_round_trip);
         run("greedy_deterministic", test_greedy_deterministic);

@@ -357,6 +357,12 @@ class ModelInfo:
     """Parameter count."""
     weight_bytes: int
     """Device bytes taken by the weights."""
+    n_experts: int = 0
+    """Routed experts per layer of a Mixture-of-Experts model (0 for a dense model)."""
+    n_experts_used: int = 0
+    """Experts each token uses (0 for a dense model)."""
+    n_active_params: int = 0
+    """Parameters one token goes through (``n_params`` for a dense model)."""
 
     def as_dict(self) -> Dict[str, Any]:
         """The fields as a plain dict."""
@@ -556,6 +562,9 @@ class Model(_Handle):
                 eos=None if s.eos < 0 else s.eos,
                 n_params=s.n_params,
                 weight_bytes=s.weight_bytes,
+                n_experts=s.n_experts,
+                n_experts_used=s.n_experts_used,
+                n_active_params=s.n_active_params,
             )
         else:
             self._raw()
@@ -849,6 +858,25 @@ class Session(_Handle):
         """Forgets every sequence of the session (the cache is reused)."""
         with self._lock:
             check(lib().ember_session_reset(self._raw()))
+
+    def expert_counts(self) -> List[List[int]]:
+        """Mixture-of-Experts loads (``ember_session_expert_counts``): for each layer, how
+        many tokens went to each expert since the session began or
+        :meth:`reset_expert_counts`. Empty for a dense model."""
+        info = self._model.info
+        with self._lock:
+            n = c_size_t()
+            cap = info.n_layers * info.n_experts
+            buf = (ctypes.c_uint64 * max(cap, 1))()
+            check(lib().ember_session_expert_counts(self._raw(), buf, cap, byref(n)))
+            flat = list(buf[: n.value])
+        e = info.n_experts
+        return [flat[i : i + e] for i in range(0, len(flat), e)] if e else []
+
+    def reset_expert_counts(self) -> None:
+        """Zeroes the counters of :meth:`expert_counts`."""
+        with self._lock:
+            check(lib().ember_session_reset_expert_counts(self._raw()))
 
     # -- generation -------------------------------------------------------------------
 

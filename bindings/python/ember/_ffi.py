@@ -197,6 +197,9 @@ class ModelInfoStruct(Structure):
         ("eos", c_int32),
         ("n_params", c_uint64),
         ("weight_bytes", c_uint64),
+        ("n_experts", c_uint32),
+        ("n_experts_used", c_uint32),
+        ("n_active_params", c_uint64),
     ]
 
 
@@ -353,6 +356,11 @@ _PROTOTYPES = {
     "ember_session_create": (c_int, [_model_p, POINTER(SessionParams), POINTER(_session_p)]),
     "ember_session_free": (None, [_session_p]),
     "ember_session_reset": (c_int, [_session_p]),
+    "ember_session_expert_counts": (
+        c_int,
+        [_session_p, POINTER(c_uint64), c_size_t, POINTER(c_size_t)],
+    ),
+    "ember_session_reset_expert_counts": (c_int, [_session_p]),
     "ember_sampler_default_params": (SamplerParams, []),
     "ember_generate_default_params": (GenerateParams, []),
     "ember_session_generate": (

@@ -36,17 +36,12 @@ def ctx():
         yield c
 
 
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory) -> str:
-    """The tiny random Llama (vocab 256, 2 layers, Q4_1, 73 KB), written by
-    ``cargo run -p ember-tests --example write_tiny`` (``$EMBER_TINY_MODEL`` overrides)."""
-    given = os.environ.get("EMBER_TINY_MODEL")
-    if given:
-        return given
+def _write_tiny(tmp_path_factory, variant: str, quant: str) -> str:
+    """A tiny model written by ``cargo run -p ember-tests --example write_tiny``."""
     cargo = shutil.which("cargo")
     if cargo is None or not (REPO / "Cargo.toml").is_file():
         pytest.skip("needs cargo and the repository (or EMBER_TINY_MODEL) for the tiny model")
-    out = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    out = tmp_path_factory.mktemp("tiny") / f"tiny-{variant}.gguf"
     cmd = [
         cargo,
         "run",
@@ -58,14 +53,31 @@ def tiny_path(tmp_path_factory) -> str:
         "write_tiny",
         "--",
         str(out),
-        "llama",
+        variant,
         "gguf",
-        "q4_1",
+        quant,
     ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0 or not out.is_file():
         pytest.fail(f"write_tiny failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> str:
+    """The tiny random Llama (vocab 256, 2 layers, Q4_1, 73 KB), written by
+    ``cargo run -p ember-tests --example write_tiny`` (``$EMBER_TINY_MODEL`` overrides)."""
+    given = os.environ.get("EMBER_TINY_MODEL")
+    if given:
+        return given
+    return _write_tiny(tmp_path_factory, "llama", "q4_1")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(ctx, tmp_path_factory):
+    """The tiny random Mixtral (4 experts, top-2, Q8_0), loaded once."""
+    with ember.Model(ctx, _write_tiny(tmp_path_factory, "mixtral", "q8_0")) as m:
+        yield m
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,28 @@ def test_model_info(tiny):
     assert "vocab=256" in repr(tiny)
 
 
+def test_moe_model_info_and_expert_counts(tiny_moe):
+    i = tiny_moe.info
+    assert (i.n_experts, i.n_experts_used) == (4, 2)
+    assert 0 < i.n_active_params < i.n_params
+    with ember.Session(tiny_moe, n_ctx=64) as s:
+        assert s.expert_counts() == [[0] * 4, [0] * 4]
+        s.generate("Hello", max_tokens=3, temperature=0.0)
+        counts = s.expert_counts()
+        assert len(counts) == 2 and all(len(c) == 4 for c in counts)
+        # Every token of the prompt and of the generation went to 2 experts per layer.
+        assert sum(counts[0]) == sum(counts[1]) > 0
+        assert sum(counts[0]) % 2 == 0
+        s.reset_expert_counts()
+        assert s.expert_counts() == [[0] * 4, [0] * 4]
+
+
+def test_dense_model_has_no_expert_counts(tiny, tiny_session):
+    assert (tiny.info.n_experts, tiny.info.n_experts_used) == (0, 0)
+    assert tiny.info.n_active_params == tiny.info.n_params
+    assert tiny_session.expert_counts() == []
+
+
 @pytest.mark.parametrize(
     "text", ["Hello world", "", "  spaces  and\ttabs\n", "héllo wörld, 日本語 🙂", "a\0b"]
 )
