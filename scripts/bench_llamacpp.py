@@ -14,6 +14,14 @@ import os
 import time
 
 import llama_cpp
+import numpy as np
+
+
+def next_token(llm):
+    """Greedy next token from the last evaluated position's logits (read from the context:
+    `llm.scores` is only filled when every position keeps its logits)."""
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).argmax())
 
 
 def main():
@@ -45,11 +53,12 @@ def main():
         t0 = time.perf_counter()
         llm.eval(prompt)
         p = a.prompt / (time.perf_counter() - t0)
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = next_token(llm)
+        first = tok
         t1 = time.perf_counter()
         for _ in range(a.gen):
             llm.eval([tok])
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = next_token(llm)
         d = a.gen / (time.perf_counter() - t1)
         best_p, best_d = max(best_p, p), max(best_d, d)
     print(json.dumps({
@@ -58,7 +67,7 @@ def main():
         "backend": "vulkan" if a.gpu else f"cpu ({a.threads} threads)",
         "model": os.path.basename(a.model),
         "prompt": a.prompt, "gen": a.gen,
-        "prefill_tok_s": best_p, "decode_tok_s": best_d,
+        "prefill_tok_s": best_p, "decode_tok_s": best_d, "first_token": first,
     }))
 
 
