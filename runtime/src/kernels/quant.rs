@@ -382,7 +382,6 @@ pub fn qmatmul_experts(
             format!("ids {:?} for {} pairs", ids.shape(), d.pairs),
         ));
     }
-    let k = w.mat.cols;
     let sg = variant.resolve(ctx) == Variant::Subgroup;
     if sg && !Variant::subgroup_available(ctx) {
         return Err(Error::Unsupported(format!("{op}: no 8-wide subgroups")));
@@ -392,19 +391,7 @@ pub fn qmatmul_experts(
     let per_wg = if sg { 128 } else { 4 };
     let mut ops = Vec::with_capacity(w.mat.chunks.len());
     for c in &w.mat.chunks {
-        let u = ctx.uniform(&QuantParams {
-            m: to_u32(d.pairs, "pairs")?,
-            n: to_u32(w.rows, "rows")?,
-            k: to_u32(k, "cols")?,
-            ldx: to_u32(d.ldx, "ldx")?,
-            ldy: to_u32(d.ldy, "ldy")?,
-            y_offset: to_u32(d.y_offset, "y_offset")?,
-            row_start: to_u32(c.row_start / w.rows, "first expert")?,
-            n_ids: to_u32(d.pairs_per_x, "pairs_per_x")?,
-            glu4: (d.glu / 4) as u32,
-            experts: to_u32(c.rows / w.rows, "experts")?,
-            ..Default::default()
-        });
+        let u = ctx.uniform(&expert_params(w, c, d)?);
         ops.push(ctx.dispatch(
             op,
             &key,
@@ -452,20 +439,7 @@ pub fn qmatmul_experts_grouped(
         .def("GROUPED", true);
     let mut ops = Vec::with_capacity(w.mat.chunks.len());
     for c in &w.mat.chunks {
-        let u = ctx.uniform(&QuantParams {
-            m: to_u32(d.pairs, "pairs")?,
-            n: to_u32(w.rows, "rows")?,
-            k: to_u32(w.mat.cols, "cols")?,
-            ldx: to_u32(d.ldx, "ldx")?,
-            ldy: to_u32(d.ldy, "ldy")?,
-            y_offset: to_u32(d.y_offset, "y_offset")?,
-            row_start: to_u32(c.row_start / w.rows, "first expert")?,
-            n_ids: to_u32(d.pairs_per_x, "pairs_per_x")?,
-            glu4: (d.glu / 4) as u32,
-            experts: to_u32(c.rows / w.rows, "experts")?,
-            all_experts: to_u32(w.n_experts, "experts")?,
-            ..Default::default()
-        });
+        let u = ctx.uniform(&expert_params(w, c, d)?);
         ops.push(ctx.dispatch(
             op,
             &key,
@@ -485,6 +459,24 @@ pub fn qmatmul_experts_grouped(
         )?);
     }
     Ok(ops)
+}
+
+/// The uniform of an expert product over chunk `c` of `w`.
+fn expert_params(w: &QExperts, c: &QChunk, d: &ExpertDesc) -> Result<QuantParams> {
+    Ok(QuantParams {
+        m: to_u32(d.pairs, "pairs")?,
+        n: to_u32(w.rows, "rows")?,
+        k: to_u32(w.mat.cols, "cols")?,
+        ldx: to_u32(d.ldx, "ldx")?,
+        ldy: to_u32(d.ldy, "ldy")?,
+        y_offset: to_u32(d.y_offset, "y_offset")?,
+        row_start: to_u32(c.row_start / w.rows, "first expert")?,
+        n_ids: to_u32(d.pairs_per_x, "pairs_per_x")?,
+        glu4: (d.glu / 4) as u32,
+        experts: to_u32(c.rows / w.rows, "experts")?,
+        all_experts: to_u32(w.n_experts, "experts")?,
+        ..Default::default()
+    })
 }
 
 /// Checks an expert product's shapes against `w`, `x` and `y` (not its ids).

@@ -162,18 +162,6 @@ impl Model {
                 *dense = DenseMatrix::upload(ctx, &w, dense.rows, cols, dense.dtype)?;
             }
         }
-        Ok(Model {
-            ctx: ctx.clone(),
-            config: self.config.clone(),
-            tokenizer: self.tokenizer.clone(),
-            source: self.source.clone(),
-            embed: self.embed.clone(),
-            layers,
-            norm: self.norm.clone(),
-            lm_head: self.lm_head.clone(),
-            variant: self.variant,
-            qk_permuted: self.qk_permuted,
-            identity: id.finish(),
-        })
+        Ok(self.derived(self.config.clone(), layers, id.finish()))
     }
 }

@@ -449,7 +449,13 @@ impl Model {
         if let Some(m) = config.moe.as_mut() {
             m.n_experts += 1;
         }
-        Ok(Model {
+        Ok(self.derived(config, layers, self.identity))
+    }
+
+    /// A model sharing this one's device, tokenizer, embedding, final norm and head, with
+    /// other blocks (merged adapters, added experts).
+    fn derived(&self, config: ModelConfig, layers: Vec<Layer>, identity: u64) -> Model {
+        Model {
             ctx: self.ctx.clone(),
             config,
             tokenizer: self.tokenizer.clone(),
@@ -460,8 +466,8 @@ impl Model {
             lm_head: self.lm_head.clone(),
             variant: self.variant,
             qk_permuted: self.qk_permuted,
-            identity: self.identity,
-        })
+            identity,
+        }
     }
 
     /// The device the weights live on.
