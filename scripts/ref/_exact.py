@@ -39,6 +39,8 @@ _ROUTER_NORMALIZES = {
     "MixtralTopKRouter": lambda r: True,
     "Qwen2MoeTopKRouter": lambda r: bool(r.norm_topk_prob),
     "OlmoeTopKRouter": lambda r: bool(r.norm_topk_prob),
+    # transformers 5's Qwen3MoeTopKRouter.forward is Qwen2MoeTopKRouter's.
+    "Qwen3MoeTopKRouter": lambda r: bool(r.norm_topk_prob),
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny random Mixture-of-Experts models (Mixtral, Qwen2-MoE, OLMoE) with reference logits.
+"""Tiny random Mixture-of-Experts models (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) with reference logits.
 
 The MoE counterpart of tiny_llama.py (same generator, prompts and fixture conventions; its
 functions are imported). Writes a model directory (config.json + model.safetensors, float32,
@@ -22,11 +22,19 @@ routing, expert intermediate size 32, SiLU-gated (SwiGLU) experts, every layer s
              norm_topk_prob=False); q_norm / k_norm RMSNorms applied to the whole q and k
              projections (all heads together, before RoPE): q_norm weight [64], k_norm [32].
              -> /tmp/ember-tiny-olmoe, tests/fixtures/tiny_olmoe/logits.json
+  qwen3_moe  Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             head_dim=16, norm_topk_prob=True (as Qwen3-30B-A3B), decoder_sparse_step=1,
+             mlp_only_layers=[], attention_bias=False, intermediate_size=128 (unused: no dense
+             layer)); no shared expert; per-head q_norm / k_norm RMSNorms (weights [head_dim] =
+             [16], shared by the heads) applied to each head's q and k after the projection,
+             before RoPE.
+             -> /tmp/ember-tiny-qwen3-moe, tests/fixtures/tiny_qwen3_moe/logits.json
 
 The MoE block of every layer, for a token x (after post_attention_layernorm):
   p = softmax(W_router x) over the 4 experts; ids = the 2 largest p, largest first (torch.topk);
-  w = p[ids], divided by its sum for Mixtral only; y = sum_j w_j * down_e(silu(gate_e x) * up_e x)
-  (Qwen2-MoE: y += sigmoid(w_sg . x) * shared(x)); the residual adds y.
+  w = p[ids], divided by its sum for Mixtral and Qwen3-MoE only;
+  y = sum_j w_j * down_e(silu(gate_e x) * up_e x) (Qwen2-MoE: y += sigmoid(w_sg . x) * shared(x));
+  the residual adds y.
 
 Canonical safetensors keys (per layer i, expert e), all [out, in]:
   mixtral    model.layers.{i}.block_sparse_moe.gate.weight [4, 64] (router),
@@ -39,6 +47,8 @@ Canonical safetensors keys (per layer i, expert e), all [out, in]:
              model.layers.{i}.self_attn.{q,k,v}_proj.bias
   olmoe      model.layers.{i}.mlp.gate.weight, model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
              (as qwen2_moe), model.layers.{i}.self_attn.q_norm.weight [64], .k_norm.weight [32]
+  qwen3_moe  router and experts as olmoe, model.layers.{i}.self_attn.q_norm.weight [16],
+             .k_norm.weight [16] (per head)
 plus, for all, model.embed_tokens.weight, model.norm.weight, lm_head.weight and per layer
 input_layernorm, post_attention_layernorm, self_attn.{q,k,v,o}_proj.weight as in tiny_llama.py.
 transformers 5 holds the experts fused (mlp.experts.gate_up_proj [4, 64, 64] = per expert
@@ -71,8 +81,8 @@ whether q/k rows are permuted), checks.
 
 Environment: torch, transformers (5.x), safetensors, numpy, gguf (e.g. /tmp/peers/hf/bin/python).
 Usage (from the repo root):
-  /tmp/peers/hf/bin/python scripts/ref/tiny_moe.py [--variant mixtral|qwen2_moe|olmoe] [OUT_DIR]
-      [--fixture PATH] [--no-fixture]
+  /tmp/peers/hf/bin/python scripts/ref/tiny_moe.py [--variant mixtral|qwen2_moe|olmoe|qwen3_moe]
+      [OUT_DIR] [--fixture PATH] [--no-fixture]
 """
 import argparse
 import hashlib
@@ -104,6 +114,7 @@ VARIANTS = {
     "mixtral": ("/tmp/ember-tiny-mixtral", "tests/fixtures/tiny_mixtral/logits.json"),
     "qwen2_moe": ("/tmp/ember-tiny-qwen2-moe", "tests/fixtures/tiny_qwen2_moe/logits.json"),
     "olmoe": ("/tmp/ember-tiny-olmoe", "tests/fixtures/tiny_olmoe/logits.json"),
+    "qwen3_moe": ("/tmp/ember-tiny-qwen3-moe", "tests/fixtures/tiny_qwen3_moe/logits.json"),
 }
 # The sizes shared with tiny_llama.py (its SIZES without intermediate_size).
 SIZES = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -111,6 +122,9 @@ SIZES = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_
              rope_theta=10000.0)
 N_EXPERTS, TOP_K, EXPERT_FFN, SHARED_FFN = 4, 2, 32, 48
 QWEN2_MOE_DENSE_FFN = 128  # Qwen2MoeConfig.intermediate_size: used by no layer here
+QWEN3_MOE_DENSE_FFN = 128  # Qwen3MoeConfig.intermediate_size: used by no layer here
+# Variants whose router renormalizes its top-k weights to sum to 1.
+RENORMALIZED = ("mixtral", "qwen3_moe")
 ROUTE_PROMPT = 1  # index in PROMPTS of the prompt whose routing is recorded (7 tokens)
 
 
@@ -148,6 +162,8 @@ def tensor_shapes(variant):
                       p + "self_attn.v_proj.bias": (kv,)})
         if variant == "olmoe":
             t.update({p + "self_attn.q_norm.weight": (h,), p + "self_attn.k_norm.weight": (kv,)})
+        if variant == "qwen3_moe":  # per head, shared by the heads
+            t.update({p + "self_attn.q_norm.weight": (head_dim(),), p + "self_attn.k_norm.weight": (head_dim(),)})
         m = moe_prefix(variant, i)
         t[m + "gate.weight"] = (N_EXPERTS, h)
         for e in range(N_EXPERTS):
@@ -167,7 +183,7 @@ def tensor_shapes(variant):
 
 
 def make_config(variant):
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(**SIZES, tie_word_embeddings=False, hidden_act="silu", bos_token_id=None,
                   eos_token_id=None, pad_token_id=None, num_experts_per_tok=TOP_K,
@@ -182,6 +198,12 @@ def make_config(variant):
                              decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
                              use_sliding_window=False, sliding_window=None,
                              max_window_layers=SIZES["num_hidden_layers"])
+    elif variant == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_FFN,
+                             intermediate_size=QWEN3_MOE_DENSE_FFN, head_dim=head_dim(),
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                             attention_bias=False, use_sliding_window=False, sliding_window=None)
+        assert cfg.head_dim == head_dim() and cfg.norm_topk_prob is True, cfg
     else:
         cfg = OlmoeConfig(**common, num_experts=N_EXPERTS, intermediate_size=EXPERT_FFN,
                           norm_topk_prob=False, attention_bias=False, clip_qkv=None)
@@ -213,6 +235,10 @@ def config_json(variant, cfg, arch):
                  shared_expert_intermediate_size=SHARED_FFN, norm_topk_prob=False,
                  decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
                  sliding_window=None, max_window_layers=SIZES["num_hidden_layers"])
+    elif variant == "qwen3_moe":
+        c.update(num_experts=N_EXPERTS, moe_intermediate_size=EXPERT_FFN, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False,
+                 use_sliding_window=False, sliding_window=None)
     else:
         c.update(num_experts=N_EXPERTS, norm_topk_prob=False, attention_bias=False,
                  clip_qkv=None, pad_token_id=None)
@@ -243,9 +269,10 @@ def internal_tensors(variant, tensors):
 
 
 def build(variant):
-    from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
+    from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
-    cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "olmoe": OlmoeForCausalLM}[variant]
+    cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "olmoe": OlmoeForCausalLM,
+           "qwen3_moe": Qwen3MoeForCausalLM}[variant]
     cfg = make_config(variant)
     model = cls(cfg).to(torch.float32).eval()
     assert model.config._experts_implementation == "eager", model.config._experts_implementation
@@ -332,7 +359,10 @@ def manual_forward(variant, tensors, ids):
         q, k, v = lin(h, p + "self_attn.q_proj"), lin(h, p + "self_attn.k_proj"), lin(h, p + "self_attn.v_proj")
         if variant == "olmoe":  # over the whole projection, all heads together
             q, k = _rms(q, W[p + "self_attn.q_norm.weight"], eps), _rms(k, W[p + "self_attn.k_norm.weight"], eps)
-        q, k, v = rope(q.reshape(n, nh, hd)), rope(k.reshape(n, nkv, hd)), v.reshape(n, nkv, hd)
+        q, k, v = q.reshape(n, nh, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
+        if variant == "qwen3_moe":  # per head: each head's hd values, one weight shared by the heads
+            q, k = _rms(q, W[p + "self_attn.q_norm.weight"], eps), _rms(k, W[p + "self_attn.k_norm.weight"], eps)
+        q, k = rope(q), rope(k)
         att = np.zeros((n, nh, hd))
         causal = np.triu(np.ones((n, n), dtype=bool), 1)
         for hh in range(nh):
@@ -349,7 +379,7 @@ def manual_forward(variant, tensors, ids):
         y = np.zeros_like(h)
         for t in range(n):
             w = probs[t, top[t]]
-            if variant == "mixtral":
+            if variant in RENORMALIZED:
                 w = w / w.sum()
             for j, e in enumerate(top[t]):
                 a = _silu(h[t] @ W[f"{m}experts.{e}.{g}.weight"].T) * (h[t] @ W[f"{m}experts.{e}.{u}.weight"].T)
@@ -375,7 +405,7 @@ def gguf_expectation(variant, tensors):
     import gguf
 
     arch = {"mixtral": gguf.MODEL_ARCH.LLAMA, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
-            "olmoe": gguf.MODEL_ARCH.OLMOE}[variant]
+            "olmoe": gguf.MODEL_ARCH.OLMOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}[variant]
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, SIZES["num_hidden_layers"])
     allowed = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[arch]
@@ -417,7 +447,8 @@ def gguf_expectation(variant, tensors):
         K.BLOCK_COUNT.format(arch=arch_name): SIZES["num_hidden_layers"],
         K.CONTEXT_LENGTH.format(arch=arch_name): SIZES["max_position_embeddings"],
         K.EMBEDDING_LENGTH.format(arch=arch_name): SIZES["hidden_size"],
-        K.FEED_FORWARD_LENGTH.format(arch=arch_name): QWEN2_MOE_DENSE_FFN if variant == "qwen2_moe" else EXPERT_FFN,
+        K.FEED_FORWARD_LENGTH.format(arch=arch_name): {"qwen2_moe": QWEN2_MOE_DENSE_FFN,
+                                                       "qwen3_moe": QWEN3_MOE_DENSE_FFN}.get(variant, EXPERT_FFN),
         gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name): SIZES["num_attention_heads"],
         gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name): SIZES["num_key_value_heads"],
         gguf.Keys.Rope.FREQ_BASE.format(arch=arch_name): SIZES["rope_theta"],
@@ -425,9 +456,15 @@ def gguf_expectation(variant, tensors):
         K.EXPERT_COUNT.format(arch=arch_name): N_EXPERTS,
         K.EXPERT_USED_COUNT.format(arch=arch_name): TOP_K,
     }
-    if variant == "qwen2_moe":
+    if variant in ("qwen2_moe", "qwen3_moe"):  # Qwen3MoeModel is a Qwen2MoeModel in the converter
         md[K.EXPERT_FEED_FORWARD_LENGTH.format(arch=arch_name)] = EXPERT_FFN
+    if variant == "qwen2_moe":
         md[K.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(arch=arch_name)] = SHARED_FFN
+    if variant == "qwen3_moe":
+        # TextModel.set_gguf_parameters writes them from config.json's head_dim (llama.cpp
+        # renormalizes qwen3moe's top-k weights in its graph: no expert_weights_norm key).
+        md[gguf.Keys.Attention.KEY_LENGTH.format(arch=arch_name)] = head_dim()
+        md[gguf.Keys.Attention.VALUE_LENGTH.format(arch=arch_name)] = head_dim()
     return {
         "architecture": arch_name,
         "source": f"gguf-py {importlib.metadata.version('gguf')} TensorNameMap "
@@ -588,8 +625,8 @@ def main():
 
     shapes = tensor_shapes(args.variant)
     moe = {"num_experts": N_EXPERTS, "num_experts_per_tok": TOP_K, "expert_intermediate_size": EXPERT_FFN,
-           "norm_topk_prob": args.variant == "mixtral",
-           "router": "softmax over all experts, then top-k" + (", renormalized" if args.variant == "mixtral" else ""),
+           "norm_topk_prob": args.variant in RENORMALIZED,
+           "router": "softmax over all experts, then top-k" + (", renormalized" if args.variant in RENORMALIZED else ""),
            "router_key": moe_prefix(args.variant, 0).replace("model.layers.0.", "model.layers.{i}.") + "gate.weight",
            "expert_keys": [moe_prefix(args.variant, 0).replace("model.layers.0.", "model.layers.{i}.")
                            + f"experts.{{e}}.{w}.weight" for w in expert_names(args.variant)],
@@ -603,6 +640,11 @@ def main():
                           "k_norm": list(shapes["model.layers.0.self_attn.k_norm.weight"]),
                           "applied_to": "the whole q_proj / k_proj output (num_heads * head_dim = 64, "
                                         "num_kv_heads * head_dim = 32), before the head split and RoPE"}
+    if args.variant == "qwen3_moe":
+        moe["qk_norm"] = {"q_norm": list(shapes["model.layers.0.self_attn.q_norm.weight"]),
+                          "k_norm": list(shapes["model.layers.0.self_attn.k_norm.weight"]),
+                          "applied_to": "each head's q / k (head_dim = 16 values, one weight shared by "
+                                        "all heads), after the projection and head split, before RoPE"}
     out = {
         "variant": args.variant,
         "architecture": type(model).__name__,
@@ -617,7 +659,9 @@ def main():
             **({"num_local_experts": N_EXPERTS} if args.variant == "mixtral" else {"num_experts": N_EXPERTS}),
             **({"moe_intermediate_size": EXPERT_FFN, "shared_expert_intermediate_size": SHARED_FFN}
                if args.variant == "qwen2_moe" else {}),
-            **({"norm_topk_prob": False} if args.variant != "mixtral" else {}),
+            **({"moe_intermediate_size": EXPERT_FFN, "decoder_sparse_step": 1, "mlp_only_layers": []}
+               if args.variant == "qwen3_moe" else {}),
+            **({"norm_topk_prob": args.variant in RENORMALIZED} if args.variant != "mixtral" else {}),
             "attention_bias_qkv": args.variant == "qwen2_moe",
         },
         "moe": moe,

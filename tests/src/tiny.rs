@@ -1,6 +1,6 @@
 //! Tiny random Llama / Qwen2 / tied-Llama models and Mixture-of-Experts Mixtral / Qwen2-MoE /
-//! OLMoE models, generated bit-for-bit the same way as `scripts/ref/tiny_llama.py` and
-//! `scripts/ref/tiny_moe.py` generate them, so tests can compare Ember against the committed
+//! OLMoE / Qwen3-MoE models, generated bit-for-bit the same way as `scripts/ref/tiny_llama.py`
+//! and `scripts/ref/tiny_moe.py` generate them, so tests can compare Ember against the committed
 //! reference logits (`tests/fixtures/tiny_*/logits.json`) without torch and without committed
 //! weights. [`write_tiny_gguf`] writes the same weights as a GGUF file, laid out as llama.cpp's
 //! converter lays them out (optionally quantized to Q8_0 / Q4_0 / Q4_1), see [`TinyGguf::new`].
@@ -45,10 +45,15 @@
 //! * OLMoE: router and experts as Qwen2-MoE, no shared expert, plus
 //!   `.self_attn.q_norm.weight` `[64]` and `.self_attn.k_norm.weight` `[32]`: RMSNorms over the
 //!   whole q / k projection output (all heads together, before RoPE).
+//! * Qwen3-MoE: router and experts as Qwen2-MoE, no shared expert, no q/k/v biases, plus
+//!   per-head `.self_attn.q_norm.weight` and `.self_attn.k_norm.weight`, both `[16]`
+//!   (`[HEAD_DIM]`): RMSNorms over each head's q / k (one weight shared by all heads, after the
+//!   projection, before RoPE). `head_dim` is explicit in its config.
 //!
 //! The router takes the softmax over all experts, keeps the top 2 (largest first) and, for
-//! Mixtral only, renormalizes their weights to sum to 1 (`norm_topk_prob` false for the
-//! others). The fixtures describe all of it (`moe`, `routing`, `gguf` keys).
+//! Mixtral and Qwen3-MoE, renormalizes their weights to sum to 1 (`norm_topk_prob` false for
+//! Qwen2-MoE and OLMoE, true for Qwen3-MoE). The fixtures describe all of it (`moe`,
+//! `routing`, `gguf` keys).
 //!
 //! [`weights_checksum`] is FNV-1a-64 over, in sorted (byte-wise) tensor-name order, each name's
 //! bytes followed by its f32 little-endian data; the fixtures record it as `weights_checksum`.
@@ -99,9 +104,12 @@ pub const EXPERT_FFN: usize = 32;
 pub const SHARED_FFN: usize = 48;
 /// Qwen2-MoE's `intermediate_size` (a dense MLP's width; no layer of the tiny model is dense).
 pub const QWEN2_MOE_DENSE_FFN: usize = 128;
+/// Qwen3-MoE's `intermediate_size` (a dense MLP's width; no layer of the tiny model is dense).
+pub const QWEN3_MOE_DENSE_FFN: usize = 128;
 
-/// The tiny model variants: the three dense ones of `scripts/ref/tiny_llama.py` and the three
-/// Mixture-of-Experts ones of `scripts/ref/tiny_moe.py`.
+/// The tiny model variants: the three dense ones of `scripts/ref/tiny_llama.py` and the four
+/// Mixture-of-Experts ones of `scripts/ref/tiny_moe.py` (Qwen3-MoE not yet in [`Self::ALL`] /
+/// [`Self::MOE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyVariant {
     /// `LlamaForCausalLM`, untied `lm_head` (`tiny_llama.py --variant llama`).
@@ -118,17 +126,21 @@ pub enum TinyVariant {
     Qwen2Moe,
     /// `OlmoeForCausalLM` with q/k RMSNorms (`tiny_moe.py --variant olmoe`).
     Olmoe,
+    /// `Qwen3MoeForCausalLM`: per-head q/k RMSNorms, top-k weights renormalized
+    /// (`tiny_moe.py --variant qwen3_moe`).
+    Qwen3Moe,
 }
 
 impl TinyVariant {
     /// All variants, dense first.
-    pub const ALL: [TinyVariant; 6] = [
+    pub const ALL: [TinyVariant; 7] = [
         TinyVariant::Llama,
         TinyVariant::Qwen2,
         TinyVariant::LlamaTied,
         TinyVariant::Mixtral,
         TinyVariant::Qwen2Moe,
         TinyVariant::Olmoe,
+        TinyVariant::Qwen3Moe,
     ];
 
     /// The dense variants (`scripts/ref/tiny_llama.py`).
@@ -139,10 +151,11 @@ impl TinyVariant {
     ];
 
     /// The Mixture-of-Experts variants (`scripts/ref/tiny_moe.py`).
-    pub const MOE: [TinyVariant; 3] = [
+    pub const MOE: [TinyVariant; 4] = [
         TinyVariant::Mixtral,
         TinyVariant::Qwen2Moe,
         TinyVariant::Olmoe,
+        TinyVariant::Qwen3Moe,
     ];
 
     /// The script's `--variant` name.
@@ -154,6 +167,7 @@ impl TinyVariant {
             TinyVariant::Mixtral => "mixtral",
             TinyVariant::Qwen2Moe => "qwen2_moe",
             TinyVariant::Olmoe => "olmoe",
+            TinyVariant::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -166,6 +180,7 @@ impl TinyVariant {
             TinyVariant::Mixtral => "fixtures/tiny_mixtral/logits.json",
             TinyVariant::Qwen2Moe => "fixtures/tiny_qwen2_moe/logits.json",
             TinyVariant::Olmoe => "fixtures/tiny_olmoe/logits.json",
+            TinyVariant::Qwen3Moe => "fixtures/tiny_qwen3_moe/logits.json",
         }
     }
 
@@ -178,7 +193,10 @@ impl TinyVariant {
     pub fn is_moe(self) -> bool {
         matches!(
             self,
-            TinyVariant::Mixtral | TinyVariant::Qwen2Moe | TinyVariant::Olmoe
+            TinyVariant::Mixtral
+                | TinyVariant::Qwen2Moe
+                | TinyVariant::Olmoe
+                | TinyVariant::Qwen3Moe
         )
     }
 
@@ -195,6 +213,7 @@ impl TinyVariant {
             TinyVariant::Mixtral => "mixtral",
             TinyVariant::Qwen2Moe => "qwen2_moe",
             TinyVariant::Olmoe => "olmoe",
+            TinyVariant::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -206,6 +225,7 @@ impl TinyVariant {
             TinyVariant::Mixtral => "MixtralForCausalLM",
             TinyVariant::Qwen2Moe => "Qwen2MoeForCausalLM",
             TinyVariant::Olmoe => "OlmoeForCausalLM",
+            TinyVariant::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -217,16 +237,18 @@ impl TinyVariant {
             TinyVariant::Qwen2 => "qwen2",
             TinyVariant::Qwen2Moe => "qwen2moe",
             TinyVariant::Olmoe => "olmoe",
+            TinyVariant::Qwen3Moe => "qwen3moe",
         }
     }
 
     /// The config's `intermediate_size`: the dense MLP width, the expert width for Mixtral and
-    /// OLMoE, and Qwen2-MoE's (unused) dense width.
+    /// OLMoE, and Qwen2-MoE's / Qwen3-MoE's (unused) dense width.
     pub fn intermediate_size(self) -> usize {
         match self {
             TinyVariant::Llama | TinyVariant::Qwen2 | TinyVariant::LlamaTied => FFN,
             TinyVariant::Mixtral | TinyVariant::Olmoe => EXPERT_FFN,
             TinyVariant::Qwen2Moe => QWEN2_MOE_DENSE_FFN,
+            TinyVariant::Qwen3Moe => QWEN3_MOE_DENSE_FFN,
         }
     }
 
@@ -348,6 +370,11 @@ pub fn tensor_shapes(v: TinyVariant) -> Vec<(String, Vec<usize>)> {
             add("self_attn.q_norm.weight", vec![HIDDEN]);
             add("self_attn.k_norm.weight", vec![kv]);
         }
+        if v == TinyVariant::Qwen3Moe {
+            // Per head: one [head_dim] weight shared by the heads.
+            add("self_attn.q_norm.weight", vec![HEAD_DIM]);
+            add("self_attn.k_norm.weight", vec![HEAD_DIM]);
+        }
         if !v.is_moe() {
             add("mlp.gate_proj.weight", vec![FFN, HIDDEN]);
             add("mlp.up_proj.weight", vec![FFN, HIDDEN]);
@@ -455,6 +482,17 @@ pub fn config_json(v: TinyVariant) -> Value {
             "attention_bias": false,
             "clip_qkv": null,
             "pad_token_id": null,
+        }),
+        TinyVariant::Qwen3Moe => json!({
+            "num_experts_per_tok": EXPERTS_USED,
+            "num_experts": EXPERTS,
+            "moe_intermediate_size": EXPERT_FFN,
+            "norm_topk_prob": true,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "attention_bias": false,
+            "use_sliding_window": false,
+            "sliding_window": null,
         }),
     };
     if let (Value::Object(c), Value::Object(e)) = (&mut c, extra) {
@@ -760,18 +798,21 @@ fn llama_quantize_quantizes(name: &str, dims: &[u64]) -> bool {
 impl TinyGguf {
     /// The same weights as [`write_tiny_model`]'s checkpoint, laid out the way llama.cpp's
     /// converter (`convert_hf_to_gguf.py`: `LlamaModel`, which also converts Mixtral,
-    /// `Qwen2Model`, `Qwen2MoeModel`, `OlmoeModel`) writes them: llama.cpp names, ggml dims,
-    /// q/k rows permuted for the `llama` architecture (Llama and Mixtral; not for Qwen2,
-    /// Qwen2-MoE or OLMoE, which llama.cpp runs with NeoX-style RoPE on the HF layout), the
-    /// model's hyperparameters as `{arch}.*` keys and a byte-level `gpt2` vocabulary of 256
-    /// tokens. MoE variants add `{arch}.expert_count` and `{arch}.expert_used_count` (and for
-    /// `qwen2moe` `expert_feed_forward_length` and `expert_shared_feed_forward_length`), and
+    /// `Qwen2Model`, `Qwen2MoeModel`, `OlmoeModel`, `Qwen3MoeModel`) writes them: llama.cpp
+    /// names, ggml dims, q/k rows permuted for the `llama` architecture (Llama and Mixtral; not
+    /// for Qwen2, Qwen2-MoE, OLMoE or Qwen3-MoE, which llama.cpp runs with NeoX-style RoPE on
+    /// the HF layout), the model's hyperparameters as `{arch}.*` keys and a byte-level `gpt2`
+    /// vocabulary of 256 tokens. MoE variants add `{arch}.expert_count` and
+    /// `{arch}.expert_used_count` (and `expert_feed_forward_length` for `qwen2moe` and
+    /// `qwen3moe`, `expert_shared_feed_forward_length` for `qwen2moe`, and
+    /// `attention.key_length` / `attention.value_length` for `qwen3moe`), and
     /// store each layer's experts as three 3-D tensors `blk.N.ffn_{gate,up,down}_exps.weight`:
     /// the per-expert HF `[out, in]` matrices stacked in expert order (row-major
     /// `[E][out][in]`, ggml dims `[in, out, E]`), next to the router `blk.N.ffn_gate_inp.weight`
     /// (`[64, 4]`), Qwen2-MoE's shared expert `blk.N.ffn_{gate,up,down}_shexp.weight` and its
     /// gate `blk.N.ffn_gate_inp_shexp.weight` (dims `[64, 1]`, as the converter writes the HF
-    /// `[1, 64]`), and OLMoE's `blk.N.attn_{q,k}_norm.weight` (`[64]`, `[32]`).
+    /// `[1, 64]`), OLMoE's `blk.N.attn_{q,k}_norm.weight` (`[64]`, `[32]`) and Qwen3-MoE's
+    /// per-head `blk.N.attn_{q,k}_norm.weight` (`[16]` each).
     ///
     /// With `quant`, every weight `llama-quantize` would quantize is stored in that format
     /// by [`crate::quantize::quantize`]: the 2-D weights (the embedding and `output.weight`
@@ -807,9 +848,16 @@ impl TinyGguf {
             metadata.push((k("expert_count"), u32v(EXPERTS)));
             metadata.push((k("expert_used_count"), u32v(EXPERTS_USED)));
         }
-        if v == TinyVariant::Qwen2Moe {
+        if matches!(v, TinyVariant::Qwen2Moe | TinyVariant::Qwen3Moe) {
             metadata.push((k("expert_feed_forward_length"), u32v(EXPERT_FFN)));
+        }
+        if v == TinyVariant::Qwen2Moe {
             metadata.push((k("expert_shared_feed_forward_length"), u32v(SHARED_FFN)));
+        }
+        if v == TinyVariant::Qwen3Moe {
+            // From config.json's explicit head_dim.
+            metadata.push((k("attention.key_length"), u32v(HEAD_DIM)));
+            metadata.push((k("attention.value_length"), u32v(HEAD_DIM)));
         }
         metadata.extend([
             (k("rope.dimension_count"), u32v(HEAD_DIM)),
@@ -1105,6 +1153,162 @@ mod tests {
             Some("blk.1.ffn_down.weight")
         );
         assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+    }
+
+    /// The committed fixture of `v`.
+    fn fixture(v: TinyVariant) -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(v.fixture_path());
+        let s = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&s).unwrap()
+    }
+
+    /// Qwen3-MoE is not in [`TinyVariant::ALL`] / [`TinyVariant::MOE`] yet, which the
+    /// integration tests (`tests/tiny_models.rs`) iterate: the same checks against its fixture
+    /// here. The Rust-written checkpoint has the script's weights (`weights_checksum`), tensor
+    /// names, shapes and config; its GGUF has the converter's tensors, dims, metadata and the
+    /// tensors `llama-quantize` keeps f32.
+    #[test]
+    fn qwen3_moe_matches_the_python_reference() {
+        use ember::format::gguf::{GgufFile, TensorType};
+        let v = TinyVariant::Qwen3Moe;
+        let fx = fixture(v);
+        assert_eq!(fx["variant"].as_str(), Some(v.name()));
+        assert_eq!(fx["architecture"].as_str(), Some(v.architecture()));
+
+        let dir = std::env::temp_dir().join(format!(
+            "ember-tiny-unit-{}-{}",
+            v.name(),
+            std::process::id()
+        ));
+        write_tiny_model(&dir, v).unwrap();
+        let got = weights_checksum(&dir);
+        let written: Value =
+            serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        let want = u64::from_str_radix(fx["weights_checksum"].as_str().unwrap(), 16).unwrap();
+        assert_eq!(got, want, "{got:016x} != {want:016x}");
+
+        let shapes = tensor_shapes(v);
+        let fx_shapes: BTreeMap<String, Vec<usize>> =
+            serde_json::from_value(fx["tensor_shapes"].clone()).unwrap();
+        assert_eq!(
+            shapes.iter().cloned().collect::<BTreeMap<_, _>>(),
+            fx_shapes
+        );
+        let names: Vec<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
+        let fx_names: Vec<&str> = fx["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert_eq!(names, fx_names);
+        assert_eq!(
+            fx_shapes["model.layers.1.self_attn.k_norm.weight"],
+            vec![HEAD_DIM]
+        );
+
+        let cfg = config_json(v);
+        assert_eq!(written, cfg);
+        for (k, want) in fx["config"].as_object().unwrap() {
+            if k == "attention_bias_qkv" {
+                assert_eq!(want.as_bool(), Some(v.qkv_bias()));
+            } else {
+                assert_eq!(&cfg[k], want, "config {k}");
+            }
+        }
+        assert_eq!(cfg["head_dim"], json!(HEAD_DIM));
+        assert_eq!(cfg["norm_topk_prob"], json!(true));
+        assert_eq!(fx["moe"]["norm_topk_prob"], json!(true));
+
+        // GGUF: names (every HF tensor has one; E experts share a stacked one), dims, metadata.
+        let gguf_names: std::collections::HashSet<String> =
+            names.iter().map(|n| gguf_name(n).unwrap()).collect();
+        let n_experts = names.iter().filter(|n| expert_index(n).is_some()).count();
+        assert_eq!(n_experts, LAYERS * 3 * EXPERTS);
+        assert_eq!(gguf_names.len(), names.len() - n_experts + LAYERS * 3);
+        let want = &fx["gguf"];
+        assert_eq!(want["architecture"].as_str(), Some(v.gguf_arch()));
+        assert_eq!(want["qk_rows_permuted"].as_bool(), Some(false));
+        let f = GgufFile::from_bytes(TinyGguf::new(v, None).unwrap().to_bytes().unwrap()).unwrap();
+        assert_eq!(f.architecture().unwrap(), v.gguf_arch());
+        let dims: BTreeMap<String, Vec<u64>> = f
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.dims.clone()))
+            .collect();
+        let fx_dims: BTreeMap<String, Vec<u64>> =
+            serde_json::from_value(want["tensors"].clone()).unwrap();
+        assert_eq!(dims, fx_dims);
+        assert_eq!(
+            dims.keys()
+                .cloned()
+                .collect::<std::collections::HashSet<_>>(),
+            gguf_names
+        );
+        for (key, value) in want["metadata"].as_object().unwrap() {
+            let have = f
+                .get(key)
+                .unwrap_or_else(|| panic!("no metadata key {key}"));
+            match value {
+                Value::String(s) => assert_eq!(have.as_str(), Some(s.as_str()), "{key}"),
+                Value::Number(n) if n.is_u64() => assert_eq!(have.as_u64(), n.as_u64(), "{key}"),
+                Value::Number(n) => assert_eq!(
+                    have.as_f64().unwrap() as f32,
+                    n.as_f64().unwrap() as f32,
+                    "{key}"
+                ),
+                other => panic!("{key}: unexpected {other}"),
+            }
+        }
+        // The data: HF layout (no q/k permutation), experts stacked in expert order.
+        let hf: BTreeMap<String, Vec<f32>> = tiny_tensors(v)
+            .into_iter()
+            .map(|(n, _, x)| (n, x))
+            .collect();
+        let data = |name: &str| -> Vec<f32> {
+            f.tensor_data(f.tensor(name).unwrap())
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        for l in 0..LAYERS {
+            let p = format!("model.layers.{l}.");
+            for (g, h) in [
+                ("attn_q.weight", "self_attn.q_proj.weight"),
+                ("attn_k.weight", "self_attn.k_proj.weight"),
+                ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+                ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+                ("ffn_gate_inp.weight", "mlp.gate.weight"),
+            ] {
+                assert_eq!(data(&format!("blk.{l}.{g}")), hf[&format!("{p}{h}")], "{g}");
+            }
+            for (g, w) in [
+                ("ffn_gate_exps", "gate_proj"),
+                ("ffn_up_exps", "up_proj"),
+                ("ffn_down_exps", "down_proj"),
+            ] {
+                let stacked: Vec<f32> = (0..EXPERTS)
+                    .flat_map(|e| hf[&format!("{p}mlp.experts.{e}.{w}.weight")].clone())
+                    .collect();
+                assert_eq!(data(&format!("blk.{l}.{g}.weight")), stacked, "{g}");
+            }
+        }
+        // Quantized: exactly the fixture's f32_when_quantized stay f32 (no odd-width rows).
+        let mut f32_kept: Vec<String> =
+            serde_json::from_value(want["f32_when_quantized"].clone()).unwrap();
+        assert_eq!(want["rows_not_whole_32_blocks"], json!([]));
+        f32_kept.sort();
+        let g = TinyGguf::new(v, Some(ember::quant::QuantType::Q8_0)).unwrap();
+        let mut kept: Vec<String> = g
+            .tensors
+            .iter()
+            .filter(|t| t.ty == TensorType::F32)
+            .map(|t| t.name.clone())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, f32_kept);
     }
 
     #[test]

@@ -233,7 +233,7 @@ fn unpermuted_llama_gguf_differs() {
 
 #[test]
 fn reference_reproduces_transformers() {
-    for v in TinyVariant::DENSE {
+    for v in TinyVariant::ALL {
         let dir = TempDir::new(v.name());
         let path = dir.path().join("tiny-f32.gguf");
         write_tiny_gguf(&path, v, None).unwrap();
@@ -264,7 +264,7 @@ fn reference_reproduces_transformers() {
 }
 
 fn check_quantized(q: QuantType) {
-    for v in TinyVariant::DENSE {
+    for v in TinyVariant::ALL {
         let dir = TempDir::new(v.name());
         let path = dir.path().join(format!("tiny-{}.gguf", q.name()));
         write_tiny_gguf(&path, v, Some(q)).unwrap();
