@@ -45,16 +45,6 @@ impl Arch {
         }
     }
 
-    /// The GGUF `general.architecture` (llama.cpp writes Mixtral as `llama`).
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            Arch::Mixtral => "llama",
-            Arch::Qwen2Moe => "qwen2moe",
-            Arch::Qwen3Moe => "qwen3moe",
-            other => other.name(),
-        }
-    }
-
     /// Rotary embedding rotates halves of each head (GPT-NeoX style) in GGUF files; the
     /// Llama-layout families rotate adjacent pairs there, because llama.cpp's converter
     /// permutes their q and k rows.
@@ -156,7 +146,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// RMSNorms on q and k.
     pub qk_norm: QkNorm,
-    /// Mixture-of-Experts feed-forward (`ff` is then each expert's width).
+    /// Mixture-of-Experts feed-forward ([`MoeConfig::expert_ff`] is each expert's width;
+    /// `ff` keeps the file's dense feed-forward width, used by no MoE layer).
     pub moe: Option<MoeConfig>,
 }
 
