@@ -189,3 +189,95 @@ fn missing_model_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
 }
+
+/// `ember moe upcycle`, then `generate --expert-stats` and `bench` on the result: the
+/// upcycled model writes the dense model's greedy text, reports each layer's expert loads,
+/// and bench reports its experts and active parameters. A dense model has no expert stats.
+#[test]
+fn moe_upcycle_expert_stats_and_bench() {
+    use ember_tests::tiny::{write_tiny_gguf, TinyVariant};
+    let dir = ember_tests::model::temp_dir("cli-moe");
+    let dense = dir.join("dense.gguf");
+    write_tiny_gguf(
+        &dense,
+        TinyVariant::Llama,
+        Some(ember::quant::QuantType::Q8_0),
+    )
+    .unwrap();
+    let moe = dir.join("moe.gguf");
+    let (d, m) = (dense.to_str().unwrap(), moe.to_str().unwrap());
+    let (ok, out, err) = ember(&[
+        "moe",
+        "upcycle",
+        "-m",
+        d,
+        "--out",
+        m,
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--router-std",
+        "0.5",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["experts"].as_u64(), v["layers"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert!(v["active_params"].as_u64() < v["moe_params"].as_u64());
+
+    let gen = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "generate", "-m", model, "-p", "Hello", "-n", "6", "--temp", "0",
+        ];
+        args.extend_from_slice(extra);
+        ember(&args)
+    };
+    let (ok, out, err) = gen(m, &["--expert-stats", "--json"]);
+    assert!(ok, "{err}");
+    let g: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let load = g["expert_load"].as_array().unwrap();
+    assert_eq!(load.len(), 2);
+    for l in load {
+        let counts: Vec<u64> = l["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts.len(), 4);
+        assert!(counts.iter().sum::<u64>() > 0 && counts.iter().sum::<u64>() % 2 == 0);
+        assert!(l["imbalance"].as_f64().unwrap() >= 1.0);
+    }
+    let (ok, dense_out, err) = gen(d, &["--json"]);
+    assert!(ok, "{err}");
+    let dg: serde_json::Value = serde_json::from_str(dense_out.trim()).unwrap();
+    assert_eq!(
+        g["tokens"], dg["tokens"],
+        "upcycled greedy tokens differ from dense"
+    );
+    // The table goes to stderr when not printing JSON.
+    let (ok, _, err) = gen(m, &["--expert-stats"]);
+    assert!(
+        ok && err.contains("expert load") && err.contains("layer   1"),
+        "{err}"
+    );
+    let (ok, _, err) = gen(d, &["--expert-stats"]);
+    assert!(
+        !ok && err.contains("not a Mixture-of-Experts model"),
+        "{err}"
+    );
+
+    let (ok, out, err) = ember(&[
+        "bench", "-m", m, "--prompt", "8", "--gen", "2", "--reps", "1", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let b: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(b["experts"]["n"], 4);
+    assert_eq!(b["experts"]["top_k"], 2);
+    assert!(b["active_params"].as_u64() < b["params"].as_u64());
+    assert_eq!(b["expert_load"].as_array().unwrap().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
