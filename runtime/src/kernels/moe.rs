@@ -387,25 +387,12 @@ pub fn dense_experts(
 ) -> Result<Vec<Dispatch>> {
     let op = "dense_experts";
     let k = w.mat.cols;
-    let bad = |what: String| Err(Error::shape(op, what));
-    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || (d.glu > 0 && d.glu < k) {
-        return bad(format!(
-            "{} pairs ({} per activation row), ldx {} glu {} for {k} columns",
-            d.pairs, d.pairs_per_x, d.ldx, d.glu
-        ));
-    }
-    if d.ldy < d.y_offset + w.rows {
-        return bad(format!("ldy {} y_offset {}", d.ldy, d.y_offset));
-    }
-    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
-    if x.dtype() != DType::F32 || x.numel() < (x_rows - 1) * d.ldx + k + d.glu {
-        return bad(format!("X {:?} for {x_rows} rows", x.shape()));
-    }
-    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
-        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
-    }
+    d.check(op, y, x, w.rows, k)?;
     if ids.dtype() != DType::U32 || ids.numel() < d.pairs {
-        return bad(format!("ids {:?} for {} pairs", ids.shape(), d.pairs));
+        return Err(Error::shape(
+            op,
+            format!("ids {:?} for {} pairs", ids.shape(), d.pairs),
+        ));
     }
     let u32_of = |v: usize, what: &str| {
         u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} {v} exceeds u32")))

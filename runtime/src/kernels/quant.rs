@@ -115,6 +115,18 @@ pub enum QShape {
     Matrix,
 }
 
+impl QShape {
+    /// Whether `m` activation rows run the matrix-vector kernel (`subgroup`: the 8-wide
+    /// subgroup kernels, whose matrix kernel pays off from 3 rows; the tiled ones from 5).
+    pub fn vector(self, m: usize, subgroup: bool) -> bool {
+        match self {
+            QShape::Vector => true,
+            QShape::Matrix => false,
+            QShape::Auto => m <= if subgroup { 2 } else { 4 },
+        }
+    }
+}
+
 /// `Y[m][y_offset + j] (+)= sum_k X[m][k] * W[j][k]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QMatmulDesc {
@@ -260,11 +272,7 @@ pub fn qmatmul(
     if sg && !Variant::subgroup_available(ctx) {
         return Err(Error::Unsupported(format!("{op}: no 8-wide subgroups")));
     }
-    let vector = match shape {
-        QShape::Vector => true,
-        QShape::Matrix => false,
-        QShape::Auto => d.m <= if sg { 2 } else { 4 },
-    };
+    let vector = shape.vector(d.m, sg);
     let entry = match (sg, vector) {
         (true, true) => "qmv_sg",
         (true, false) => "qmm_sg",
@@ -361,6 +369,43 @@ pub struct ExpertDesc {
     pub glu: usize,
 }
 
+impl ExpertDesc {
+    /// Checks the product against experts of `rows x cols` and the sizes of `x` and `y`
+    /// (both f32).
+    pub fn check(
+        &self,
+        op: &'static str,
+        y: &Tensor,
+        x: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let d = self;
+        let bad = |what: String| Err(Error::shape(op, what));
+        if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < cols + d.glu {
+            return bad(format!(
+                "{} pairs ({} per activation row), ldx {} for {cols} columns",
+                d.pairs, d.pairs_per_x, d.ldx
+            ));
+        }
+        if (d.glu > 0 && d.glu < cols) || d.ldy < d.y_offset + rows {
+            return bad(format!(
+                "glu {} ldy {} y_offset {}",
+                d.glu, d.ldy, d.y_offset
+            ));
+        }
+        let x_rows = d.pairs.div_ceil(d.pairs_per_x);
+        let need_x = (x_rows - 1) * d.ldx + cols + d.glu;
+        if x.dtype() != DType::F32 || x.numel() < need_x {
+            return bad(format!("X {:?} needs {need_x} f32", x.shape()));
+        }
+        if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + rows {
+            return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
+        }
+        Ok(())
+    }
+}
+
 /// Builds the dispatches of [`ExpertDesc`]'s product: each pair reads only its own expert's
 /// rows (llama.cpp's MUL_MAT_ID idea), so a token costs k experts, not all of them. `ids`
 /// holds one u32 expert index per pair; a pair whose index is not below `w.n_experts` is
@@ -389,24 +434,13 @@ pub fn qmatmul_experts(
     let entry = if sg { "qmv_sg" } else { "qmv_tiled" };
     let key = expert_key(entry, w.mat.ty, sg, d.accumulate, d.glu > 0, true);
     let per_wg = if sg { 128 } else { 4 };
-    let mut ops = Vec::with_capacity(w.mat.chunks.len());
-    for c in &w.mat.chunks {
-        let u = ctx.uniform(&expert_params(w, c, d)?);
-        ops.push(ctx.dispatch(
-            op,
-            &key,
-            &[
-                Bind::U(&u),
-                Bind::T(x),
-                Bind::T(&c.q),
-                Bind::T(&c.s),
-                Bind::T(y),
-                Bind::T(ids),
-            ],
-            [w.rows.div_ceil(per_wg) as u32, to_u32(d.pairs, "pairs")?, 1],
-        )?);
-    }
-    Ok(ops)
+    let grid = [
+        to_u32(w.rows.div_ceil(per_wg), "rows")?,
+        to_u32(d.pairs, "pairs")?,
+    ];
+    expert_dispatches(ctx, op, &key, y, x, ids, w, d, |_| {
+        Ok([grid[0], grid[1], 1])
+    })
 }
 
 /// [`qmatmul_experts`] for many tokens at once (prefill): `group` holds the pairs grouped
@@ -437,25 +471,44 @@ pub fn qmatmul_experts_grouped(
     }
     let key = expert_key("qmm_tiled", w.mat.ty, false, d.accumulate, d.glu > 0, false)
         .def("GROUPED", true);
+    let (tiles_n, tiles_m) = (
+        to_u32(w.rows.div_ceil(64), "rows")?,
+        to_u32(d.pairs.div_ceil(64), "pairs")?,
+    );
+    expert_dispatches(ctx, op, &key, y, x, group, w, d, |c| {
+        Ok([tiles_n, tiles_m, to_u32(c.rows / w.rows, "experts")?])
+    })
+}
+
+/// One dispatch per chunk of `w` with the expert products' bindings (`index`: the pairs'
+/// expert ids, or the grouping) over the workgroup grid `grid(chunk)`.
+#[allow(clippy::too_many_arguments)]
+fn expert_dispatches(
+    ctx: &Context,
+    op: &'static str,
+    key: &PipelineKey,
+    y: &Tensor,
+    x: &Tensor,
+    index: &Tensor,
+    w: &QExperts,
+    d: &ExpertDesc,
+    grid: impl Fn(&QChunk) -> Result<[u32; 3]>,
+) -> Result<Vec<Dispatch>> {
     let mut ops = Vec::with_capacity(w.mat.chunks.len());
     for c in &w.mat.chunks {
         let u = ctx.uniform(&expert_params(w, c, d)?);
         ops.push(ctx.dispatch(
             op,
-            &key,
+            key,
             &[
                 Bind::U(&u),
                 Bind::T(x),
                 Bind::T(&c.q),
                 Bind::T(&c.s),
                 Bind::T(y),
-                Bind::T(group),
+                Bind::T(index),
             ],
-            [
-                to_u32(w.rows.div_ceil(64), "rows")?,
-                to_u32(d.pairs.div_ceil(64), "pairs")?,
-                to_u32(c.rows / w.rows, "experts")?,
-            ],
+            grid(c)?,
         )?);
     }
     Ok(ops)
@@ -479,7 +532,8 @@ fn expert_params(w: &QExperts, c: &QChunk, d: &ExpertDesc) -> Result<QuantParams
     })
 }
 
-/// Checks an expert product's shapes against `w`, `x` and `y` (not its ids).
+/// Checks a quantized expert product: [`ExpertDesc::check`], plus the vec4 alignment of
+/// the activations the quantized kernels read.
 fn validate_experts(
     op: &'static str,
     y: &Tensor,
@@ -487,27 +541,17 @@ fn validate_experts(
     w: &QExperts,
     d: &ExpertDesc,
 ) -> Result<()> {
-    let k = w.mat.cols;
-    let bad = |what: String| Err(Error::shape(op, what));
-    if d.pairs == 0 || d.pairs_per_x == 0 || d.ldx < k + d.glu || d.ldx % 4 != 0 {
-        return bad(format!(
-            "{} pairs ({} per activation row), ldx {} for {k} columns",
-            d.pairs, d.pairs_per_x, d.ldx
+    d.check(op, y, x, w.rows, w.mat.cols)?;
+    if d.ldx % 4 != 0 || d.glu % 4 != 0 || x.offset() % 16 != 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "ldx {} / glu {} / X offset {} not vec4-aligned",
+                d.ldx,
+                d.glu,
+                x.offset()
+            ),
         ));
-    }
-    if d.glu % 4 != 0 || (d.glu > 0 && d.glu < k) || d.ldy < d.y_offset + w.rows {
-        return bad(format!(
-            "glu {} ldy {} y_offset {}",
-            d.glu, d.ldy, d.y_offset
-        ));
-    }
-    let x_rows = d.pairs.div_ceil(d.pairs_per_x);
-    let need_x = (x_rows - 1) * d.ldx + k + d.glu;
-    if x.dtype() != DType::F32 || x.numel() < need_x || x.offset() % 16 != 0 {
-        return bad(format!("X {:?} needs {need_x} f32", x.shape()));
-    }
-    if y.dtype() != DType::F32 || y.numel() < (d.pairs - 1) * d.ldy + d.y_offset + w.rows {
-        return bad(format!("Y {:?} for {} pairs", y.shape(), d.pairs));
     }
     Ok(())
 }

@@ -394,8 +394,7 @@ impl Model {
                         .moe
                         .as_ref()
                         .ok_or_else(|| Error::Internal("activations without MoE buffers".into()))?;
-                    let batched = shape != QShape::Vector && m > 4;
-                    ops.extend(moe.forward(ctx, &a.x, &a.h, scratch, l, m, batched, variant)?);
+                    ops.extend(moe.forward(ctx, &a.x, &a.h, scratch, l, m, shape, variant)?);
                     continue;
                 }
             };

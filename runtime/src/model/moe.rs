@@ -244,21 +244,35 @@ pub struct MoeFfn {
     pub shared: Option<SharedExpert>,
 }
 
+/// The shared expert's buffers for `rows` tokens.
+struct SharedScratch {
+    /// gate|up `[rows][2 ff]`.
+    gate_up: Tensor,
+    /// SwiGLU output `[rows][ff]` (dense down projections, which do not fuse it).
+    act: Tensor,
+    /// The expert's output before its gate `[rows][hidden]`.
+    out: Tensor,
+    /// Gate logit `[rows]`, its sigmoid `[rows]`, and the (single) expert id the gate's
+    /// routing writes `[rows]` u32.
+    gate_logit: Tensor,
+    gate: Tensor,
+    gate_id: Tensor,
+}
+
 /// Scratch buffers of [`MoeFfn::forward`] for up to `rows` tokens.
 pub struct MoeScratch {
     rows: usize,
-    /// Router logits `[rows][n_experts]` (read back for expert statistics).
-    pub logits: Tensor,
-    /// Chosen experts `[rows][k]` u32 (read back for expert statistics).
-    pub ids: Tensor,
+    /// Router logits `[rows][n_experts]`.
+    logits: Tensor,
+    /// Chosen experts `[rows][k]` u32.
+    ids: Tensor,
     /// The pairs grouped by expert ([`crate::kernels::moe::group`]).
     group: Tensor,
     weights: Tensor,
     gu: Tensor,
     out: Tensor,
-    /// Shared expert: gate|up, SwiGLU output (dense weights), output, gate logit and its
-    /// sigmoid (with a dummy expert id).
-    shared: Option<[Tensor; 6]>,
+    /// The shared expert's buffers.
+    shared: Option<SharedScratch>,
     /// Expert loads, `[layers][n_experts]` u32: how many tokens each layer sent to each
     /// expert since the last reset ([`MoeScratch::expert_counts`]).
     pub counts: Tensor,
@@ -298,14 +312,14 @@ impl MoeScratch {
         let f = |n: usize| Tensor::zeros(ctx, &[n.max(1)], DType::F32);
         let shared = match shared_ff {
             None => None,
-            Some(sff) => Some([
-                f(rows * 2 * sff)?,
-                f(rows * sff)?,
-                f(rows * hidden)?,
-                f(rows)?,
-                f(rows)?,
-                Tensor::zeros(ctx, &[rows], DType::U32)?,
-            ]),
+            Some(sff) => Some(SharedScratch {
+                gate_up: f(rows * 2 * sff)?,
+                act: f(rows * sff)?,
+                out: f(rows * hidden)?,
+                gate_logit: f(rows)?,
+                gate: f(rows)?,
+                gate_id: Tensor::zeros(ctx, &[rows], DType::U32)?,
+            }),
         };
         Ok(MoeScratch {
             rows,
@@ -447,11 +461,11 @@ impl MoeFfn {
     }
 
     /// Dispatches of `x[..m] += MoE(h[..m])` (`x` and `h` are `[m][hidden]`) as layer
-    /// `layer` (whose expert loads it counts in `s`). `batched` (prefill) with the tiled
-    /// kernel variant groups the tokens by expert so that quantized experts multiply all
-    /// their tokens at once; otherwise (decode, or the subgroup variant) each (token,
-    /// expert) pair is its own product, whose result does not depend on the rest of the
-    /// batch.
+    /// `layer` (whose expert loads it counts in `s`). Where `shape` would multiply `m`
+    /// rows with the matrix kernel (prefill) and the variant is the tiled one, the tokens
+    /// are grouped by expert so that quantized experts multiply all their tokens at once;
+    /// otherwise (decode, or the subgroup variant) each (token, expert) pair is its own
+    /// product, whose result does not depend on the rest of the batch.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -461,7 +475,7 @@ impl MoeFfn {
         s: &MoeScratch,
         layer: usize,
         m: usize,
-        batched: bool,
+        shape: QShape,
         variant: Variant,
     ) -> Result<Vec<Dispatch>> {
         if m == 0 || m > s.rows {
@@ -502,9 +516,9 @@ impl MoeFfn {
         // Grouping feeds the workgroup-memory tiled kernel, which GPUs run well; with the
         // subgroup kernels (CPU Vulkan drivers) the per-pair vector products are 8-12x
         // faster for prefill than the tiled grouped product (measured on lavapipe).
-        let grouped = batched
-            && matches!(self.gate_up, ExpertMats::Quant(_))
-            && variant.resolve(ctx) == Variant::Tiled;
+        let grouped = variant.resolve(ctx) == Variant::Tiled
+            && !shape.vector(m, false)
+            && matches!(self.gate_up, ExpertMats::Quant(_));
         if grouped {
             ops.push(group(ctx, &s.ids, &s.group, m, e, k)?);
         }
@@ -539,50 +553,63 @@ impl MoeFfn {
             ctx, x, &s.out, &s.weights, m, k, hidden, hidden, hidden, true,
         )?);
         if let Some(sh) = &self.shared {
-            let [gu, act, out, g, gw, gid] = s
+            let b = s
                 .shared
                 .as_ref()
                 .ok_or_else(|| Error::Internal("MoE scratch without a shared expert".into()))?;
             let sff = sh.ff();
-            ops.extend(
-                sh.gate_up
-                    .forward(ctx, gu, h, rows(2 * sff), variant, QShape::Vector)?,
-            );
-            let target = if sh.gate.is_some() { out } else { x };
-            let acc = sh.gate.is_none();
-            if sh.down.fuses_glu() {
-                let r = Rows {
-                    m,
-                    ldx: 2 * sff,
-                    ldy: hidden,
-                    y_off: 0,
-                    accumulate: acc,
-                    glu: sff,
-                };
-                ops.extend(
-                    sh.down
-                        .forward(ctx, target, gu, r, variant, QShape::Vector)?,
-                );
+            ops.extend(sh.gate_up.forward(
+                ctx,
+                &b.gate_up,
+                h,
+                rows(2 * sff),
+                variant,
+                QShape::Vector,
+            )?);
+            // Quantized down projections read silu(gate) * up from the gate|up rows.
+            let (input, ldx, glu) = if sh.down.fuses_glu() {
+                (&b.gate_up, 2 * sff, sff)
             } else {
-                ops.push(swiglu(ctx, act, gu, None, m, sff)?);
-                let r = Rows {
-                    m,
-                    ldx: sff,
-                    ldy: hidden,
-                    y_off: 0,
-                    accumulate: acc,
-                    glu: 0,
-                };
-                ops.extend(
-                    sh.down
-                        .forward(ctx, target, act, r, variant, QShape::Vector)?,
-                );
-            }
+                ops.push(swiglu(ctx, &b.act, &b.gate_up, None, m, sff)?);
+                (&b.act, sff, 0)
+            };
+            // Ungated, the output goes straight into the residual.
+            let r = Rows {
+                m,
+                ldx,
+                ldy: hidden,
+                y_off: 0,
+                accumulate: sh.gate.is_none(),
+                glu,
+            };
+            let target = if sh.gate.is_some() { &b.out } else { x };
+            ops.extend(
+                sh.down
+                    .forward(ctx, target, input, r, variant, QShape::Vector)?,
+            );
             if let Some(gate) = &sh.gate {
-                ops.extend(gate.forward(ctx, g, h, rows(1), variant, QShape::Vector)?);
-                ops.push(route(ctx, g, gid, gw, m, 1, 1, 1, Gating::Sigmoid, None)?);
+                ops.extend(gate.forward(
+                    ctx,
+                    &b.gate_logit,
+                    h,
+                    rows(1),
+                    variant,
+                    QShape::Vector,
+                )?);
+                ops.push(route(
+                    ctx,
+                    &b.gate_logit,
+                    &b.gate_id,
+                    &b.gate,
+                    m,
+                    1,
+                    1,
+                    1,
+                    Gating::Sigmoid,
+                    None,
+                )?);
                 ops.push(combine(
-                    ctx, x, out, gw, m, 1, hidden, hidden, hidden, true,
+                    ctx, x, &b.out, &b.gate, m, 1, hidden, hidden, hidden, true,
                 )?);
             }
         }
@@ -894,14 +921,11 @@ mod tests {
             let x = Tensor::from_f32(ctx, &[m, hidden], &xv).unwrap();
             let runs = Variant::all(ctx)
                 .into_iter()
-                .flat_map(|v| [(v, false), (v, true)]);
-            for (variant, batched) in runs {
+                .flat_map(|v| [(v, QShape::Vector), (v, QShape::Matrix)]);
+            for (variant, shape) in runs {
                 x.write(ctx, &xv).unwrap();
-                ctx.run(
-                    &ffn.forward(ctx, &x, &h, &s, 0, m, batched, variant)
-                        .unwrap(),
-                )
-                .unwrap();
+                ctx.run(&ffn.forward(ctx, &x, &h, &s, 0, m, shape, variant).unwrap())
+                    .unwrap();
                 let mut want = Vec::new();
                 for t in 0..m {
                     let r = reference(
@@ -917,7 +941,7 @@ mod tests {
                     want.extend((0..hidden).map(|c| (xv[t * hidden + c] as f64 + r[c]) as f32));
                 }
                 assert_close(
-                    &format!("MoE {what} {gating:?} {variant:?} batched={batched}"),
+                    &format!("MoE {what} {gating:?} {variant:?} {shape:?}"),
                     &x.read_f32(ctx).unwrap(),
                     &want,
                     2e-4,
