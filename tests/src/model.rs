@@ -50,3 +50,48 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
 }
+
+/// A fresh, unique directory under the system temp dir (process id, a counter and the time
+/// in its name, so parallel tests never share one), removed with everything in it on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `ember-{tag}-...`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "ember-{tag}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The GPU context the tests of one binary share (lavapipe in CI).
+pub fn ctx() -> &'static ember::Context {
+    static CTX: std::sync::OnceLock<ember::Context> = std::sync::OnceLock::new();
+    CTX.get_or_init(|| ember::Context::new().expect("a GPU context (lavapipe in CI)"))
+}

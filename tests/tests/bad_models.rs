@@ -4,51 +4,15 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use ember::format::gguf::{TensorType, Value};
 use ember::model::{LoadOptions, Model};
-use ember::{Context, Error, ErrorKind};
+use ember::{Error, ErrorKind};
+use ember_tests::model::{ctx, TempDir};
 use ember_tests::tiny::{
     safetensors_bytes, tiny_tensors, write_tiny_model, TinyGguf, TinyVariant, HIDDEN, VOCAB,
 };
 use safetensors::tensor::{Dtype, TensorView};
-
-fn ctx() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| Context::new().expect("a GPU context (lavapipe in CI)"))
-}
-
-/// A fresh, unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-bad-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Loads `path`, which must fail without panicking, with an error of `kind` whose message
 /// contains every one of `needles`.

@@ -9,8 +9,8 @@
 //!   fifth expert computes, and differs from the original;
 //! - bad requests get errors that say what is wrong.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 
 use ember::format::gguf::Value;
 use ember::model::moe::NewExpert;
@@ -19,39 +19,9 @@ use ember::model::weights::{HostMatrix, HostTensor};
 use ember::model::{LoadOptions, Model};
 use ember::quant::QuantType;
 use ember::session::{SamplerConfig, Session, SessionParams};
-use ember::Context;
+use ember_tests::model::{ctx, TempDir};
 use ember_tests::reference::max_abs_diff;
 use ember_tests::tiny::{write_tiny_gguf, TinyGguf, TinyVariant, HIDDEN, VOCAB};
-
-fn ctx() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| Context::new().expect("a GPU context (lavapipe in CI)"))
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "ember-moe-grow-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn load(path: &Path) -> Arc<Model> {
     Arc::new(

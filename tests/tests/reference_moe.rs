@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 
 use ember::quant::QuantType;
+use ember_tests::model::TempDir;
 use ember_tests::reference::{argmax, max_abs_diff, RefFfn, RefMlp, RefModel, RefRoute};
 use ember_tests::tiny::{write_tiny_gguf, TinyVariant, EXPERTS_USED};
 use serde_json::Value;
@@ -44,25 +45,6 @@ fn floats(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect()
-}
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("ember-reference-moe-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The worst |logit - fixture| over the prompts' last positions; asserts the argmax at every

@@ -5,36 +5,15 @@
 //! gives them (the fixtures' `gguf` section, which the script takes from gguf-py).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ember::format::gguf::{GgufFile, TensorType};
 use ember::quant::QuantType;
+use ember_tests::model::TempDir;
 use ember_tests::tiny::{
     byte_char, config_json, permute_qk, tensor_shapes, tiny_tensors, weights_checksum,
     write_tiny_model, TinyGguf, TinyVariant, EXPERTS, HEADS, HIDDEN, KV_HEADS, LAYERS,
 };
-
-/// A fresh, unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p =
-            std::env::temp_dir().join(format!("ember-tiny-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn fixture(v: TinyVariant) -> serde_json::Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(v.fixture_path());

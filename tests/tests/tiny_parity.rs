@@ -16,14 +16,14 @@
 //!
 //! The measured differences are printed (`cargo test -- --nocapture` shows them).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 
 use ember::kernels::Variant;
 use ember::model::{LoadOptions, Model};
 use ember::quant::QuantType;
 use ember::session::{SamplerConfig, SeqId, Session, SessionParams};
-use ember::Context;
+use ember_tests::model::{ctx, TempDir};
 use ember_tests::reference::{argmax, max_abs_diff, RefModel};
 use ember_tests::tiny::{byte_char, write_tiny_gguf, write_tiny_model, TinyVariant, VOCAB};
 
@@ -34,42 +34,6 @@ const REFERENCE_TOL: f64 = 1e-3;
 /// The float64 reference against the transformers fixture (both exact math; the fixture's
 /// logits are rounded to f32).
 const REFERENCE_FIXTURE_TOL: f64 = 1e-4;
-
-fn ctx() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| Context::new().expect("a GPU context (lavapipe in CI)"))
-}
-
-/// A fresh, unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-parity-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Prompt {
     ids: Vec<u32>,
