@@ -176,39 +176,42 @@ pub struct GenerateArgs {
     expert_stats: bool,
 }
 
-/// Per-layer expert loads as JSON: the counts, each expert's share of the layer's choices,
-/// and the imbalance (largest load over the mean; 1 is perfectly even).
+/// One layer's expert loads: each expert's share of the layer's choices, and the imbalance
+/// (largest load over the mean; 1 is perfectly even, 0 when nothing was routed).
+fn layer_load(counts: &[u64]) -> (Vec<f64>, f64) {
+    let total: u64 = counts.iter().sum();
+    let share = counts
+        .iter()
+        .map(|&n| n as f64 / total.max(1) as f64)
+        .collect();
+    let mean = total as f64 / counts.len().max(1) as f64;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    (share, if mean > 0.0 { max / mean } else { 0.0 })
+}
+
+/// Per-layer expert loads as JSON: the counts, each expert's share and the imbalance
+/// ([`layer_load`]).
 pub fn expert_load_json(counts: &[Vec<u64>]) -> serde_json::Value {
     let layers: Vec<_> = counts
         .iter()
         .enumerate()
         .map(|(l, c)| {
-            let total: u64 = c.iter().sum();
-            let share: Vec<f64> = c.iter().map(|&n| n as f64 / total.max(1) as f64).collect();
-            let mean = total as f64 / c.len().max(1) as f64;
-            let max = c.iter().copied().max().unwrap_or(0) as f64;
-            json!({"layer": l, "counts": c, "share": share,
-                   "imbalance": if mean > 0.0 { max / mean } else { 0.0 }})
+            let (share, imbalance) = layer_load(c);
+            json!({"layer": l, "counts": c, "share": share, "imbalance": imbalance})
         })
         .collect();
     json!(layers)
 }
 
-/// Prints [`expert_load_json`] as a table: one row per layer, each expert's share in %.
+/// The loads as a table on stderr: one row per layer, each expert's share in %.
 fn print_expert_load(counts: &[Vec<u64>]) {
     eprintln!("expert load (% of the layer's routed tokens; imbalance = max / mean):");
     for (l, c) in counts.iter().enumerate() {
-        let total: u64 = c.iter().sum::<u64>().max(1);
-        let cells: Vec<String> = c
-            .iter()
-            .map(|&n| format!("{:5.1}", 100.0 * n as f64 / total as f64))
-            .collect();
-        let mean = total as f64 / c.len().max(1) as f64;
-        let max = c.iter().copied().max().unwrap_or(0) as f64;
+        let (share, imbalance) = layer_load(c);
+        let cells: Vec<String> = share.iter().map(|s| format!("{:5.1}", 100.0 * s)).collect();
         eprintln!(
-            "layer {l:>3}: {}  imbalance {:.2}",
-            cells.join(" "),
-            max / mean
+            "layer {l:>3}: {}  imbalance {imbalance:.2}",
+            cells.join(" ")
         );
     }
 }
