@@ -81,43 +81,41 @@ impl WeightName {
     /// The tensor name in a GGUF file (llama.cpp's naming).
     pub fn gguf(self) -> String {
         use LayerWeight::*;
-        match self {
-            WeightName::Embed => "token_embd.weight".into(),
-            WeightName::Norm => "output_norm.weight".into(),
-            WeightName::LmHead => "output.weight".into(),
+        let (i, w) = match self {
+            WeightName::Embed => return "token_embd.weight".into(),
+            WeightName::Norm => return "output_norm.weight".into(),
+            WeightName::LmHead => return "output.weight".into(),
+            WeightName::Layer(i, w) => (i, w),
+        };
+        let suffix = match w {
+            AttnNorm => "attn_norm.weight",
+            Q => "attn_q.weight",
+            K => "attn_k.weight",
+            V => "attn_v.weight",
+            O => "attn_output.weight",
+            QBias => "attn_q.bias",
+            KBias => "attn_k.bias",
+            VBias => "attn_v.bias",
+            FfnNorm => "ffn_norm.weight",
+            Gate => "ffn_gate.weight",
+            Up => "ffn_up.weight",
+            Down => "ffn_down.weight",
+            QNorm => "attn_q_norm.weight",
+            KNorm => "attn_k_norm.weight",
+            Router => "ffn_gate_inp.weight",
+            ExpertsGate => "ffn_gate_exps.weight",
+            ExpertsUp => "ffn_up_exps.weight",
+            ExpertsDown => "ffn_down_exps.weight",
+            SharedGate => "ffn_gate_shexp.weight",
+            SharedUp => "ffn_up_shexp.weight",
+            SharedDown => "ffn_down_shexp.weight",
+            SharedRouter => "ffn_gate_inp_shexp.weight",
             // Early Mixtral GGUFs stored each expert on its own.
-            WeightName::Layer(i, ExpertGate(e)) => format!("blk.{i}.ffn_gate.{e}.weight"),
-            WeightName::Layer(i, ExpertUp(e)) => format!("blk.{i}.ffn_up.{e}.weight"),
-            WeightName::Layer(i, ExpertDown(e)) => format!("blk.{i}.ffn_down.{e}.weight"),
-            WeightName::Layer(i, w) => format!(
-                "blk.{i}.{}",
-                match w {
-                    AttnNorm => "attn_norm.weight",
-                    Q => "attn_q.weight",
-                    K => "attn_k.weight",
-                    V => "attn_v.weight",
-                    O => "attn_output.weight",
-                    QBias => "attn_q.bias",
-                    KBias => "attn_k.bias",
-                    VBias => "attn_v.bias",
-                    FfnNorm => "ffn_norm.weight",
-                    Gate => "ffn_gate.weight",
-                    Up => "ffn_up.weight",
-                    Down => "ffn_down.weight",
-                    QNorm => "attn_q_norm.weight",
-                    KNorm => "attn_k_norm.weight",
-                    Router => "ffn_gate_inp.weight",
-                    ExpertsGate => "ffn_gate_exps.weight",
-                    ExpertsUp => "ffn_up_exps.weight",
-                    ExpertsDown => "ffn_down_exps.weight",
-                    SharedGate => "ffn_gate_shexp.weight",
-                    SharedUp => "ffn_up_shexp.weight",
-                    SharedDown => "ffn_down_shexp.weight",
-                    SharedRouter => "ffn_gate_inp_shexp.weight",
-                    ExpertGate(_) | ExpertUp(_) | ExpertDown(_) => unreachable!(),
-                }
-            ),
-        }
+            ExpertGate(e) => return format!("blk.{i}.ffn_gate.{e}.weight"),
+            ExpertUp(e) => return format!("blk.{i}.ffn_up.{e}.weight"),
+            ExpertDown(e) => return format!("blk.{i}.ffn_down.{e}.weight"),
+        };
+        format!("blk.{i}.{suffix}")
     }
 
     /// The tensor name in an HF checkpoint (the first of [`WeightName::hf_names`]).
@@ -130,67 +128,54 @@ impl WeightName {
     /// `mlp`. Stacked expert tensors are a GGUF layout and have no HF name.
     pub fn hf_names(self) -> Vec<String> {
         use LayerWeight::*;
-        let moe = |i: usize, mixtral: String, other: String| {
+        let (i, w) = match self {
+            WeightName::Embed => return vec!["model.embed_tokens.weight".into()],
+            WeightName::Norm => return vec!["model.norm.weight".into()],
+            WeightName::LmHead => return vec!["lm_head.weight".into()],
+            WeightName::Layer(i, w) => (i, w),
+        };
+        let plain = |name: &str| vec![format!("model.layers.{i}.{name}")];
+        let moe = |mixtral: String, other: String| {
             vec![
                 format!("model.layers.{i}.block_sparse_moe.{mixtral}"),
                 format!("model.layers.{i}.mlp.{other}"),
             ]
         };
-        match self {
-            WeightName::Layer(i, Router) => moe(i, "gate.weight".into(), "gate.weight".into()),
-            WeightName::Layer(i, ExpertGate(e)) => moe(
-                i,
+        match w {
+            AttnNorm => plain("input_layernorm.weight"),
+            Q => plain("self_attn.q_proj.weight"),
+            K => plain("self_attn.k_proj.weight"),
+            V => plain("self_attn.v_proj.weight"),
+            O => plain("self_attn.o_proj.weight"),
+            QBias => plain("self_attn.q_proj.bias"),
+            KBias => plain("self_attn.k_proj.bias"),
+            VBias => plain("self_attn.v_proj.bias"),
+            FfnNorm => plain("post_attention_layernorm.weight"),
+            Gate => plain("mlp.gate_proj.weight"),
+            Up => plain("mlp.up_proj.weight"),
+            Down => plain("mlp.down_proj.weight"),
+            QNorm => plain("self_attn.q_norm.weight"),
+            KNorm => plain("self_attn.k_norm.weight"),
+            SharedGate => plain("mlp.shared_expert.gate_proj.weight"),
+            SharedUp => plain("mlp.shared_expert.up_proj.weight"),
+            SharedDown => plain("mlp.shared_expert.down_proj.weight"),
+            SharedRouter => plain("mlp.shared_expert_gate.weight"),
+            Router => moe("gate.weight".into(), "gate.weight".into()),
+            ExpertGate(e) => moe(
                 format!("experts.{e}.w1.weight"),
                 format!("experts.{e}.gate_proj.weight"),
             ),
-            WeightName::Layer(i, ExpertUp(e)) => moe(
-                i,
+            ExpertUp(e) => moe(
                 format!("experts.{e}.w3.weight"),
                 format!("experts.{e}.up_proj.weight"),
             ),
-            WeightName::Layer(i, ExpertDown(e)) => moe(
-                i,
+            ExpertDown(e) => moe(
                 format!("experts.{e}.w2.weight"),
                 format!("experts.{e}.down_proj.weight"),
             ),
-            WeightName::Layer(i, ExpertsGate | ExpertsUp | ExpertsDown) => {
+            ExpertsGate | ExpertsUp | ExpertsDown => {
                 vec![format!("model.layers.{i}.mlp.experts (stacked)")]
             }
-            other => vec![other.hf_plain()],
-        }
-    }
-
-    fn hf_plain(self) -> String {
-        use LayerWeight::*;
-        match self {
-            WeightName::Embed => "model.embed_tokens.weight".into(),
-            WeightName::Norm => "model.norm.weight".into(),
-            WeightName::LmHead => "lm_head.weight".into(),
-            WeightName::Layer(i, w) => format!(
-                "model.layers.{i}.{}",
-                match w {
-                    AttnNorm => "input_layernorm.weight",
-                    Q => "self_attn.q_proj.weight",
-                    K => "self_attn.k_proj.weight",
-                    V => "self_attn.v_proj.weight",
-                    O => "self_attn.o_proj.weight",
-                    QBias => "self_attn.q_proj.bias",
-                    KBias => "self_attn.k_proj.bias",
-                    VBias => "self_attn.v_proj.bias",
-                    FfnNorm => "post_attention_layernorm.weight",
-                    Gate => "mlp.gate_proj.weight",
-                    Up => "mlp.up_proj.weight",
-                    Down => "mlp.down_proj.weight",
-                    QNorm => "self_attn.q_norm.weight",
-                    KNorm => "self_attn.k_norm.weight",
-                    SharedGate => "mlp.shared_expert.gate_proj.weight",
-                    SharedUp => "mlp.shared_expert.up_proj.weight",
-                    SharedDown => "mlp.shared_expert.down_proj.weight",
-                    SharedRouter => "mlp.shared_expert_gate.weight",
-                    Router | ExpertsGate | ExpertsUp | ExpertsDown | ExpertGate(_)
-                    | ExpertUp(_) | ExpertDown(_) => unreachable!(),
-                }
-            ),
         }
     }
 }
