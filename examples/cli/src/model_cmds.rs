@@ -502,8 +502,8 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         }
         let decode = (a.generate * a.batch) as f64 / t1.elapsed().as_secs_f64();
         dispatches = sess.last_dispatches;
-        if sess.expert_counts()?.is_some() {
-            expert_load = sess.expert_counts()?;
+        if let Some(counts) = sess.expert_counts()? {
+            expert_load = Some(counts);
             sess.reset_expert_counts()?;
         }
         best_prefill = best_prefill.max(prefill);

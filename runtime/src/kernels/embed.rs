@@ -50,6 +50,25 @@ impl DenseMatrix {
         cols: usize,
         dtype: DType,
     ) -> Result<Self> {
+        Self::upload_aligned(ctx, data, rows, cols, dtype, 1)
+    }
+
+    /// [`DenseMatrix::upload`] with chunks of a multiple of `align` rows (whole experts;
+    /// `rows` must be a multiple of it).
+    pub fn upload_aligned(
+        ctx: &Context,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        align: usize,
+    ) -> Result<Self> {
+        if align == 0 || rows % align != 0 {
+            return Err(Error::shape(
+                "dense upload",
+                format!("{rows} rows in chunks of {align}"),
+            ));
+        }
         if data.len() != rows * cols || !matches!(dtype, DType::F32 | DType::F16) {
             return Err(Error::shape(
                 "dense upload",
@@ -62,11 +81,11 @@ impl DenseMatrix {
         if dtype == DType::F16 && cols % 2 == 1 {
             per_chunk &= !1;
         }
-        let per_chunk = per_chunk.min(rows);
+        let per_chunk = per_chunk.min(rows) / align * align;
         if per_chunk == 0 {
             return Err(Error::Limit {
-                what: format!("one {dtype:?} row of {cols} columns"),
-                needed: row_bytes,
+                what: format!("{align} {dtype:?} row(s) of {cols} columns"),
+                needed: row_bytes * align as u64,
                 limit: ctx.caps().max_binding,
             });
         }

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{grid, Bind, Context, DType, Dispatch, PipelineKey, Tensor};
-use crate::kernels::embed::{DenseChunk, DenseMatrix};
+use crate::kernels::embed::DenseMatrix;
 use crate::kernels::quant::ExpertDesc;
 use crate::uniform;
 
@@ -335,40 +335,8 @@ impl DenseExperts {
                 ),
             ));
         }
-        let expert_bytes = (rows * cols) as u64 * dtype.size();
-        let per_chunk = (ctx.caps().max_binding / expert_bytes) as usize;
-        if per_chunk == 0 {
-            return Err(Error::Limit {
-                what: format!("one {dtype:?} expert of {rows}x{cols}"),
-                needed: expert_bytes,
-                limit: ctx.caps().max_binding,
-            });
-        }
-        let mut chunks = Vec::new();
-        let mut first = 0;
-        while first < n_experts {
-            let n = per_chunk.min(n_experts - first);
-            let part = &data[first * rows * cols..(first + n) * rows * cols];
-            let shape = [n * rows, cols];
-            let t = if f16 {
-                Tensor::from_f32_as_f16(ctx, &shape, part)?
-            } else {
-                Tensor::from_f32(ctx, &shape, part)?
-            };
-            chunks.push(DenseChunk {
-                row_start: first * rows,
-                rows: n * rows,
-                t,
-            });
-            first += n;
-        }
         Ok(DenseExperts {
-            mat: DenseMatrix {
-                dtype,
-                rows: total,
-                cols,
-                chunks,
-            },
+            mat: DenseMatrix::upload_aligned(ctx, data, total, cols, dtype, rows)?,
             n_experts,
             rows,
         })
