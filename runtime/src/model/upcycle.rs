@@ -86,12 +86,7 @@ pub fn upcycle_gguf(src: &Path, dst: &Path, o: &UpcycleOptions) -> Result<Upcycl
     let (e, hidden, ff) = (o.experts, cfg.hidden, cfg.ff);
     let mut w = GgufWriter::new();
     for (k, v) in f.metadata() {
-        if k != "general.alignment" {
-            w.add(k.clone(), v.clone());
-        }
-    }
-    if let Some(a) = f.get("general.alignment") {
-        w.add("general.alignment", a.clone());
+        w.add(k.clone(), v.clone());
     }
     w.add(format!("{arch}.expert_count"), Value::U32(e as u32));
     w.add(
