@@ -67,3 +67,72 @@ fn lora_up(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = row * p.ldy + p.y_off + o;
     y[i] = y[i] + scale * s;
 }
+
+// Mixtures of LoRA experts: the row's adapter has a router (routes[ad].y experts, 0 for
+// plain LoRA) at routes[ad].x in router_all, [experts][in_dim]. Its logits z = R x choose
+// the top routes[ad].z experts (ties: lower index); their gates are the softmax over the
+// chosen logits (routes[ad].w = 1) or the softmax over all kept for the chosen; t's
+// columns of expert e (rank / experts each) are scaled by its gate, 0 when not chosen.
+@group(0) @binding(9) var<storage, read> router_all: array<f32>;
+@group(0) @binding(10) var<storage, read> routes: array<vec4<u32>>;
+
+var<workgroup> n_exp: u32;
+var<workgroup> zs: array<f32, 32>;
+var<workgroup> gates: array<f32, 32>;
+
+// One workgroup per row; invocation e < experts computes logit e.
+@compute @workgroup_size(64)
+fn lora_gate(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) j: u32) {
+    let row = wg.x;
+    var ad = 0xFFFFFFFFu;
+    if (row < p.rows) { ad = row_ad[row]; }
+    if (j == 0u) {
+        var n = 0u;
+        if (ad != 0xFFFFFFFFu) { n = routes[ad].y; }
+        n_exp = n;
+    }
+    let ne = workgroupUniformLoad(&n_exp);
+    if (ne == 0u) { return; }
+    let rt = routes[ad];
+    if (j < ne) {
+        var s = 0.0;
+        let rb = rt.x + j * p.in_dim;
+        let xb = p.x_off + row * p.ldx;
+        for (var i = 0u; i < p.in_dim; i++) { s += router_all[rb + i] * x[xb + i]; }
+        zs[j] = s;
+    }
+    workgroupBarrier();
+    if (j == 0u) {
+        var mx = -3.4e38;
+        for (var e = 0u; e < ne; e++) { mx = max(mx, zs[e]); }
+        var sum = 0.0;
+        for (var e = 0u; e < ne; e++) { sum += exp(zs[e] - mx); }
+        var mask = 0u;
+        var ssum = 0.0;
+        for (var k = 0u; k < rt.z; k++) {
+            var best = 0u;
+            var found = false;
+            for (var e = 0u; e < ne; e++) {
+                if ((mask & (1u << e)) == 0u && (!found || zs[e] > zs[best])) {
+                    best = e;
+                    found = true;
+                }
+            }
+            mask |= 1u << best;
+            ssum += exp(zs[best] - mx);
+        }
+        if (rt.w == 0u) { ssum = sum; }
+        for (var e = 0u; e < ne; e++) {
+            var gv = 0.0;
+            if ((mask & (1u << e)) != 0u) { gv = exp(zs[e] - mx) / ssum; }
+            gates[e] = gv;
+        }
+    }
+    workgroupBarrier();
+    let rank = table[ad].z;
+    let er = rank / ne;
+    for (var jj = j; jj < rank; jj += 64u) {
+        let i = row * p.max_rank + jj;
+        t[i] = t[i] * gates[jj / er];
+    }
+}

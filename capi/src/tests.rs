@@ -134,6 +134,7 @@ fn save_random_adapter(model: &ember::model::Model, dir: &std::path::Path, seed:
             alpha: 8.0,
             rslora: false,
             targets: vec![Target::Q, Target::V],
+            experts: None,
         },
         seed,
     )

@@ -265,6 +265,7 @@ pub unsafe extern "C" fn ember_trainer_create(
                 },
                 rslora: p.rslora,
                 targets: targets(p.lora_targets)?,
+                experts: None,
             };
             let mut a = LoraAdapter::init(&model.config, config, p.seed)?;
             a.base_identity = Some(model.identity);

@@ -11,6 +11,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("embed", include_str!("../../shaders/embed.wgsl")),
     ("kv", include_str!("../../shaders/kv.wgsl")),
     ("lora", include_str!("../../shaders/lora.wgsl")),
+    ("lora_moe", include_str!("../../shaders/lora_moe.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("moe", include_str!("../../shaders/moe.wgsl")),
     ("moe_dense", include_str!("../../shaders/moe_dense.wgsl")),

@@ -33,6 +33,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use ember::adapters::Target;
 use ember::format::gguf::{GgufFile, TensorType};
 use ember::quant::dequantize;
 use ember::{Error, Result};
@@ -567,6 +568,35 @@ impl RefModel {
     /// # Panics
     /// On a token id outside the vocabulary.
     pub fn forward_routed(&self, tokens: &[u32]) -> (Vec<Vec<f64>>, Vec<Vec<RefRoute>>) {
+        self.forward_adapted(tokens, &mut |_: Site<'_>| None)
+    }
+
+    /// [`RefModel::forward_routed`] with an adapter: at each linear layer LoRA can adapt
+    /// (q, k, v, o, and gate, up, down of a dense feed-forward), `adapter` sees the
+    /// [`Site`] and may return a delta added to the projection's output.
+    ///
+    /// # Panics
+    /// On a token id outside the vocabulary, or a delta of the wrong length.
+    pub fn forward_adapted(
+        &self,
+        tokens: &[u32],
+        adapter: &mut dyn FnMut(Site<'_>) -> Option<Vec<f64>>,
+    ) -> (Vec<Vec<f64>>, Vec<Vec<RefRoute>>) {
+        let mut proj = |layer: usize, target: Target, pos: usize, x: &[f64], y: &mut Vec<f64>| {
+            if let Some(d) = adapter(Site {
+                layer,
+                target,
+                pos,
+                x,
+            }) {
+                assert_eq!(
+                    d.len(),
+                    y.len(),
+                    "adapter delta for layer {layer} {target:?}"
+                );
+                add(y, &d);
+            }
+        };
         let (h, hd) = (self.hidden, self.head_dim);
         let (q_dim, kv_dim) = (self.n_heads * hd, self.n_kv_heads * hd);
         let group = self.n_heads / self.n_kv_heads;
@@ -579,7 +609,7 @@ impl RefModel {
             })
             .collect();
         let mut routes = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
             let mut qs = Vec::with_capacity(tokens.len());
             let mut ks = Vec::with_capacity(tokens.len());
             let mut vs = Vec::with_capacity(tokens.len());
@@ -588,6 +618,9 @@ impl RefModel {
                 let mut q = matvec(&l.wq, &hn, q_dim);
                 let mut k = matvec(&l.wk, &hn, kv_dim);
                 let mut v = matvec(&l.wv, &hn, kv_dim);
+                proj(li, Target::Q, pos, &hn, &mut q);
+                proj(li, Target::K, pos, &hn, &mut k);
+                proj(li, Target::V, pos, &hn, &mut v);
                 if let Some([bq, bk, bv]) = &l.bias {
                     add(&mut q, bq);
                     add(&mut k, bk);
@@ -627,10 +660,26 @@ impl RefModel {
                         }
                     }
                 }
-                add(xp, &matvec(&l.wo, &attn, h));
+                let mut o = matvec(&l.wo, &attn, h);
+                proj(li, Target::O, pos, &attn, &mut o);
+                add(xp, &o);
                 let hn = rms_norm(xp, &l.ffn_norm, self.eps);
                 let y = match &l.ffn {
-                    RefFfn::Dense(mlp) => mlp.forward(&hn),
+                    RefFfn::Dense(mlp) => {
+                        let ff = mlp.gate.len() / h;
+                        let mut gate = matvec(&mlp.gate, &hn, ff);
+                        let mut up = matvec(&mlp.up, &hn, ff);
+                        proj(li, Target::Gate, pos, &hn, &mut gate);
+                        proj(li, Target::Up, pos, &hn, &mut up);
+                        let act: Vec<f64> = gate
+                            .iter()
+                            .zip(&up)
+                            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                            .collect();
+                        let mut y = matvec(&mlp.down, &act, h);
+                        proj(li, Target::Down, pos, &act, &mut y);
+                        y
+                    }
                     RefFfn::Moe(moe) => {
                         let (y, route) = moe.forward(&hn);
                         layer_routes.push(route);
@@ -667,6 +716,20 @@ impl RefModel {
             }
         }
     }
+}
+
+/// Where an adapter acts in [`RefModel::forward_adapted`]: the layer, the adapted linear
+/// layer, the position and the linear layer's input there.
+#[derive(Debug, Clone, Copy)]
+pub struct Site<'a> {
+    /// Decoder layer.
+    pub layer: usize,
+    /// The linear layer.
+    pub target: Target,
+    /// Position in the sequence.
+    pub pos: usize,
+    /// The linear layer's input at this position.
+    pub x: &'a [f64],
 }
 
 /// `exp(v - max) / sum`.

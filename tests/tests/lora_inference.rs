@@ -44,6 +44,7 @@ fn random_adapter(m: &Model, rank: usize, seed: u64, targets: &[Target]) -> Lora
             alpha: 2.0 * rank as f32,
             rslora: false,
             targets: targets.to_vec(),
+            experts: None,
         },
         seed,
     )

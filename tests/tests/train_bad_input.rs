@@ -33,6 +33,7 @@ fn lora(m: &Model, rank: usize) -> LoraAdapter {
             alpha: 16.0,
             rslora: false,
             targets: Target::ALL.to_vec(),
+            experts: None,
         },
         3,
     )

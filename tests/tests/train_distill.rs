@@ -34,6 +34,7 @@ fn adapter(m: &Model, b_scale: f32) -> LoraAdapter {
             alpha: 8.0,
             rslora: false,
             targets: Target::ALL.to_vec(),
+            experts: None,
         },
         3,
     )

@@ -83,6 +83,7 @@ fn quantized_gguf_base_trains_like_its_f32_export() {
             alpha: 8.0,
             rslora: false,
             targets: Target::ALL.to_vec(),
+            experts: None,
         },
         5,
     )

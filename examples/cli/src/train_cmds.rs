@@ -79,6 +79,7 @@ impl AdapterArgs {
                 alpha: self.alpha.unwrap_or(2.0 * self.rank as f32),
                 rslora: self.rslora,
                 targets: self.targets()?,
+                experts: None,
             };
             let mut a = LoraAdapter::init(&model.config, config, self.seed)?;
             a.base_identity = Some(model.identity);

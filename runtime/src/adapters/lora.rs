@@ -3,6 +3,14 @@
 //! `adapter_model.safetensors` with keys
 //! `base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.lora_{A|B}.weight`,
 //! A `[r][in]`, B `[out][r]`, in HF row order (Ember permutes q/k rows for GGUF bases).
+//!
+//! A *mixture of LoRA experts* ([`LoraExperts`]) puts `E` LoRA pairs of rank `r` behind a
+//! router on each adapted layer: `y = W x + s * sum_{e in top-k} g_e B_e A_e x`, the gates
+//! `g` a softmax of the router's logits `R x` over the chosen `k` (or over all experts, kept
+//! for the chosen ones, without renormalization). Its A and B are stored stacked: A
+//! `[E r][in]` (expert `e` is rows `e r ..`), B `[out][E r]` (expert `e` is columns `e r ..`),
+//! the router `[E][in]` beside them (`lora_router.weight`), with `peft_type`
+//! `EMBER_MOE_LORA` so that no tool mistakes it for a plain LoRA adapter.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -95,11 +103,19 @@ impl Target {
 
     /// The PEFT tensor key of this layer's A or B matrix.
     pub fn peft_key(self, layer: usize, b: bool) -> String {
+        self.key(layer, if b { "B" } else { "A" })
+    }
+
+    /// The tensor key of this layer's router (a mixture of LoRA experts).
+    pub fn router_key(self, layer: usize) -> String {
+        self.key(layer, "router")
+    }
+
+    fn key(self, layer: usize, what: &str) -> String {
         format!(
-            "base_model.model.model.layers.{layer}.{}.{}.lora_{}.weight",
+            "base_model.model.model.layers.{layer}.{}.{}.lora_{what}.weight",
             self.parent(),
             self.module(),
-            if b { "B" } else { "A" }
         )
     }
 }
@@ -115,9 +131,68 @@ pub struct LoraConfig {
     pub rslora: bool,
     /// Adapted layers.
     pub targets: Vec<Target>,
+    /// A mixture of LoRA experts instead of one pair per layer (`rank` is each expert's).
+    #[serde(default)]
+    pub experts: Option<LoraExperts>,
+}
+
+/// Routing of a mixture of LoRA experts: every adapted layer has `n_experts` pairs of rank
+/// `rank` and its own router, and each token uses the `top_k` experts the router scores
+/// highest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraExperts {
+    /// Experts per adapted layer (2..=32).
+    pub n_experts: usize,
+    /// Experts each token uses (1..=n_experts).
+    pub top_k: usize,
+    /// Gates are the softmax over the chosen experts (they sum to 1); otherwise the
+    /// chosen experts keep their softmax-over-all weight (Switch Transformer's top-1 gate,
+    /// through which the router learns from the task loss even with one expert).
+    pub renormalize: bool,
+}
+
+impl LoraExperts {
+    /// Most experts per layer (the route kernels keep a token's choice in one 32-bit mask).
+    pub const MAX_EXPERTS: usize = 32;
+
+    fn validate(&self) -> Result<()> {
+        if !(2..=Self::MAX_EXPERTS).contains(&self.n_experts)
+            || self.top_k == 0
+            || self.top_k > self.n_experts
+        {
+            return Err(Error::InvalidArgument(format!(
+                "mixture of LoRA experts: {} experts, top-{} (2..={} experts, 1 <= top-k <= experts)",
+                self.n_experts,
+                self.top_k,
+                Self::MAX_EXPERTS
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl LoraConfig {
+    /// Plain LoRA of `rank` on `targets` with alpha `alpha`.
+    pub fn new(rank: usize, alpha: f32, targets: Vec<Target>) -> LoraConfig {
+        LoraConfig {
+            rank,
+            alpha,
+            rslora: false,
+            targets,
+            experts: None,
+        }
+    }
+
+    /// Experts per layer (1 for plain LoRA).
+    pub fn n_experts(&self) -> usize {
+        self.experts.map_or(1, |e| e.n_experts)
+    }
+
+    /// Rows of the stored A (columns of B): the rank times the experts.
+    pub fn width(&self) -> usize {
+        self.rank * self.n_experts()
+    }
+
     /// The scale s of `s * B A x`.
     pub fn scale(&self) -> f32 {
         if self.rslora {
@@ -140,17 +215,29 @@ impl LoraConfig {
                 self.alpha, self.targets
             )));
         }
+        if let Some(e) = &self.experts {
+            e.validate()?;
+            if self.width() > 256 {
+                return Err(Error::InvalidArgument(format!(
+                    "mixture of LoRA experts: {} experts of rank {} exceed 256 stacked rows",
+                    e.n_experts, self.rank
+                )));
+            }
+        }
         Ok(())
     }
 }
 
-/// One adapted layer: A `[rank][in]` and B `[out][rank]`, HF row order.
+/// One adapted layer: A `[rank][in]` and B `[out][rank]`, HF row order (a mixture's
+/// experts stacked: A `[E rank][in]`, B `[out][E rank]`, and its router `[E][in]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
     /// Down projection.
     pub a: Vec<f32>,
     /// Up projection.
     pub b: Vec<f32>,
+    /// The router of a mixture of experts (empty for plain LoRA).
+    pub router: Vec<f32>,
 }
 
 /// A LoRA adapter's weights on the host.
@@ -166,27 +253,39 @@ pub struct LoraAdapter {
     pub base_name: String,
 }
 
+/// `peft_type` of a mixture of LoRA experts (not a PEFT type: PEFT refuses it instead of
+/// loading it as plain LoRA without its router).
+pub const MOE_LORA: &str = "EMBER_MOE_LORA";
+
 fn fmt_err(path: &Path, d: impl Into<String>) -> Error {
     Error::format(Some(path), d)
 }
 
 impl LoraAdapter {
     /// A fresh adapter initialized as PEFT does: A Kaiming-uniform (`a = sqrt(5)`, i.e.
-    /// uniform in `±1/sqrt(in)`), B zero, so it starts as the identity.
+    /// uniform in `±1/sqrt(in)`), B zero, so it starts as the identity. A mixture's
+    /// experts each draw their own A, and its router is uniform in `±1/sqrt(in)` (as
+    /// `nn.Linear`), so that tokens spread over the experts from the start.
     pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64) -> Result<LoraAdapter> {
         config.validate()?;
         let mut rng = Rng::new(seed);
         let mut weights = BTreeMap::new();
+        let width = config.width();
         for layer in 0..model.n_layers {
             for &t in &config.targets {
                 let (out, inp) = t.dims(model);
                 let bound = 1.0 / (inp as f32).sqrt();
-                let a = rng.vec(config.rank * inp, -bound, bound);
+                let a = rng.vec(width * inp, -bound, bound);
+                let router = match config.experts {
+                    Some(e) => rng.vec(e.n_experts * inp, -bound, bound),
+                    None => Vec::new(),
+                };
                 weights.insert(
                     (layer, t),
                     LoraPair {
                         a,
-                        b: vec![0.0; out * config.rank],
+                        b: vec![0.0; out * width],
+                        router,
                     },
                 );
             }
@@ -208,6 +307,11 @@ impl LoraAdapter {
             .ok_or_else(|| Error::InvalidArgument("no adapters to stack".into()))?;
         if parts.len() == 1 && first.1 == 1.0 {
             return Ok(first.0.clone());
+        }
+        if parts.iter().any(|(a, _)| a.config.experts.is_some()) {
+            return Err(Error::Unsupported(
+                "stacking a mixture of LoRA experts with other adapters (its router decides per token)".into(),
+            ));
         }
         let rank: usize = parts.iter().map(|(a, _)| a.config.rank).sum();
         if rank > 256 {
@@ -261,24 +365,50 @@ impl LoraAdapter {
                 }
                 col += r;
             }
-            weights.insert(key, LoraPair { a: a_rows, b });
+            weights.insert(
+                key,
+                LoraPair {
+                    a: a_rows,
+                    b,
+                    router: Vec::new(),
+                },
+            );
         }
         Ok(LoraAdapter {
-            config: LoraConfig {
-                rank,
-                alpha: rank as f32,
-                rslora: false,
-                targets,
-            },
+            config: LoraConfig::new(rank, rank as f32, targets),
             weights,
             base_identity: first.0.base_identity,
             base_name: first.0.base_name.clone(),
         })
     }
 
+    /// Checks that every pair fits `c` (layer in range, A, B and router sizes), naming the
+    /// adapter as `what` in the error.
+    pub fn check_fits(&self, c: &ModelConfig, what: &str) -> Result<()> {
+        let width = self.config.width();
+        for (&(l, t), p) in &self.weights {
+            let (out, inp) = t.dims(c);
+            let router = self.config.experts.map_or(0, |e| e.n_experts * inp);
+            if l >= c.n_layers
+                || p.a.len() != width * inp
+                || p.b.len() != out * width
+                || p.router.len() != router
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: layer {l} {} does not fit this model",
+                    t.module()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Trainable parameter count.
     pub fn n_params(&self) -> usize {
-        self.weights.values().map(|p| p.a.len() + p.b.len()).sum()
+        self.weights
+            .values()
+            .map(|p| p.a.len() + p.b.len() + p.router.len())
+            .sum()
     }
 
     /// Loads a PEFT adapter directory and checks it against `model` (shapes, and the base
@@ -287,14 +417,16 @@ impl LoraAdapter {
         let pc = PeftConfig::read(dir)?;
         let cfg_path = pc.path.clone();
         let get = |k: &str| pc.get(k);
-        if let Some(t) = pc.peft_type() {
-            if t != "LORA" {
+        let mixture = match pc.peft_type() {
+            None | Some("LORA") => false,
+            Some(MOE_LORA) => true,
+            Some(t) => {
                 return Err(Error::Unsupported(format!(
                     "{}: PEFT type {t} is not LORA",
                     cfg_path.display()
-                )));
+                )))
             }
-        }
+        };
         for unsupported in ["use_dora", "lora_bias"] {
             if get(unsupported).and_then(|b| b.as_bool()).unwrap_or(false) {
                 return Err(Error::Unsupported(format!(
@@ -367,13 +499,26 @@ impl LoraAdapter {
             }
             None => return Err(fmt_err(&cfg_path, "missing target_modules")),
         };
+        let experts = if mixture {
+            Some(LoraExperts {
+                n_experts: pc.usize("moe_experts")?,
+                top_k: pc.usize("moe_top_k")?,
+                renormalize: get("moe_renormalize")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(true),
+            })
+        } else {
+            None
+        };
         let config = LoraConfig {
             rank,
             alpha,
             rslora,
             targets,
+            experts,
         };
         config.validate()?;
+        let width = config.width();
         let base_identity = pc.check_base(dir, model)?;
         let (st_path, bytes) = peft::read_tensors(dir)?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -395,17 +540,48 @@ impl LoraAdapter {
                     }
                 };
                 let (out, inp) = t.dims(mc);
-                if a.1 != [rank, inp] || b.1 != [out, rank] {
+                if a.1 != [width, inp] || b.1 != [out, width] {
                     return Err(fmt_err(
                         &st_path,
                         format!(
-                            "{ka}: A {:?} and B {:?}, the model needs [{rank}, {inp}] and [{out}, {rank}]",
+                            "{ka}: A {:?} and B {:?}, the model needs [{width}, {inp}] and [{out}, {width}]",
                             a.1, b.1
                         ),
                     ));
                 }
-                weights.insert((layer, t), LoraPair { a: a.0, b: b.0 });
-                used += 2;
+                let router = match config.experts {
+                    None => Vec::new(),
+                    Some(e) => {
+                        let kr = t.router_key(layer);
+                        match read_f32(&st, &kr, &st_path)? {
+                            Some((r, shape)) if shape == [e.n_experts, inp] => r,
+                            Some((_, shape)) => {
+                                return Err(fmt_err(
+                                    &st_path,
+                                    format!(
+                                        "{kr}: {shape:?}, the model needs [{}, {inp}]",
+                                        e.n_experts
+                                    ),
+                                ))
+                            }
+                            None => {
+                                return Err(fmt_err(
+                                    &st_path,
+                                    format!("layer {layer} {}: no router", t.module()),
+                                ))
+                            }
+                        }
+                    }
+                };
+                used += 2 + !router.is_empty() as usize;
+                weights.insert(
+                    (layer, t),
+                    LoraPair {
+                        a: a.0,
+                        b: b.0,
+                        router,
+                    },
+                );
             }
         }
         if used == 0 {
@@ -413,9 +589,11 @@ impl LoraAdapter {
         }
         if let Some(extra) = st.names().into_iter().find(|n| {
             n.contains("lora_")
-                && !weights
-                    .keys()
-                    .any(|(l, t)| t.peft_key(*l, false) == **n || t.peft_key(*l, true) == **n)
+                && !weights.iter().any(|((l, t), p)| {
+                    t.peft_key(*l, false) == **n
+                        || t.peft_key(*l, true) == **n
+                        || (!p.router.is_empty() && t.router_key(*l) == **n)
+                })
         }) {
             return Err(fmt_err(
                 &st_path,
@@ -434,17 +612,36 @@ impl LoraAdapter {
     /// base model's identity.
     pub fn save(&self, dir: &Path, model: &Model) -> Result<()> {
         let (r, mc) = (self.config.rank, &model.config);
+        let width = self.config.width();
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for ((layer, t), p) in &self.weights {
             let (out, inp) = t.dims(mc);
-            tensors.push((t.peft_key(*layer, false), vec![r, inp], &p.a));
-            tensors.push((t.peft_key(*layer, true), vec![out, r], &p.b));
+            tensors.push((t.peft_key(*layer, false), vec![width, inp], &p.a));
+            tensors.push((t.peft_key(*layer, true), vec![out, width], &p.b));
+            if !p.router.is_empty() {
+                let n = p.router.len() / inp;
+                tensors.push((t.router_key(*layer), vec![n, inp], &p.router));
+            }
         }
         let mut layers: Vec<usize> = self.weights.keys().map(|(l, _)| *l).collect();
         layers.dedup();
         let mut cfg = peft::common_fields(model);
+        if let Some(e) = &self.config.experts {
+            for (k, v) in [
+                ("moe_experts", json!(e.n_experts)),
+                ("moe_top_k", json!(e.top_k)),
+                ("moe_renormalize", json!(e.renormalize)),
+            ] {
+                cfg.insert(k.into(), v);
+            }
+        }
+        let kind = if self.config.experts.is_some() {
+            MOE_LORA
+        } else {
+            "LORA"
+        };
         for (k, v) in [
-            ("peft_type", json!("LORA")),
+            ("peft_type", json!(kind)),
             ("r", json!(r)),
             ("lora_alpha", json!(self.config.alpha)),
             ("lora_dropout", json!(0.0)),
@@ -501,12 +698,12 @@ impl LoraPair {
         let c = &model.config;
         match t {
             Target::Q if model.qk_permuted => LoraPair {
-                a: self.a.clone(),
                 b: permute_rows(&self.b, c.n_heads, rank),
+                ..self.clone()
             },
             Target::K if model.qk_permuted => LoraPair {
-                a: self.a.clone(),
                 b: permute_rows(&self.b, c.n_kv_heads, rank),
+                ..self.clone()
             },
             _ => self.clone(),
         }

@@ -1,6 +1,9 @@
 //! LoRA products for a batch whose rows may each use a different adapter
-//! (`shaders/lora.wgsl`): `y[r] += s * B_k (A_k x[r])` with `k = row_ad[r]`.
+//! (`shaders/lora.wgsl`): `y[r] += s * B_k (A_k x[r])` with `k = row_ad[r]`. An adapter that
+//! is a mixture of LoRA experts (stacked A and B) also has a router: each row's top-k
+//! experts get their gates and the others are zeroed between the two products.
 
+use crate::adapters::lora::LoraExperts;
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, Context, DType, Dispatch, PipelineKey, Tensor};
 use crate::uniform;
@@ -34,6 +37,12 @@ pub struct LoraPack {
     pub b: Tensor,
     /// `[adapters][4]` u32: a offset, b offset, rank, scale (f32 bits).
     pub table: Tensor,
+    /// Concatenated routers of the mixtures (`[experts][in_dim]` each).
+    pub router: Tensor,
+    /// `[adapters][4]` u32: router offset, experts (0: plain LoRA), top k, renormalize.
+    pub routes: Tensor,
+    /// Whether some adapter is a mixture (the gating dispatch runs).
+    pub routed: bool,
 }
 
 /// One adapter's matrices for a target, for [`LoraPack::new`].
@@ -46,6 +55,22 @@ pub struct LoraPart<'a> {
     pub rank: usize,
     /// Scale (alpha / rank, or alpha / sqrt(rank)).
     pub scale: f32,
+    /// A mixture's router `[experts][in_dim]` (empty otherwise).
+    pub router: &'a [f32],
+    /// A mixture's routing (`rank` is then the stacked rank, experts times their rank).
+    pub experts: Option<LoraExperts>,
+}
+
+impl LoraPart<'static> {
+    /// No adapter on this layer.
+    pub const NONE: LoraPart<'static> = LoraPart {
+        a: &[],
+        b: &[],
+        rank: 0,
+        scale: 0.0,
+        router: &[],
+        experts: None,
+    };
 }
 
 impl LoraPack {
@@ -59,19 +84,38 @@ impl LoraPack {
         let mut a = Vec::new();
         let mut b = Vec::new();
         let mut table = Vec::new();
+        let mut router = Vec::new();
+        let mut routes = Vec::new();
         let mut max_rank = 1;
         for (k, p) in parts.iter().enumerate() {
-            if p.a.len() != p.rank * in_dim || p.b.len() != out_dim * p.rank || p.rank > 256 {
+            let n_experts = p.experts.map_or(0, |e| e.n_experts);
+            if p.a.len() != p.rank * in_dim
+                || p.b.len() != out_dim * p.rank
+                || p.rank > 256
+                || p.router.len() != n_experts * in_dim
+                || (n_experts > 0 && (n_experts > 32 || p.rank % n_experts != 0))
+            {
                 return Err(Error::shape(
                     "lora",
                     format!(
-                        "adapter {k}: A has {} values, B {} for rank {} of a {out_dim}x{in_dim} layer",
+                        "adapter {k}: A has {} values, B {}, router {} for rank {} and {n_experts} experts of a {out_dim}x{in_dim} layer",
                         p.a.len(),
                         p.b.len(),
+                        p.router.len(),
                         p.rank
                     ),
                 ));
             }
+            match p.experts {
+                Some(e) => routes.extend([
+                    router.len() as u32,
+                    e.n_experts as u32,
+                    e.top_k as u32,
+                    e.renormalize as u32,
+                ]),
+                None => routes.extend([0; 4]),
+            }
+            router.extend_from_slice(p.router);
             table.extend([
                 a.len() as u32,
                 b.len() as u32,
@@ -89,18 +133,24 @@ impl LoraPack {
                 Tensor::from_f32(ctx, &[v.len()], v)
             }
         };
+        let u32s = |v: Vec<u32>| {
+            Tensor::from_slice(
+                ctx,
+                &[v.len().max(4)],
+                DType::U32,
+                &if v.is_empty() { vec![0; 4] } else { v },
+            )
+        };
         Ok(LoraPack {
             in_dim,
             out_dim,
             max_rank,
             a: up(&a)?,
             b: up(&b)?,
-            table: Tensor::from_slice(
-                ctx,
-                &[table.len().max(4)],
-                DType::U32,
-                &if table.is_empty() { vec![0; 4] } else { table },
-            )?,
+            table: u32s(table)?,
+            routed: !router.is_empty(),
+            router: up(&router)?,
+            routes: u32s(routes)?,
         })
     }
 }
@@ -185,20 +235,40 @@ pub fn lora_apply(
         Bind::T(t),
         Bind::T(y),
     ];
-    Ok(vec![
-        ctx.dispatch(
-            "lora_down",
-            &PipelineKey::new("lora", "lora_down"),
-            &binds_down,
+    let mut ops = vec![ctx.dispatch(
+        "lora_down",
+        &PipelineKey::new("lora", "lora_down"),
+        &binds_down,
+        [r.rows as u32, 1, 1],
+    )?];
+    if pack.routed {
+        let binds_gate = [
+            Bind::U(&u),
+            Bind::T(x),
+            Bind::Skip,
+            Bind::Skip,
+            Bind::T(&pack.table),
+            Bind::T(row_ad),
+            Bind::Skip,
+            Bind::T(t),
+            Bind::Skip,
+            Bind::T(&pack.router),
+            Bind::T(&pack.routes),
+        ];
+        ops.push(ctx.dispatch(
+            "lora_gate",
+            &PipelineKey::new("lora", "lora_gate"),
+            &binds_gate,
             [r.rows as u32, 1, 1],
-        )?,
-        ctx.dispatch(
-            "lora_up",
-            &PipelineKey::new("lora", "lora_up"),
-            &binds_up,
-            [pack.out_dim.div_ceil(64) as u32, r.rows as u32, 1],
-        )?,
-    ])
+        )?);
+    }
+    ops.push(ctx.dispatch(
+        "lora_up",
+        &PipelineKey::new("lora", "lora_up"),
+        &binds_up,
+        [pack.out_dim.div_ceil(64) as u32, r.rows as u32, 1],
+    )?);
+    Ok(ops)
 }
 
 /// Every specialization (for the portability test).
@@ -206,6 +276,7 @@ pub fn lora_apply(
 pub(crate) fn keys() -> Vec<PipelineKey> {
     vec![
         PipelineKey::new("lora", "lora_down"),
+        PipelineKey::new("lora", "lora_gate"),
         PipelineKey::new("lora", "lora_up"),
     ]
 }
@@ -219,24 +290,54 @@ mod tests {
     #[test]
     fn rows_use_their_own_adapter() {
         let ctx = ctx();
-        let (rows, ind, outd, ldy) = (5, 37, 19, 30);
+        let (rows, ind, outd, ldy) = (7, 37, 19, 30);
         let mut rng = Rng::new(4);
-        let ranks = [3usize, 8, 1];
-        let scales = [0.5f32, 2.0, -1.0];
-        let mats: Vec<(Vec<f32>, Vec<f32>)> = ranks
+        // Adapter 1 is a mixture of 4 experts of rank 2 (top 2), adapter 3 of 3 experts of
+        // rank 1 (top 1, Switch gates); the others are plain.
+        let ranks = [3usize, 8, 1, 3];
+        let scales = [0.5f32, 2.0, -1.0, 1.5];
+        let experts = [
+            None,
+            Some(LoraExperts {
+                n_experts: 4,
+                top_k: 2,
+                renormalize: true,
+            }),
+            None,
+            Some(LoraExperts {
+                n_experts: 3,
+                top_k: 1,
+                renormalize: false,
+            }),
+        ];
+        let mats: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = ranks
             .iter()
-            .map(|&r| (rng.vec(r * ind, -1.0, 1.0), rng.vec(outd * r, -1.0, 1.0)))
+            .zip(&experts)
+            .map(|(&r, e)| {
+                let n = e.map_or(0, |e| e.n_experts);
+                (
+                    rng.vec(r * ind, -1.0, 1.0),
+                    rng.vec(outd * r, -1.0, 1.0),
+                    rng.vec(n * ind, -1.0, 1.0),
+                )
+            })
             .collect();
-        let parts: Vec<LoraPart<'_>> = mats
-            .iter()
-            .zip(ranks.iter().zip(scales))
-            .map(|((a, b), (&rank, scale))| LoraPart { a, b, rank, scale })
+        let parts: Vec<LoraPart<'_>> = (0..ranks.len())
+            .map(|k| LoraPart {
+                a: &mats[k].0,
+                b: &mats[k].1,
+                rank: ranks[k],
+                scale: scales[k],
+                router: &mats[k].2,
+                experts: experts[k],
+            })
             .collect();
         let pack = LoraPack::new(ctx, ind, outd, &parts).unwrap();
+        assert!(pack.routed);
         let xv = rng.vec(rows * ind, -1.0, 1.0);
         let y0 = rng.vec(rows * ldy, -1.0, 1.0);
-        let ad: Vec<u32> = vec![1, u32::MAX, 0, 2, 1];
-        let rs: Vec<f32> = vec![1.0, 1.0, 0.25, 1.0, 3.0];
+        let ad: Vec<u32> = vec![1, u32::MAX, 0, 2, 1, 3, 3];
+        let rs: Vec<f32> = vec![1.0, 1.0, 0.25, 1.0, 3.0, 1.0, 0.5];
         let x = Tensor::from_f32(ctx, &[rows, ind], &xv).unwrap();
         let y = Tensor::from_f32(ctx, &[rows, ldy], &y0).unwrap();
         let adt = Tensor::from_slice(ctx, &[rows], DType::U32, &ad).unwrap();
@@ -249,23 +350,31 @@ mod tests {
             ldy,
             y_off: 7,
         };
-        ctx.run(&lora_apply(ctx, &y, &x, &pack, &adt, &rst, &t, r).unwrap())
-            .unwrap();
+        let ops = lora_apply(ctx, &y, &x, &pack, &adt, &rst, &t, r).unwrap();
+        assert_eq!(ops.len(), 3, "down, gate, up");
+        ctx.run(&ops).unwrap();
         let mut want = y0.clone();
         for row in 0..rows {
             if ad[row] == u32::MAX {
                 continue;
             }
             let k = ad[row] as usize;
-            let (a, b) = &mats[k];
+            let (a, b, router) = &mats[k];
             let rank = ranks[k];
-            let tv: Vec<f64> = (0..rank)
-                .map(|j| {
-                    (0..ind)
-                        .map(|i| a[j * ind + i] as f64 * xv[row * ind + i] as f64)
-                        .sum()
-                })
-                .collect();
+            let xr = &xv[row * ind..(row + 1) * ind];
+            let dot =
+                |w: &[f32]| -> f64 { w.iter().zip(xr).map(|(&p, &q)| p as f64 * q as f64).sum() };
+            let mut tv: Vec<f64> = (0..rank).map(|j| dot(&a[j * ind..(j + 1) * ind])).collect();
+            if let Some(e) = experts[k] {
+                let z: Vec<f64> = (0..e.n_experts)
+                    .map(|x| dot(&router[x * ind..(x + 1) * ind]))
+                    .collect();
+                let (_, g, _) = crate::kernels::lora_moe::route_ref(&z, e.top_k, e.renormalize);
+                let er = rank / e.n_experts;
+                for (j, v) in tv.iter_mut().enumerate() {
+                    *v *= g[j / er];
+                }
+            }
             for o in 0..outd {
                 let s: f64 = (0..rank).map(|j| b[o * rank + j] as f64 * tv[j]).sum();
                 want[row * ldy + 7 + o] += (scales[k] as f64 * rs[row] as f64 * s) as f32;

@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod kv;
 pub mod lora;
+pub mod lora_moe;
 pub mod matmul;
 pub mod moe;
 pub mod norm;

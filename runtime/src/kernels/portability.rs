@@ -17,6 +17,7 @@ fn all_keys() -> Vec<PipelineKey> {
         embed::keys(),
         kv::keys(),
         lora::keys(),
+        lora_moe::keys(),
         matmul::keys(),
         norm::keys(),
         quant::keys(),
@@ -230,6 +231,7 @@ fn uniform_structs_match_their_wgsl_twins() {
     check_uniform::<kv::KvParams>("kv");
     check_uniform::<kv::RopeStoreParams>("kv");
     check_uniform::<lora::LoraParams>("lora");
+    check_uniform::<lora_moe::MixParams>("lora_moe");
     check_uniform::<train::TrainParams>("train");
     check_uniform::<train::AdamParams>("train");
 }

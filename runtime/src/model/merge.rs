@@ -85,6 +85,11 @@ impl Model {
                     )));
                 }
             }
+            if ad.config.experts.is_some() {
+                return Err(Error::Unsupported(format!(
+                    "adapter {k} is a mixture of LoRA experts: its router chooses per token, so it cannot be merged into the weights"
+                )));
+            }
             let r = ad.config.rank;
             let s = ad.config.scale() * strength;
             id.update(&s.to_le_bytes());

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::adapters::lora::LoraExperts;
 use crate::adapters::{LoraAdapter, PromptAdapter, Target};
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
@@ -512,7 +513,7 @@ impl Session {
             }
         }
         let c = &self.model.config;
-        for ((l, t), p) in &adapter.weights {
+        for (_, t) in adapter.weights.keys() {
             if c.moe.is_some() && matches!(t, Target::Gate | Target::Up | Target::Down) {
                 return Err(Error::Unsupported(format!(
                     "adapter {name:?}: a {} adapter on a Mixture-of-Experts model (its \
@@ -520,15 +521,8 @@ impl Session {
                     t.module()
                 )));
             }
-            let (out, inp) = t.dims(c);
-            let r = adapter.config.rank;
-            if *l >= c.n_layers || p.a.len() != r * inp || p.b.len() != out * r {
-                return Err(Error::InvalidArgument(format!(
-                    "adapter {name:?}: layer {l} {} does not fit this model",
-                    t.module()
-                )));
-            }
         }
+        adapter.check_fits(c, &format!("adapter {name:?}"))?;
         let slot = self.free_adapter_slot();
         self.adapters[slot] = Some(Attached {
             name: name.to_string(),
@@ -841,37 +835,40 @@ impl Session {
         let mut max_rank = 1;
         for key in keys {
             let (out, inp) = key.1.dims(c);
-            let converted: Vec<Option<(crate::adapters::lora::LoraPair, usize, f32)>> =
-                (0..self.adapters.len())
-                    .map(|i| {
-                        self.adapters[i].as_ref().and_then(|att| {
-                            let a = att.lora()?;
-                            a.weights.get(&key).map(|p| {
-                                let r = a.config.rank;
-                                (
-                                    p.for_model(key.1, &self.model, r),
-                                    r,
-                                    a.config.scale() * att.scale,
-                                )
-                            })
+            type Converted = (
+                crate::adapters::lora::LoraPair,
+                usize,
+                f32,
+                Option<LoraExperts>,
+            );
+            let converted: Vec<Option<Converted>> = (0..self.adapters.len())
+                .map(|i| {
+                    self.adapters[i].as_ref().and_then(|att| {
+                        let a = att.lora()?;
+                        a.weights.get(&key).map(|p| {
+                            let w = a.config.width();
+                            (
+                                p.for_model(key.1, &self.model, w),
+                                w,
+                                a.config.scale() * att.scale,
+                                a.config.experts,
+                            )
                         })
                     })
-                    .collect();
+                })
+                .collect();
             let parts: Vec<LoraPart<'_>> = converted
                 .iter()
                 .map(|c| match c {
-                    Some((p, r, s)) => LoraPart {
+                    Some((p, r, s, experts)) => LoraPart {
                         a: &p.a,
                         b: &p.b,
                         rank: *r,
                         scale: *s,
+                        router: &p.router,
+                        experts: *experts,
                     },
-                    None => LoraPart {
-                        a: &[],
-                        b: &[],
-                        rank: 0,
-                        scale: 0.0,
-                    },
+                    None => LoraPart::NONE,
                 })
                 .collect();
             let pack = LoraPack::new(&ctx, inp, out, &parts)?;

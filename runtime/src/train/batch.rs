@@ -106,6 +106,14 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// Token rows (not virtual, not padding).
+    pub fn n_tokens(&self) -> usize {
+        self.virt[..self.used]
+            .iter()
+            .filter(|&&v| v == NONE)
+            .count()
+    }
+
     /// Rows with a target.
     pub fn n_targets(&self) -> usize {
         self.targets.iter().filter(|&&t| t != NONE).count()

@@ -13,10 +13,15 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 
+use crate::adapters::lora::LoraExperts;
 use crate::adapters::Target;
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::elementwise::{binary, swiglu, unary, BinaryOp, UnaryOp};
+use crate::kernels::lora_moe::{
+    mix_aux_stats, mix_gate, mix_gate_backward, mix_route, mix_router_backward, MixRoute, MixShape,
+    MixStats,
+};
 use crate::kernels::matmul::{matmul, MatmulDesc};
 use crate::kernels::norm::{norm_with, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
@@ -57,14 +62,32 @@ impl Default for Budgets {
     }
 }
 
-/// LoRA as trained: rank, scale and the adapted (layer, target) pairs.
+/// LoRA as trained: rank, scale and, for a mixture of LoRA experts, its routing and
+/// auxiliary loss weights.
 #[derive(Debug, Clone)]
 pub struct LoraShape {
-    /// Rank.
+    /// Rank (of each expert in a mixture).
     pub rank: usize,
     /// Scale `s` of `s B A x`.
     pub scale: f32,
+    /// The mixture's routing.
+    pub experts: Option<LoraExperts>,
+    /// Weight of the load-balancing loss (a mixture only).
+    pub balance_loss: f32,
+    /// Weight of the router z-loss (a mixture only).
+    pub z_loss: f32,
 }
+
+impl LoraShape {
+    /// Rows of the stacked A: the rank times the experts.
+    pub fn width(&self) -> usize {
+        self.rank * self.experts.map_or(1, |e| e.n_experts)
+    }
+}
+
+/// A mixture's shape on one adapted layer, its route and gated activations, and the
+/// statistics every layer shares.
+type MixLayer<'a> = (MixShape, &'a (MixRoute, Tensor), &'a MixStats);
 
 /// Per-row inputs of a block, written before each replay.
 pub struct Inputs {
@@ -80,6 +103,9 @@ pub struct Inputs {
     pub ranges: Tensor,
     /// Virtual row index per row (`u32::MAX`: a token row) `[rows]`.
     pub virt: Tensor,
+    /// Weight of each row in a mixture's auxiliary losses `[rows]`: 1 / tokens of the step
+    /// on token rows, 0 on virtual and padding rows.
+    pub route_w: Tensor,
 }
 
 /// A step's dispatches and buffers.
@@ -102,6 +128,9 @@ pub struct Graph {
     pub distill_train_ops: Vec<Dispatch>,
     /// Device bytes of activations and scratch.
     pub bytes: u64,
+    /// A mixture of LoRA experts' load counters and auxiliary loss terms, and the
+    /// (layer, target) of each counter slot.
+    pub mix: Option<(MixStats, Vec<(usize, Target)>)>,
 }
 
 /// One layer's activations that the backward reads.
@@ -113,7 +142,10 @@ struct Acts {
     attn: Tensor,
     gu: Tensor,
     ff: Tensor,
+    /// LoRA `A x` per target (`[rows][width]`).
     t: HashMap<Target, Tensor>,
+    /// A mixture's route and gated `A x` per target.
+    mix: HashMap<Target, (MixRoute, Tensor)>,
 }
 
 impl Acts {
@@ -122,12 +154,23 @@ impl Acts {
         c: &crate::model::config::ModelConfig,
         m: usize,
         targets: &[Target],
-        rank: usize,
+        lora: Option<&LoraShape>,
     ) -> Result<Acts> {
         let f = |n: usize| Tensor::zeros(ctx, &[m, n], DType::F32);
+        let width = lora.map_or(1, |l| l.width());
         let mut t = HashMap::new();
+        let mut mix = HashMap::new();
         for &tg in targets {
-            t.insert(tg, f(rank)?);
+            t.insert(tg, f(width)?);
+            if let Some(e) = lora.and_then(|l| l.experts) {
+                let route = MixRoute {
+                    z: f(e.n_experts)?,
+                    g: f(e.n_experts)?,
+                    pr: f(e.n_experts)?,
+                    sel: Tensor::zeros(ctx, &[m], DType::U32)?,
+                };
+                mix.insert(tg, (route, f(width)?));
+            }
         }
         Ok(Acts {
             xmid: f(c.hidden)?,
@@ -138,12 +181,22 @@ impl Acts {
             gu: f(2 * c.ff)?,
             ff: f(c.ff)?,
             t,
+            mix,
         })
     }
 
     /// Floats per row.
-    fn per_row(c: &crate::model::config::ModelConfig, n_targets: usize, rank: usize) -> usize {
-        3 * c.hidden + c.qkv_dim() + c.q_dim() + 3 * c.ff + n_targets * rank
+    fn per_row(
+        c: &crate::model::config::ModelConfig,
+        n_targets: usize,
+        lora: Option<&LoraShape>,
+    ) -> usize {
+        let width = lora.map_or(1, |l| l.width());
+        let mix = match lora.and_then(|l| l.experts) {
+            Some(e) => width + 3 * e.n_experts + 1,
+            None => 0,
+        };
+        3 * c.hidden + c.qkv_dim() + c.q_dim() + 3 * c.ff + n_targets * (width + mix)
     }
 
     fn bytes(&self) -> u64 {
@@ -154,6 +207,11 @@ impl Acts {
         .map(|t| t.bytes())
         .sum::<u64>()
             + self.t.values().map(|t| t.bytes()).sum::<u64>()
+            + self
+                .mix
+                .values()
+                .map(|(r, u)| r.z.bytes() + r.g.bytes() + r.pr.bytes() + r.sel.bytes() + u.bytes())
+                .sum::<u64>()
     }
 }
 
@@ -170,6 +228,8 @@ struct Bufs {
     dgu: Tensor,
     dff: Tensor,
     dt: Tensor,
+    /// A mixture's gate / router-logit gradients `[rows][E]`.
+    dz: Tensor,
     logits: Tensor,
     logit_rows: usize,
     zeros: Tensor,
@@ -193,6 +253,8 @@ struct Builder<'a> {
     b: Bufs,
     /// Building the base model's (teacher's) forward: adapters left out.
     base_only: Cell<bool>,
+    /// A mixture's shared statistics and the counter slot of each (layer, target).
+    mix: Option<(MixStats, Vec<(usize, Target)>)>,
 }
 
 /// A view of `rows` rows of `cols` starting at row `r0` (r0 * cols * 4 must be a multiple
@@ -229,6 +291,7 @@ impl Graph {
             weights: Tensor::zeros(ctx, &[m], DType::F32)?,
             ranges: u(2)?,
             virt: u(1)?,
+            route_w: Tensor::zeros(ctx, &[m], DType::F32)?,
         };
         let att = TrainAttention::new(
             ctx,
@@ -257,7 +320,7 @@ impl Graph {
         } else {
             (logits_budget / c.vocab / 64 * 64).clamp(64, m)
         };
-        let rank = lora.as_ref().map(|l| l.rank).unwrap_or(1);
+        let width = lora.as_ref().map_or(1, |l| l.width());
         let mut targets: Vec<Target> = params
             .keys()
             .iter()
@@ -268,10 +331,32 @@ impl Graph {
             .collect();
         targets.sort();
         targets.dedup();
-        let keep = Acts::per_row(c, targets.len(), rank) * m * c.n_layers <= budgets.activations;
+        let keep =
+            Acts::per_row(c, targets.len(), lora.as_ref()) * m * c.n_layers <= budgets.activations;
         let acts = (0..if keep { c.n_layers } else { 1 })
-            .map(|_| Acts::new(ctx, c, m, &targets, rank))
+            .map(|_| Acts::new(ctx, c, m, &targets, lora.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        let mix = match lora.as_ref().and_then(|l| l.experts) {
+            Some(e) => {
+                let slots: Vec<(usize, Target)> = params
+                    .keys()
+                    .iter()
+                    .filter_map(|k| match k {
+                        ParamKey::Router(l, tg) => Some((*l, *tg)),
+                        _ => None,
+                    })
+                    .collect();
+                let n = slots.len().max(1);
+                let stats = MixStats {
+                    w: inputs.route_w.clone(),
+                    f: Tensor::zeros(ctx, &[LoraExperts::MAX_EXPERTS], DType::F32)?,
+                    counts: Tensor::zeros(ctx, &[n * e.n_experts], DType::U32)?,
+                    loss: Tensor::zeros(ctx, &[n * (e.n_experts + 1)], DType::F32)?,
+                };
+                Some((stats, slots))
+            }
+            None => None,
+        };
         let b = Bufs {
             xs: (0..=c.n_layers)
                 .map(|_| f(c.hidden))
@@ -284,7 +369,8 @@ impl Graph {
             dattn: f(c.q_dim())?,
             dgu: f(2 * c.ff)?,
             dff: f(c.ff)?,
-            dt: f(rank)?,
+            dt: f(width)?,
+            dz: f(LoraExperts::MAX_EXPERTS)?,
             logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
             logit_rows,
             zeros: Tensor::zeros(ctx, &[virt.rows().max(1) * 2 * c.kv_dim()], DType::F32)?,
@@ -312,6 +398,7 @@ impl Graph {
             inputs,
             b,
             base_only: Cell::new(false),
+            mix,
         };
         let eval_ops = bld.forward(false, false)?;
         let train_ops = bld.train(false)?;
@@ -330,6 +417,7 @@ impl Graph {
             distill_eval_ops,
             distill_train_ops,
             bytes,
+            mix: bld.mix,
         })
     }
 }
@@ -339,7 +427,8 @@ impl Builder<'_> {
         let b = &self.b;
         let mut n: u64 = b.xs.iter().map(|t| t.bytes()).sum();
         for t in [
-            &b.hf, &b.dx, &b.dh, &b.dqkv, &b.dattn, &b.dgu, &b.dff, &b.dt, &b.logits, &b.zeros,
+            &b.hf, &b.dx, &b.dh, &b.dqkv, &b.dattn, &b.dgu, &b.dff, &b.dt, &b.dz, &b.logits,
+            &b.zeros,
         ] {
             n += t.bytes();
         }
@@ -347,7 +436,10 @@ impl Builder<'_> {
         if let Some((h, logits)) = &b.teacher {
             n += h.bytes() + logits.bytes();
         }
-        n + self.att.bytes() + self.dq.bytes() + 6 * 4 * self.rows as u64
+        if let Some((st, _)) = &self.mix {
+            n += st.f.bytes() + st.counts.bytes() + st.loss.bytes();
+        }
+        n + self.att.bytes() + self.dq.bytes() + 7 * 4 * self.rows as u64
     }
 
     fn acts(&self, l: usize) -> &Acts {
@@ -429,17 +521,58 @@ impl Builder<'_> {
         let r = self.rank();
         let mut d = MatmulDesc::new(self.rows, r, inp);
         d.lda = ldx;
-        Ok(vec![tagged(
-            "lora_fwd",
-            matmul(
-                self.ctx,
-                &self.acts(l).t[&tg],
-                x,
-                &self.params.value(ParamKey::LoraA(l, tg))?,
-                &d,
-                self.variant(),
-            )?,
-        )])
+        let t = &self.acts(l).t[&tg];
+        let mut ops = vec![matmul(
+            self.ctx,
+            t,
+            x,
+            &self.params.value(ParamKey::LoraA(l, tg))?,
+            &d,
+            self.variant(),
+        )?];
+        if let Some((s, (route, u), _)) = self.mix_shape(l, tg)? {
+            // Router logits, the top-k route, then each expert's columns scaled by its gate.
+            let mut d = MatmulDesc::new(self.rows, s.n_experts, inp);
+            d.lda = ldx;
+            let router = self.params.value(ParamKey::Router(l, tg))?;
+            ops.push(matmul(self.ctx, &route.z, x, &router, &d, self.variant())?);
+            ops.push(mix_route(self.ctx, &s, route)?);
+            ops.push(mix_gate(self.ctx, &s, route, t, u)?);
+        }
+        Ok(ops.into_iter().map(|o| tagged("lora_fwd", o)).collect())
+    }
+
+    /// A mixture's shape for (layer, target), with its activations.
+    fn mix_shape(&self, l: usize, tg: Target) -> Result<Option<MixLayer<'_>>> {
+        let (Some(lora), Some((stats, slots))) = (&self.lora, &self.mix) else {
+            return Ok(None);
+        };
+        let Some(e) = lora.experts else {
+            return Ok(None);
+        };
+        let slot = slots
+            .iter()
+            .position(|&k| k == (l, tg))
+            .ok_or_else(|| Error::Internal(format!("no router for layer {l} {tg:?}")))?;
+        let s = MixShape {
+            rows: self.rows,
+            n_experts: e.n_experts,
+            top_k: e.top_k,
+            renormalize: e.renormalize,
+            rank: lora.rank,
+            slot,
+            aux_loss: lora.balance_loss,
+            z_loss: lora.z_loss,
+        };
+        Ok(Some((s, &self.acts(l).mix[&tg], stats)))
+    }
+
+    /// The LoRA activations B multiplies: `A x`, gated per expert in a mixture.
+    fn lora_act(&self, l: usize, tg: Target) -> &Tensor {
+        match self.acts(l).mix.get(&tg) {
+            Some((_, u)) => u,
+            None => &self.acts(l).t[&tg],
+        }
     }
 
     /// `y[:, off..] += s t B^T`.
@@ -465,7 +598,7 @@ impl Builder<'_> {
             matmul(
                 self.ctx,
                 y,
-                &self.acts(l).t[&tg],
+                self.lora_act(l, tg),
                 &self.params.value(ParamKey::LoraB(l, tg))?,
                 &d,
                 self.variant(),
@@ -496,21 +629,44 @@ impl Builder<'_> {
         let bm = self.params.value(ParamKey::LoraB(l, tg))?;
         let ga = self.params.gradient(ParamKey::LoraA(l, tg))?;
         let gb = self.params.gradient(ParamKey::LoraB(l, tg))?;
-        let t = &self.acts(l).t[&tg];
         let mut ops = Vec::new();
-        // dB += s dY^T t
+        // dB += s dY^T t (t gated per expert in a mixture)
         let mut d = MatmulDesc::new(out, r, m).layout(true, true);
         d.lda = ld_dy;
         d.off_a = off;
         d.alpha = s;
         d.accumulate = true;
-        ops.push(matmul(self.ctx, &gb, dy, t, &d, v)?);
+        ops.push(matmul(self.ctx, &gb, dy, self.lora_act(l, tg), &d, v)?);
         // dt = s dY B
         let mut d = MatmulDesc::new(m, r, out).layout(false, true);
         d.lda = ld_dy;
         d.off_a = off;
         d.alpha = s;
         ops.push(matmul(self.ctx, &self.b.dt, dy, &bm, &d, v)?);
+        if let Some((ms, (route, _), stats)) = self.mix_shape(l, tg)? {
+            // The gates' gradient (dt becomes the ungated t's), the block's load and
+            // auxiliary losses, the router logits' gradient, then the router's gradient
+            // and its share of dx.
+            let t = &self.acts(l).t[&tg];
+            let ne = ms.n_experts;
+            ops.push(mix_gate_backward(
+                self.ctx, &ms, route, t, &self.b.dt, &self.b.dz,
+            )?);
+            ops.push(mix_aux_stats(self.ctx, &ms, route, stats)?);
+            ops.push(mix_router_backward(
+                self.ctx, &ms, route, stats, &self.b.dz,
+            )?);
+            let router = self.params.value(ParamKey::Router(l, tg))?;
+            let grouter = self.params.gradient(ParamKey::Router(l, tg))?;
+            let mut d = MatmulDesc::new(ne, inp, m).layout(true, true);
+            d.ldb = ldx;
+            d.accumulate = true;
+            ops.push(matmul(self.ctx, &grouter, &self.b.dz, x, &d, v)?);
+            let mut d = MatmulDesc::new(m, inp, ne).layout(false, true);
+            d.ldc = ldx;
+            d.accumulate = true;
+            ops.push(matmul(self.ctx, dx, &self.b.dz, &router, &d, v)?);
+        }
         // dA += dt^T x
         let mut d = MatmulDesc::new(r, inp, m).layout(true, true);
         d.ldb = ldx;
@@ -524,8 +680,9 @@ impl Builder<'_> {
         Ok(ops.into_iter().map(|o| tagged("lora_bwd", o)).collect())
     }
 
+    /// Columns of the LoRA activations: the rank, times the experts in a mixture.
     fn rank(&self) -> usize {
-        self.lora.as_ref().map(|l| l.rank).unwrap_or(1)
+        self.lora.as_ref().map_or(1, |l| l.width())
     }
 
     fn scale(&self) -> f32 {

@@ -74,6 +74,13 @@ pub struct TrainConfig {
     /// Weight of a distilled token's KL term relative to a predicted token's
     /// cross-entropy ([`Example::distill`]).
     pub distill_weight: f32,
+    /// Weight alpha of a mixture of LoRA experts' load-balancing loss (Switch
+    /// Transformer's `alpha * E * sum_e f_e P_e` per adapted layer: `f_e` the share of the
+    /// block's tokens routed to expert `e`, `P_e` its mean router probability).
+    pub balance_loss: f32,
+    /// Weight of a mixture's router z-loss (ST-MoE's mean squared log-sum-exp of the
+    /// router logits per adapted layer), which keeps the logits small.
+    pub z_loss: f32,
     /// Scratch budgets.
     #[serde(skip)]
     pub budgets: Budgets,
@@ -92,6 +99,8 @@ impl Default for TrainConfig {
             schedule: LrSchedule::Constant,
             seed: 0,
             distill_weight: 1.0,
+            balance_loss: 0.01,
+            z_loss: 0.0,
             budgets: Budgets::default(),
         }
     }
@@ -105,6 +114,9 @@ pub struct StepStats {
     /// Mean loss over the scored tokens of the batch (before the update): cross-entropy,
     /// and for distilled tokens `distill_weight` times the KL divergence to the base.
     pub loss: f64,
+    /// A mixture of LoRA experts' auxiliary losses (load balancing and router z-loss,
+    /// summed over adapted layers), trained beside `loss`; 0 otherwise.
+    pub aux_loss: f64,
     /// Global gradient norm (before clipping).
     pub grad_norm: f32,
     /// Learning rate used.
@@ -120,6 +132,17 @@ pub struct StepStats {
     pub skipped: bool,
     /// Wall time of the step.
     pub secs: f64,
+}
+
+/// How a mixture of LoRA experts on one adapted layer routed the training tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpertLoad {
+    /// Decoder layer.
+    pub layer: usize,
+    /// Adapted linear layer.
+    pub target: Target,
+    /// Token rows that chose each expert.
+    pub counts: Vec<u32>,
 }
 
 /// Trains adapters of one base model on its device.
@@ -164,19 +187,15 @@ impl Trainer {
         }
         if let Some(a) = &trainables.lora {
             base_name = a.base_name.clone();
-            let r = a.config.rank;
+            a.check_fits(c, "LoRA")?;
             let mut keys = Vec::new();
             for (&(l, t), p) in &a.weights {
-                let (out, inp) = t.dims(c);
-                if l >= c.n_layers || p.a.len() != r * inp || p.b.len() != out * r {
-                    return Err(Error::InvalidArgument(format!(
-                        "LoRA layer {l} {} does not fit this model",
-                        t.module()
-                    )));
-                }
-                let m = p.for_model(t, &model, r);
+                let m = p.for_model(t, &model, a.config.width());
                 values.push((ParamKey::LoraA(l, t), m.a));
                 values.push((ParamKey::LoraB(l, t), m.b));
+                if !m.router.is_empty() {
+                    values.push((ParamKey::Router(l, t), m.router));
+                }
                 keys.push((l, t));
             }
             lora = Some((a.config.clone(), keys));
@@ -218,9 +237,20 @@ impl Trainer {
         };
         let params = params::ParamStore::new(&ctx, values)?;
         let rope = RopeTable::new(&ctx, c.rope, config.rows.max(c.train_ctx.min(1 << 16)))?;
+        for (name, v) in [
+            ("balance loss", config.balance_loss),
+            ("z-loss", config.z_loss),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::InvalidArgument(format!("{name} weight {v}")));
+            }
+        }
         let shape = lora.as_ref().map(|(lc, _)| graph::LoraShape {
             rank: lc.rank,
             scale: lc.scale(),
+            experts: lc.experts,
+            balance_loss: config.balance_loss,
+            z_loss: config.z_loss,
         });
         let graph = graph::Graph::new(
             &model,
@@ -337,7 +367,9 @@ impl Trainer {
         self.config.adam.lr = lr;
     }
 
-    fn write_block(&self, p: &batch::Packed, weight: f32) -> Result<()> {
+    /// Writes block `p`'s inputs: `weight` scales each scored token's loss, `route_weight`
+    /// each token row's share of a mixture's auxiliary losses.
+    fn write_block(&self, p: &batch::Packed, weight: f32, route_weight: f32) -> Result<()> {
         let ctx = self.model.context();
         let vocab = self.model.config.vocab as u32;
         if let Some(&bad) = p.ids.iter().find(|&&t| t >= vocab) {
@@ -362,6 +394,9 @@ impl Trainer {
         inp.weights.write(ctx, &w)?;
         inp.ranges.write(ctx, &p.ranges)?;
         inp.virt.write(ctx, &p.virt)?;
+        if self.graph.mix.is_some() {
+            inp.route_w.write(ctx, &route_weights(p, route_weight))?;
+        }
         Ok(())
     }
 
@@ -398,8 +433,9 @@ impl Trainer {
     fn replay(&self, blocks: &[batch::Packed], n: usize, train: bool) -> Result<f64> {
         let ctx = self.model.context();
         let mut loss = 0.0f64;
+        let tokens: usize = blocks.iter().map(batch::Packed::n_tokens).sum();
         for b in blocks {
-            self.write_block(b, 1.0 / n as f32)?;
+            self.write_block(b, 1.0 / n as f32, 1.0 / tokens.max(1) as f32)?;
             ctx.run(self.ops_for(b, train))?;
             loss += self
                 .graph
@@ -426,7 +462,14 @@ impl Trainer {
         let ctx = self.model.context().clone();
         let (blocks, n) = self.blocks(examples)?;
         ctx.submit(std::slice::from_ref(&self.zero_grad));
+        if let Some((stats, _)) = &self.graph.mix {
+            stats.loss.write(&ctx, &vec![0.0f32; stats.loss.numel()])?;
+        }
         let loss = self.replay(&blocks, n, true)?;
+        let aux_loss = match &self.graph.mix {
+            Some((stats, _)) => stats.loss.read_f32(&ctx)?.iter().map(|&v| v as f64).sum(),
+            None => 0.0,
+        };
         let lr = (self.config.adam.lr as f64 * self.config.schedule.factor(self.steps)) as f32;
         let adam = AdamConfig {
             lr,
@@ -435,13 +478,14 @@ impl Trainer {
         self.adam.set_step(&ctx, &adam, self.steps + 1);
         ctx.run(&self.optimizer_ops)?;
         let grad_norm = self.norm.read_f32(&ctx)?[0];
-        let skipped = !grad_norm.is_finite() || !loss.is_finite();
+        let skipped = !grad_norm.is_finite() || !loss.is_finite() || !aux_loss.is_finite();
         if !skipped {
             self.steps += 1;
         }
         Ok(StepStats {
             step: self.steps,
             loss,
+            aux_loss,
             grad_norm,
             lr,
             tokens: n,
@@ -456,8 +500,39 @@ impl Trainer {
     /// the time per kernel as (name, count, seconds), slowest first (profiling only).
     pub fn profile(&self, examples: &[Example]) -> Result<Vec<(String, usize, f64)>> {
         let (blocks, n) = self.blocks(examples)?;
-        self.write_block(&blocks[0], 1.0 / n as f32)?;
+        let tokens = blocks[0].n_tokens().max(1) as f32;
+        self.write_block(&blocks[0], 1.0 / n as f32, 1.0 / tokens)?;
         self.model.context().profile(self.ops_for(&blocks[0], true))
+    }
+
+    /// A mixture of LoRA experts' load: per adapted (layer, target), how many token rows
+    /// chose each expert in the training steps since the start or the last
+    /// [`Trainer::reset_expert_load`]. Empty without a mixture.
+    pub fn expert_load(&self) -> Result<Vec<ExpertLoad>> {
+        let Some((stats, slots)) = &self.graph.mix else {
+            return Ok(Vec::new());
+        };
+        let counts = stats.counts.read_u32(self.model.context())?;
+        let e = counts.len() / slots.len().max(1);
+        Ok(slots
+            .iter()
+            .zip(counts.chunks(e.max(1)))
+            .map(|(&(layer, target), c)| ExpertLoad {
+                layer,
+                target,
+                counts: c.to_vec(),
+            })
+            .collect())
+    }
+
+    /// Zeroes the counters [`Trainer::expert_load`] reads.
+    pub fn reset_expert_load(&self) -> Result<()> {
+        if let Some((stats, _)) = &self.graph.mix {
+            stats
+                .counts
+                .write(self.model.context(), &vec![0u32; stats.counts.numel()])?;
+        }
+        Ok(())
     }
 
     /// The gradients of the last step (host copies, model order), for tests and tools.
@@ -473,17 +548,22 @@ impl Trainer {
         let vals = self.params.read(self.model.context())?;
         let c = &self.model.config;
         let mut weights = std::collections::BTreeMap::new();
+        let width = config.width();
         for &(l, t) in keys {
             let a = vals[&ParamKey::LoraA(l, t)].clone();
             let mut b = vals[&ParamKey::LoraB(l, t)].clone();
+            let router = vals
+                .get(&ParamKey::Router(l, t))
+                .cloned()
+                .unwrap_or_default();
             if self.model.qk_permuted {
                 match t {
-                    Target::Q => b = unpermute_rows(&b, c.n_heads, config.rank),
-                    Target::K => b = unpermute_rows(&b, c.n_kv_heads, config.rank),
+                    Target::Q => b = unpermute_rows(&b, c.n_heads, width),
+                    Target::K => b = unpermute_rows(&b, c.n_kv_heads, width),
                     _ => {}
                 }
             }
-            weights.insert((l, t), LoraPair { a, b });
+            weights.insert((l, t), LoraPair { a, b, router });
         }
         Ok(Some(LoraAdapter {
             config: config.clone(),
@@ -531,4 +611,20 @@ impl Trainer {
             ..model_order
         }))
     }
+}
+
+/// Per-row weights of a mixture's auxiliary losses: `w` on token rows, 0 on virtual and
+/// padding rows.
+fn route_weights(p: &batch::Packed, w: f32) -> Vec<f32> {
+    p.virt
+        .iter()
+        .enumerate()
+        .map(|(r, &v)| {
+            if r < p.used && v == batch::NONE {
+                w
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }

@@ -15,6 +15,8 @@ pub enum ParamKey {
     LoraA(usize, Target),
     /// LoRA B `[out][rank]` (model row order).
     LoraB(usize, Target),
+    /// Router `[experts][in]` of a mixture of LoRA experts.
+    Router(usize, Target),
     /// Soft prompt `[virtual tokens][hidden]`.
     Prompt,
     /// Prefix keys|values of a layer `[virtual tokens][2 kv_dim]` (model column order).
