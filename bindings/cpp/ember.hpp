@@ -1136,6 +1136,18 @@ struct TrainParams {
     /// Weight of a distilled token's term: records with "distill": true learn the frozen
     /// base model's next-token distribution (KL divergence) instead of their own tokens.
     float distill_weight;
+    /// Train a mixture of this many LoRA experts (2..32, each of lora_rank) behind a
+    /// trainable router on every adapted projection instead of one LoRA pair (0: plain).
+    uint32_t lora_experts;
+    /// Experts each token uses in a mixture.
+    uint32_t lora_top_k;
+    /// Keep the chosen experts' softmax-over-all gates (Switch, for top-1) instead of
+    /// renormalizing them to sum to 1.
+    bool switch_gates;
+    /// Weight alpha of a mixture's load-balancing loss (alpha * E * sum_e f_e P_e).
+    float balance_loss;
+    /// Weight of a mixture's router z-loss (mean squared log-sum-exp of router logits).
+    float z_loss;
 
     /// The library's defaults.
     TrainParams() {
@@ -1158,6 +1170,11 @@ struct TrainParams {
         total_steps = d.total_steps;
         seed = d.seed;
         distill_weight = d.distill_weight;
+        lora_experts = d.lora_experts;
+        lora_top_k = d.lora_top_k;
+        switch_gates = d.switch_gates;
+        balance_loss = d.balance_loss;
+        z_loss = d.z_loss;
     }
 
     /// The C struct (struct_size set; init_adapter borrowed from `init_adapter`).
@@ -1182,6 +1199,11 @@ struct TrainParams {
         p.total_steps = total_steps;
         p.seed = seed;
         p.distill_weight = distill_weight;
+        p.lora_experts = lora_experts;
+        p.lora_top_k = lora_top_k;
+        p.switch_gates = switch_gates;
+        p.balance_loss = balance_loss;
+        p.z_loss = z_loss;
         return p;
     }
 };
@@ -1202,6 +1224,9 @@ struct StepResult {
     bool skipped = false;
     /// Seconds the step took.
     double seconds = 0.0;
+    /// A mixture of LoRA experts' auxiliary losses (load balancing and z-loss), trained
+    /// beside `loss`; 0 otherwise.
+    double aux_loss = 0.0;
 
     /// The values of a C struct.
     static StepResult from_c(const ember_step_result& r) {
@@ -1213,6 +1238,7 @@ struct StepResult {
         s.tokens = r.tokens;
         s.skipped = r.skipped;
         s.seconds = r.seconds;
+        s.aux_loss = r.aux_loss;
         return s;
     }
 };

@@ -613,6 +613,32 @@ typedef struct ember_train_params {
    * mixed into new data, it keeps what the base knows). Default 1.
    */
   float distill_weight;
+  /**
+   * Train a mixture of this many LoRA experts (2..=32, each of `lora_rank`) behind a
+   * trainable router on every adapted projection instead of one LoRA pair (0: plain
+   * LoRA). Default 0.
+   */
+  uint32_t lora_experts;
+  /**
+   * Experts each token uses in a mixture (1..=lora_experts). Default 2.
+   */
+  uint32_t lora_top_k;
+  /**
+   * Mixture gates: false renormalizes the chosen experts' softmax weights to sum to 1;
+   * true keeps their softmax-over-all weights (Switch Transformer, for top-1).
+   */
+  bool switch_gates;
+  /**
+   * Weight alpha of a mixture's load-balancing loss (alpha * E * sum_e f_e P_e per
+   * adapted projection, f_e the share of tokens routed to expert e, P_e its mean router
+   * probability). Default 0.01.
+   */
+  float balance_loss;
+  /**
+   * Weight of a mixture's router z-loss (mean squared log-sum-exp of the router
+   * logits). Default 0.
+   */
+  float z_loss;
 } ember_train_params;
 
 /**
@@ -651,6 +677,11 @@ typedef struct ember_step_result {
    * Seconds the step took.
    */
   double seconds;
+  /**
+   * A mixture of LoRA experts' auxiliary losses (load balancing and z-loss, summed
+   * over adapted projections), trained beside `loss`; 0 otherwise.
+   */
+  double aux_loss;
 } ember_step_result;
 
 /**
@@ -1161,7 +1192,8 @@ enum ember_status ember_trainer_get_adapter(struct ember_trainer *trainer, struc
 enum ember_status ember_trainer_save(struct ember_trainer *trainer, const char *dir);
 
 /**
- * Writes a JSON description (trainable parameters, steps, settings, device memory) to
+ * Writes a JSON description (trainable parameters, steps, settings, device memory, and a
+ * mixture of LoRA experts' `expert_load`: per adapted projection, tokens per expert) to
  * `*out_json` (free with `ember_string_free`).
  *
  * # Safety

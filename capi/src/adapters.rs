@@ -173,6 +173,8 @@ pub unsafe extern "C" fn ember_adapter_info_json(
             "alpha": a.config.alpha,
             "rslora": a.config.rslora,
             "scale": a.config.scale(),
+            "experts": a.config.experts.map_or(0, |e| e.n_experts),
+            "top_k": a.config.experts.map_or(0, |e| e.top_k),
             "targets": targets,
             "layers": layers,
             "n_params": a.n_params(),

@@ -369,6 +369,48 @@ fn trainer_learns_saves_snapshots_and_reports_errors() {
             losses.push(r.loss);
         }
         assert!(losses[7] < 0.8 * losses[0], "{losses:?}");
+
+        // A mixture of LoRA experts: bad routing refused; trained, it reports its
+        // auxiliary loss per step and its expert load.
+        let mut pm = p;
+        pm.lora_experts = 4;
+        pm.lora_top_k = 5;
+        refused(&pm, "top-5");
+        pm.lora_top_k = 2;
+        pm.balance_loss = -1.0;
+        refused(&pm, "balance_loss");
+        pm.balance_loss = 0.05;
+        let mut mix: *mut ember_trainer = std::ptr::null_mut();
+        assert_eq!(ember_trainer_create(model, &pm, &mut mix), EMBER_OK);
+        let mut r = ember_step_result {
+            struct_size: std::mem::size_of::<ember_step_result>() as u32,
+            ..Default::default()
+        };
+        let st = ember_trainer_step_tokens(
+            mix,
+            tokens.as_ptr(),
+            mask.as_ptr(),
+            lengths.as_ptr(),
+            2,
+            &mut r,
+        );
+        assert_eq!(st, EMBER_OK);
+        assert!(!r.skipped && r.aux_loss > 0.0, "{r:?}");
+        let mut js: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_trainer_info_json(mix, &mut js), EMBER_OK);
+        let info: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(js).to_str().unwrap()).unwrap();
+        ember_string_free(js);
+        let load = info["expert_load"].as_array().unwrap();
+        assert_eq!(load.len(), 2 * 2, "q and v of 2 layers: {info}");
+        let chosen: u64 = load[0]["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum();
+        assert_eq!(chosen, 20 * 2, "every token row chose 2 experts");
+        ember_trainer_free(mix);
         let bad = [999u32; 4];
         let one = [4usize];
         let st = ember_trainer_step_tokens(

@@ -5,6 +5,7 @@
 use std::ffi::{c_char, c_void};
 use std::path::Path;
 
+use ember::adapters::lora::LoraExperts;
 use ember::adapters::{LoraAdapter, LoraConfig, Prefix, SoftPrompt, Target};
 use ember::kernels::train::AdamConfig;
 use ember::train::{Dataset, Example, LrSchedule, StepStats, TrainConfig, Trainables, Trainer};
@@ -96,6 +97,22 @@ pub struct ember_train_params {
     /// base model's next-token distribution, by KL divergence, instead of its own tokens:
     /// mixed into new data, it keeps what the base knows). Default 1.
     pub distill_weight: f32,
+    /// Train a mixture of this many LoRA experts (2..=32, each of `lora_rank`) behind a
+    /// trainable router on every adapted projection instead of one LoRA pair (0: plain
+    /// LoRA). Default 0.
+    pub lora_experts: u32,
+    /// Experts each token uses in a mixture (1..=lora_experts). Default 2.
+    pub lora_top_k: u32,
+    /// Mixture gates: false renormalizes the chosen experts' softmax weights to sum to 1;
+    /// true keeps their softmax-over-all weights (Switch Transformer, for top-1).
+    pub switch_gates: bool,
+    /// Weight alpha of a mixture's load-balancing loss (alpha * E * sum_e f_e P_e per
+    /// adapted projection, f_e the share of tokens routed to expert e, P_e its mean router
+    /// probability). Default 0.01.
+    pub balance_loss: f32,
+    /// Weight of a mixture's router z-loss (mean squared log-sum-exp of the router
+    /// logits). Default 0.
+    pub z_loss: f32,
 }
 
 /// Default training: LoRA rank 8 on every projection, sequences of 256 tokens, AdamW at
@@ -123,6 +140,11 @@ pub extern "C" fn ember_train_default_params() -> ember_train_params {
         total_steps: 100,
         seed: 0,
         distill_weight: 1.0,
+        lora_experts: 0,
+        lora_top_k: 2,
+        switch_gates: false,
+        balance_loss: 0.01,
+        z_loss: 0.0,
     }
 }
 
@@ -146,6 +168,9 @@ pub struct ember_step_result {
     pub skipped: bool,
     /// Seconds the step took.
     pub seconds: f64,
+    /// A mixture of LoRA experts' auxiliary losses (load balancing and z-loss, summed
+    /// over adapted projections), trained beside `loss`; 0 otherwise.
+    pub aux_loss: f64,
 }
 
 fn write_result(out: *mut ember_step_result, s: &StepStats) {
@@ -163,6 +188,7 @@ fn write_result(out: *mut ember_step_result, s: &StepStats) {
         tokens: s.tokens as u64,
         skipped: s.skipped,
         seconds: s.secs,
+        aux_loss: s.aux_loss,
     };
     let n = size.min(std::mem::size_of::<ember_step_result>());
     // SAFETY: at most `size` bytes, which the caller's struct holds.
@@ -265,7 +291,11 @@ pub unsafe extern "C" fn ember_trainer_create(
                 },
                 rslora: p.rslora,
                 targets: targets(p.lora_targets)?,
-                experts: None,
+                experts: (p.lora_experts > 0).then_some(LoraExperts {
+                    n_experts: p.lora_experts as usize,
+                    top_k: p.lora_top_k as usize,
+                    renormalize: !p.switch_gates,
+                }),
             };
             let mut a = LoraAdapter::init(&model.config, config, p.seed)?;
             a.base_identity = Some(model.identity);
@@ -302,6 +332,8 @@ pub unsafe extern "C" fn ember_trainer_create(
             ("beta2", p.beta2),
             ("eps", p.eps),
             ("distill_weight", p.distill_weight),
+            ("balance_loss", p.balance_loss),
+            ("z_loss", p.z_loss),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(invalid(format!("{name} is {v}")));
@@ -320,6 +352,8 @@ pub unsafe extern "C" fn ember_trainer_create(
             schedule: schedule(&p),
             seed: p.seed,
             distill_weight: p.distill_weight,
+            balance_loss: p.balance_loss,
+            z_loss: p.z_loss,
             ..Default::default()
         };
         let trainer = Trainer::new(model, t, config)?;
@@ -571,7 +605,8 @@ pub unsafe extern "C" fn ember_trainer_save(
     })
 }
 
-/// Writes a JSON description (trainable parameters, steps, settings, device memory) to
+/// Writes a JSON description (trainable parameters, steps, settings, device memory, and a
+/// mixture of LoRA experts' `expert_load`: per adapted projection, tokens per expert) to
 /// `*out_json` (free with `ember_string_free`).
 ///
 /// # Safety
@@ -593,6 +628,7 @@ pub unsafe extern "C" fn ember_trainer_info_json(
             "virtual_tokens": tr.virtual_tokens(),
             "device_bytes": tr.device_bytes(),
             "dispatches_per_block": tr.dispatches_per_block(),
+            "expert_load": tr.expert_load()?,
         });
         out_string(out_json, &v.to_string())
     })

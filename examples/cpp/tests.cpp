@@ -783,7 +783,9 @@ void test_train_defaults_from_c() {
     CHECK(p.max_grad_norm == c.max_grad_norm && p.beta1 == c.beta1 && p.beta2 == c.beta2);
     CHECK(p.eps == c.eps && static_cast<int>(p.schedule) == static_cast<int>(c.schedule));
     CHECK(p.warmup_steps == c.warmup_steps && p.total_steps == c.total_steps);
-    CHECK(p.seed == c.seed);
+    CHECK(p.seed == c.seed && p.lora_experts == c.lora_experts && p.lora_top_k == c.lora_top_k);
+    CHECK(p.switch_gates == c.switch_gates && p.balance_loss == c.balance_loss);
+    CHECK(p.z_loss == c.z_loss);
     const ember_train_params back = p.to_c();
     CHECK(back.struct_size == sizeof(ember_train_params));
     CHECK(back.init_adapter == nullptr && back.schedule == c.schedule);
@@ -979,6 +981,10 @@ void test_trainer_errors() {
     p.seq_len = 33;
     CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); }, invalid_with("multiple of 32"));
     p = fast_train_params();
+    p.lora_experts = 4;
+    p.lora_top_k = 5;
+    CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); }, invalid_with("top-5"));
+    p = fast_train_params();
     p.lora_rank = 0;
     CHECK_THROWS(ember::Error, [&] { ember::Trainer(model, p); },
                  invalid_with("nothing to train"));
@@ -1067,6 +1073,26 @@ void test_real_model() {
 
 }  // namespace
 
+// A mixture of LoRA experts trains with its auxiliary losses and reports its expert load.
+void test_mixture_of_lora_experts() {
+    ember::Model model(*g_ctx, g_tiny);
+    const std::string data = ember::jsonl({ember::record::text(kRecordText)});
+    ember::TrainParams p = fast_train_params();
+    p.lora_experts = 4;
+    p.lora_top_k = 2;
+    p.balance_loss = 0.05f;
+    ember::Trainer trainer(model, p);
+    double first = 0.0, last = 0.0;
+    for (int i = 0; i < 8; ++i) {
+        const ember::StepResult r = trainer.step(data);
+        CHECK(!r.skipped && r.aux_loss > 0.0);
+        (i == 0 ? first : last) = r.loss;
+    }
+    CHECK(last < first);
+    CHECK(contains(trainer.info_json(), "\"expert_load\":[{"));
+    CHECK(contains(trainer.adapter().info_json(), "\"experts\":4"));
+}
+
 int main(int argc, char** argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s TINY.gguf [SCRATCH_DIR [TINY_MOE.gguf]]\n", argv[0]);
@@ -1108,6 +1134,7 @@ int main(int argc, char** argv) {
         run("trainer_learns_and_adapters_serve", test_trainer_learns_and_adapters_serve);
         run("train_file_callback", test_train_file_callback);
         run("trainer_errors", test_trainer_errors);
+        run("mixture_of_lora_experts", test_mixture_of_lora_experts);
         const char* real_model = std::getenv("EMBER_TEST_MODEL");
         if (real_model != nullptr && *real_model != '\0') {
             run("real_model", test_real_model);

@@ -1614,6 +1614,19 @@ class TrainParams:
     """Weight of a distilled token's term: records with ``"distill": true`` learn the frozen
     base model's next-token distribution (KL divergence) instead of their own tokens, which
     keeps what the base knows while new data is learned."""
+    lora_experts: int = 0
+    """Train a mixture of this many LoRA experts (2..32, each of ``lora_rank``) behind a
+    trainable router on every adapted projection instead of one LoRA pair (0: plain LoRA)."""
+    lora_top_k: int = 2
+    """Experts each token uses in a mixture."""
+    switch_gates: bool = False
+    """Keep the chosen experts' softmax-over-all gates (Switch Transformer, for top-1)
+    instead of renormalizing them to sum to 1."""
+    balance_loss: float = 0.01
+    """Weight alpha of a mixture's load-balancing loss (``alpha * E * sum_e f_e P_e`` per
+    adapted projection)."""
+    z_loss: float = 0.0
+    """Weight of a mixture's router z-loss (mean squared log-sum-exp of router logits)."""
 
     def _to_c(self, init_adapter: Optional[int]) -> _ffi.TrainParamsStruct:
         p = lib().ember_train_default_params()
@@ -1642,6 +1655,11 @@ class TrainParams:
         p.total_steps = _uint(self.total_steps, "total_steps")
         p.seed = _uint(self.seed, "seed", 64)
         p.distill_weight = _float(self.distill_weight, "distill_weight")
+        p.lora_experts = _uint(self.lora_experts, "lora_experts")
+        p.lora_top_k = _uint(self.lora_top_k, "lora_top_k")
+        p.switch_gates = _bool(self.switch_gates, "switch_gates")
+        p.balance_loss = _float(self.balance_loss, "balance_loss")
+        p.z_loss = _float(self.z_loss, "z_loss")
         return p
 
 
@@ -1663,6 +1681,9 @@ class StepResult:
     """The loss or a gradient was not finite: the update was skipped, nothing changed."""
     seconds: float
     """Seconds the step took."""
+    aux_loss: float = 0.0
+    """A mixture of LoRA experts' auxiliary losses (load balancing and z-loss), trained
+    beside ``loss``; 0 otherwise."""
 
     @classmethod
     def _from(cls, r: _ffi.StepResultStruct) -> "StepResult":
@@ -1674,6 +1695,7 @@ class StepResult:
             tokens=int(r.tokens),
             skipped=bool(r.skipped),
             seconds=float(r.seconds),
+            aux_loss=float(r.aux_loss),
         )
 
 

@@ -293,6 +293,11 @@ class TrainParamsStruct(Structure):
         ("total_steps", c_uint32),
         ("seed", c_uint64),
         ("distill_weight", c_float),
+        ("lora_experts", c_uint32),
+        ("lora_top_k", c_uint32),
+        ("switch_gates", c_bool),
+        ("balance_loss", c_float),
+        ("z_loss", c_float),
     ]
 
 
@@ -308,6 +313,7 @@ class StepResultStruct(Structure):
         ("tokens", c_uint64),
         ("skipped", c_bool),
         ("seconds", c_double),
+        ("aux_loss", c_double),
     ]
 
 

@@ -326,3 +326,21 @@ def _merge_checks(tiny, a, prompt, greedy):
             tiny.merge([a], [1.0, 2.0])
         with pytest.raises(TypeError):
             tiny.merge([])
+
+
+def test_mixture_of_lora_experts_trains_balances_and_serves(tiny, tmp_path):
+    with tiny.trainer(lora_experts=4, lora_top_k=2, balance_loss=0.05, z_loss=0.001, **FAST) as t:
+        steps = [t.step([RECORD]) for _ in range(8)]
+        assert all(s.aux_loss > 0 and not s.skipped for s in steps)
+        assert steps[-1].loss < steps[0].loss
+        load = t.info["expert_load"]
+        assert len(load) == 2 * 2  # q and v of both layers
+        assert all(len(layer["counts"]) == 4 for layer in load)
+        t.save(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["moe_experts"], cfg["moe_top_k"]) == ("EMBER_MOE_LORA", 4, 2)
+    with ember.Adapter(tiny, tmp_path) as a, tiny.session(n_ctx=64) as s:
+        assert (a.info["experts"], a.info["top_k"]) == (4, 2)
+        s.attach_adapter(a)
+    with pytest.raises(ember.EmberError, match="top-5"):
+        tiny.trainer(lora_experts=4, lora_top_k=5, **FAST)

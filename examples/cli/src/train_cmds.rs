@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use ember::adapters::lora::LoraExperts;
 use ember::adapters::{LoraAdapter, LoraConfig, Prefix, SoftPrompt, Target};
 use ember::kernels::train::AdamConfig;
 use ember::model::Model;
@@ -32,6 +33,17 @@ pub struct AdapterArgs {
     /// Adapted projections, comma-separated (q,k,v,o,gate,up,down or all).
     #[arg(long = "lora-targets", default_value = "all")]
     pub targets: String,
+    /// Train a mixture of this many LoRA experts (each of --lora-rank) behind a router on
+    /// every adapted layer instead of one LoRA pair (0: plain LoRA).
+    #[arg(long = "lora-experts", default_value_t = 0)]
+    pub experts: usize,
+    /// Experts each token uses in a mixture.
+    #[arg(long = "lora-top-k", default_value_t = 2)]
+    pub top_k: usize,
+    /// Keep a chosen expert's softmax-over-all gate (Switch Transformer) instead of
+    /// renormalizing the chosen gates to sum to 1 (use with --lora-top-k 1).
+    #[arg(long = "switch-gates")]
+    pub switch_gates: bool,
     /// Train a soft prompt of this many virtual tokens.
     #[arg(long = "prompt-tokens", default_value_t = 0)]
     pub prompt_tokens: usize,
@@ -79,7 +91,11 @@ impl AdapterArgs {
                 alpha: self.alpha.unwrap_or(2.0 * self.rank as f32),
                 rslora: self.rslora,
                 targets: self.targets()?,
-                experts: None,
+                experts: (self.experts > 0).then_some(LoraExperts {
+                    n_experts: self.experts,
+                    top_k: self.top_k,
+                    renormalize: !self.switch_gates,
+                }),
             };
             let mut a = LoraAdapter::init(&model.config, config, self.seed)?;
             a.base_identity = Some(model.identity);
@@ -154,6 +170,12 @@ pub struct FinetuneArgs {
     /// Clip gradients to this global norm (0: off).
     #[arg(long = "max-grad-norm", default_value_t = 1.0)]
     max_grad_norm: f32,
+    /// Weight alpha of a mixture's load-balancing loss (Switch: alpha E sum_e f_e P_e).
+    #[arg(long = "balance-loss", default_value_t = 0.01)]
+    balance_loss: f32,
+    /// Weight of a mixture's router z-loss (mean squared log-sum-exp of router logits).
+    #[arg(long = "z-loss", default_value_t = 0.0)]
+    z_loss: f32,
     /// Print one JSON object per step and a summary instead of a progress bar.
     #[arg(long)]
     json: bool,
@@ -186,6 +208,8 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         schedule: LrSchedule::parse(&a.schedule, warmup, steps)?,
         seed: a.adapter.seed,
         distill_weight: a.distill_weight,
+        balance_loss: a.balance_loss,
+        z_loss: a.z_loss,
         ..Default::default()
     };
     let mut tr = Trainer::new(model.clone(), t, config)?;
@@ -237,8 +261,9 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
             if a.json {
                 println!(
                     "{}",
-                    json!({"step": done, "epoch": epoch, "loss": s.loss, "grad_norm": s.grad_norm,
-                           "lr": s.lr, "skipped": s.skipped, "tokens_per_s": tok_s, "secs": s.secs})
+                    json!({"step": done, "epoch": epoch, "loss": s.loss, "aux_loss": s.aux_loss,
+                           "grad_norm": s.grad_norm, "lr": s.lr, "skipped": s.skipped,
+                           "tokens_per_s": tok_s, "secs": s.secs})
                 );
             } else {
                 bar.set_message(format!("loss {:.4} | {:.0} tok/s", s.loss, tok_s));
@@ -250,7 +275,8 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     bar.finish_and_clear();
     let saved = tr.save(&a.out)?;
     let secs = t0.elapsed().as_secs_f64();
-    let summary = json!({
+    let load = tr.expert_load()?;
+    let mut summary = json!({
         "model": a.model, "data": a.data, "distill": a.distill, "distill_weight": a.distill_weight, "out": saved,
         "steps": done, "skipped_steps": skipped, "epochs": epoch as f64 + 0.0,
         "first_loss": first_loss, "final_loss": last_loss,
@@ -259,9 +285,13 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         "peak_rss_mb": peak_rss_mb(),
         "device": ctx.info().name, "backend": ctx.info().backend,
     });
+    if !load.is_empty() {
+        summary["expert_load"] = json!(load);
+    }
     if a.json {
         println!("{summary}");
     } else {
+        print_expert_load(&load);
         eprintln!(
             "loss {first_loss:.4} -> {last_loss:.4} in {done} steps, {:.1} s ({:.0} tokens/s); saved {}",
             secs,
@@ -274,6 +304,29 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A mixture's routing during training: per adapted layer, each expert's share of the
+/// choices (1/E is fair).
+fn print_expert_load(load: &[ember::train::ExpertLoad]) {
+    if load.is_empty() {
+        return;
+    }
+    eprintln!("expert load (share of the choices per adapted layer):");
+    for l in load {
+        let total = l.counts.iter().sum::<u32>().max(1) as f64;
+        let shares: Vec<String> = l
+            .counts
+            .iter()
+            .map(|&c| format!("{:5.1}%", 100.0 * c as f64 / total))
+            .collect();
+        eprintln!(
+            "  layer {:3} {:>9}: {}",
+            l.layer,
+            l.target.module(),
+            shares.join(" ")
+        );
+    }
 }
 
 #[derive(Args)]

@@ -281,3 +281,80 @@ fn moe_upcycle_expert_stats_and_bench() {
     assert_eq!(b["expert_load"].as_array().unwrap().len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn finetune_a_mixture_of_lora_experts_and_generate_with_it() {
+    use ember_tests::tiny::{write_tiny_gguf, TinyVariant};
+    let dir = ember_tests::model::TempDir::new("cli-moe-lora");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, TinyVariant::Llama, None).unwrap();
+    let out = dir.path().join("mix");
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let data = fixture_text("short.txt");
+    let (ok, stdout, err) = ember(&[
+        "finetune",
+        "-m",
+        m,
+        "--data",
+        &data,
+        "--out",
+        o,
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "q,v,down",
+        "--lora-experts",
+        "4",
+        "--lora-top-k",
+        "2",
+        "--balance-loss",
+        "0.05",
+        "--z-loss",
+        "0.001",
+        "--seq",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7, "{stdout}");
+    assert!(lines[..6]
+        .iter()
+        .all(|s| s["aux_loss"].as_f64().unwrap() > 0.0));
+    let summary = &lines[6];
+    let load = summary["expert_load"].as_array().unwrap();
+    assert_eq!(load.len(), 3 * 2, "q, v, down on 2 layers");
+    for l in load {
+        let counts = l["counts"].as_array().unwrap();
+        assert_eq!(counts.len(), 4);
+        assert!(counts.iter().map(|c| c.as_u64().unwrap()).sum::<u64>() > 0);
+    }
+    let cfg = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+    assert!(cfg.contains("EMBER_MOE_LORA"), "{cfg}");
+    let (ok, stdout, err) = ember(&[
+        "generate",
+        "-m",
+        m,
+        "--adapter",
+        o,
+        "-p",
+        "Hello",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(g["tokens"].as_array().map(|t| t.len()), Some(4), "{g}");
+}
