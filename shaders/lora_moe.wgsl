@@ -13,8 +13,15 @@
 //   router_backward: dz over dg in place: the gates' Jacobian, plus the load-balancing
 //     term through p (f held constant, as Switch does), plus the z-loss term.
 //
-//   z, g, pr, dg: [rows][E] f32; sel: [rows] u32 bit mask of S; t, u: [rows][E r] f32;
-//   w: [rows] f32; f: [E] f32; counts: [slots][E] u32; loss: [slots][E + 1] f32.
+//   z, g, pr, dg: [rows][E] f32; sel: [rows] u32 bit mask of S (experts 0..31; a chosen
+//   expert is one whose gate is not 0); t, u: [rows][E r] f32; w: [rows] f32; f: [E] f32;
+//   counts: [slots][E] u32; loss: [slots][E + 1] f32. E <= 256 (32 with aux_stats).
+//
+// The same route and router backward serve a frozen Mixture-of-Experts base's own router
+// in training (rank unused, no auxiliary loss), with two helpers for its experts, computed
+// one expert e (`slot`) at a time over every row:
+//   rows_dot:   dg[row][slot] = sum over `rank` columns of t[row][c] * u[row][c]
+//   rows_scale: u[row][c] = g[row][slot] * t[row][c]
 
 struct MixParams {
     rows: u32,
@@ -55,6 +62,8 @@ fn mix_route(@builtin(global_invocation_id) gid: vec3<u32>) {
     let mx = row_max(b);
     var sum = 0.0;
     for (var e = 0u; e < p.n_experts; e++) { sum += exp(z[b + e] - mx); }
+    // g marks the chosen experts (1) while choosing.
+    for (var e = 0u; e < p.n_experts; e++) { g[b + e] = 0.0; }
     var mask = 0u;
     var ssum = 0.0;
     for (var j = 0u; j < p.top_k; j++) {
@@ -62,13 +71,14 @@ fn mix_route(@builtin(global_invocation_id) gid: vec3<u32>) {
         var best_v = -3.4e38;
         var found = false;
         for (var e = 0u; e < p.n_experts; e++) {
-            if ((mask & (1u << e)) == 0u && (!found || z[b + e] > best_v)) {
+            if (g[b + e] == 0.0 && (!found || z[b + e] > best_v)) {
                 best = e;
                 best_v = z[b + e];
                 found = true;
             }
         }
-        mask |= 1u << best;
+        g[b + best] = 1.0;
+        if (best < 32u) { mask |= 1u << best; }
         ssum += exp(best_v - mx);
     }
     sel[row] = mask;
@@ -76,7 +86,7 @@ fn mix_route(@builtin(global_invocation_id) gid: vec3<u32>) {
         let x = exp(z[b + e] - mx);
         pr[b + e] = x / sum;
         var gv = 0.0;
-        if ((mask & (1u << e)) != 0u) {
+        if (g[b + e] != 0.0) {
             if (p.renorm != 0u) { gv = x / ssum; } else { gv = x / sum; }
         }
         g[b + e] = gv;
@@ -170,13 +180,12 @@ fn mix_router_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row = gid.x;
     if (row >= p.rows) { return; }
     let b = row * p.n_experts;
-    let mask = sel[row];
     let wr = w[row];
     // Sums over the chosen experts (gates' Jacobian) and over all (load term).
     var sg = 0.0;
     var sa = 0.0;
     for (var e = 0u; e < p.n_experts; e++) {
-        let on = (mask & (1u << e)) != 0u;
+        let on = g[b + e] > 0.0;
         if (on) {
             if (p.renorm != 0u) { sg += g[b + e] * dg[b + e]; } else { sg += pr[b + e] * dg[b + e]; }
         }
@@ -190,7 +199,7 @@ fn mix_router_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
         lse = mx + log(sum);
     }
     for (var e = 0u; e < p.n_experts; e++) {
-        let on = (mask & (1u << e)) != 0u;
+        let on = g[b + e] > 0.0;
         let pe = pr[b + e];
         var d = 0.0;
         if (p.renorm != 0u) {
@@ -204,4 +213,23 @@ fn mix_router_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
         d += 2.0 * p.z_w * wr * lse * pe;
         dg[b + e] = d;
     }
+}
+
+// One invocation per row.
+@compute @workgroup_size(64)
+fn mix_rows_dot(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x;
+    if (row >= p.rows) { return; }
+    let base = row * p.rank;
+    var s = 0.0;
+    for (var c = 0u; c < p.rank; c++) { s += t[base + c] * u[base + c]; }
+    dg[row * p.n_experts + p.slot] = s;
+}
+
+// One invocation per element.
+@compute @workgroup_size(64)
+fn mix_rows_scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if (i >= p.rows * p.rank) { return; }
+    u[i] = g[(i / p.rank) * p.n_experts + p.slot] * t[i];
 }

@@ -2,7 +2,9 @@
 //! top-k route, the per-expert gating of the stacked LoRA activations and its backward, the
 //! block's load statistics with the Switch Transformer load-balancing loss and the router
 //! z-loss, and the router's backward through the gates, the balancing term and the z-loss.
-//! The products with A, B and the router are ordinary matmuls around these.
+//! The products with A, B and the router are ordinary matmuls around these. The route and
+//! the router backward also serve a frozen Mixture-of-Experts base's own router in
+//! training, with [`mix_rows_dot`] and [`mix_rows_scale`] for its experts' gates.
 //!
 //! Tests compare every kernel with a CPU reference and the backward with finite
 //! differences of the whole mixture's loss.
@@ -30,7 +32,7 @@ uniform! {
 pub struct MixShape {
     /// Rows of the block.
     pub rows: usize,
-    /// Experts (2..=32).
+    /// Experts (2..=256; at most 32 with the auxiliary losses' statistics).
     pub n_experts: usize,
     /// Experts per token.
     pub top_k: usize,
@@ -76,7 +78,8 @@ pub struct MixStats {
 impl MixShape {
     fn check(&self, op: &'static str) -> Result<()> {
         if self.rows == 0
-            || !(2..=32).contains(&self.n_experts)
+            || !(2..=256).contains(&self.n_experts)
+            || (op == "mix_aux_stats" && self.n_experts > 32)
             || self.top_k == 0
             || self.top_k > self.n_experts
             || self.rank == 0
@@ -226,12 +229,73 @@ pub fn mix_router_backward(
         (1, &r.z),
         (2, &r.g),
         (3, &r.pr),
-        (4, &r.sel),
         (7, dg),
         (8, &st.w),
         (9, &st.f),
     ];
     dispatch(ctx, op, s, &b, [s.rows.div_ceil(64) as u32, 1, 1])
+}
+
+/// `dg[row][expert] = sum_c a[row][c] * b[row][c]` over `cols` columns (`a`, `b` packed
+/// `[rows][cols]`; `s.rank` is ignored): a gate's gradient from the output gradient and
+/// the expert's output.
+pub fn mix_rows_dot(
+    ctx: &Context,
+    s: &MixShape,
+    expert: usize,
+    cols: usize,
+    a: &Tensor,
+    b: &Tensor,
+    dg: &Tensor,
+) -> Result<Dispatch> {
+    let op = "mix_rows_dot";
+    let s = MixShape {
+        rank: cols,
+        slot: expert,
+        ..*s
+    };
+    need(op, a, s.rows * cols, "a")?;
+    need(op, b, s.rows * cols, "b")?;
+    need(op, dg, s.rows * s.n_experts, "dg")?;
+    if expert >= s.n_experts {
+        return Err(Error::shape(
+            op,
+            format!("expert {expert} of {}", s.n_experts),
+        ));
+    }
+    let binds = [(5, a), (6, b), (7, dg)];
+    dispatch(ctx, op, &s, &binds, [s.rows.div_ceil(64) as u32, 1, 1])
+}
+
+/// `y[row][c] = g[row][expert] * x[row][c]` over `cols` columns (packed): an expert's share
+/// of the output gradient.
+pub fn mix_rows_scale(
+    ctx: &Context,
+    s: &MixShape,
+    expert: usize,
+    cols: usize,
+    g: &Tensor,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Dispatch> {
+    let op = "mix_rows_scale";
+    let s = MixShape {
+        rank: cols,
+        slot: expert,
+        ..*s
+    };
+    need(op, g, s.rows * s.n_experts, "g")?;
+    need(op, x, s.rows * cols, "x")?;
+    need(op, y, s.rows * cols, "y")?;
+    if expert >= s.n_experts {
+        return Err(Error::shape(
+            op,
+            format!("expert {expert} of {}", s.n_experts),
+        ));
+    }
+    let binds = [(2, g), (5, x), (6, y)];
+    let n = (s.rows * cols) as u32;
+    dispatch(ctx, op, &s, &binds, grid(ctx, n.div_ceil(64))?)
 }
 
 /// Every entry point (for the portability test).
@@ -243,40 +307,42 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
         "mix_gate_backward",
         "mix_aux_stats",
         "mix_router_backward",
+        "mix_rows_dot",
+        "mix_rows_scale",
     ]
     .into_iter()
     .map(|e| PipelineKey::new("lora_moe", e))
     .collect()
 }
 
-/// CPU reference of one row's route: (chosen mask, gates, softmax over all), the top k
-/// by logit with ties to the lower index.
+/// CPU reference of one row's route: (chosen mask of experts 0..31, gates, softmax over
+/// all), the top k by logit with ties to the lower index.
 pub fn route_ref(z: &[f64], top_k: usize, renormalize: bool) -> (u32, Vec<f64>, Vec<f64>) {
     let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let ex: Vec<f64> = z.iter().map(|v| (v - mx).exp()).collect();
     let sum: f64 = ex.iter().sum();
-    let mut mask = 0u32;
+    let mut chosen = vec![false; z.len()];
     for _ in 0..top_k {
         let best = (0..z.len())
-            .filter(|e| mask & (1 << e) == 0)
+            .filter(|&e| !chosen[e])
             .fold(None, |b: Option<usize>, e| match b {
                 Some(b) if z[b] >= z[e] => Some(b),
                 _ => Some(e),
             })
             .unwrap_or(0);
-        mask |= 1 << best;
+        chosen[best] = true;
     }
-    let ssum: f64 = (0..z.len())
-        .filter(|e| mask & (1 << e) != 0)
-        .map(|e| ex[e])
-        .sum();
+    let ssum: f64 = (0..z.len()).filter(|&e| chosen[e]).map(|e| ex[e]).sum();
     let g = (0..z.len())
-        .map(|e| match (mask & (1 << e) != 0, renormalize) {
+        .map(|e| match (chosen[e], renormalize) {
             (false, _) => 0.0,
             (true, true) => ex[e] / ssum,
             (true, false) => ex[e] / sum,
         })
         .collect();
+    let mask = (0..z.len().min(32))
+        .filter(|&e| chosen[e])
+        .fold(0u32, |m, e| m | 1 << e);
     (mask, g, ex.iter().map(|v| v / sum).collect())
 }
 
@@ -477,5 +543,60 @@ mod tests {
     #[test]
     fn top3_without_auxiliary_losses() {
         run(&case(true, 3, 3), 0.0, 0.0);
+    }
+
+    #[test]
+    fn many_experts_route_and_expert_helpers_match_the_cpu() {
+        let ctx = ctx();
+        let (rows, e, k, cols) = (37, 40, 3, 21);
+        let mut rng = Rng::new(8);
+        let z = rng.vec(rows * e, -3.0, 3.0);
+        let a = rng.vec(rows * cols, -1.0, 1.0);
+        let b = rng.vec(rows * cols, -1.0, 1.0);
+        let f32s = |v: &[f32]| Tensor::from_f32(ctx, &[v.len()], v).unwrap();
+        let zeros = |n: usize| Tensor::zeros(ctx, &[n], DType::F32).unwrap();
+        let s = MixShape {
+            rows,
+            n_experts: e,
+            top_k: k,
+            renormalize: false,
+            rank: 1,
+            slot: 0,
+            aux_loss: 0.0,
+            z_loss: 0.0,
+        };
+        let route = MixRoute {
+            z: f32s(&z),
+            g: zeros(rows * e),
+            pr: zeros(rows * e),
+            sel: Tensor::zeros(ctx, &[rows], DType::U32).unwrap(),
+        };
+        let (at, bt, dg, y) = (f32s(&a), f32s(&b), zeros(rows * e), zeros(rows * cols));
+        let ops = vec![
+            mix_route(ctx, &s, &route).unwrap(),
+            mix_rows_dot(ctx, &s, 33, cols, &at, &bt, &dg).unwrap(),
+            mix_rows_scale(ctx, &s, 35, cols, &route.g, &at, &y).unwrap(),
+        ];
+        ctx.run(&ops).unwrap();
+        let g = route.g.read_f32(ctx).unwrap();
+        let (dgv, yv) = (dg.read_f32(ctx).unwrap(), y.read_f32(ctx).unwrap());
+        for r in 0..rows {
+            let zr: Vec<f64> = z[r * e..(r + 1) * e].iter().map(|&v| v as f64).collect();
+            let (_, want, _) = route_ref(&zr, k, false);
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            assert_close("gates", &g[r * e..(r + 1) * e], &want, 1e-6, 1e-5);
+            let dot: f64 = (0..cols)
+                .map(|c| a[r * cols + c] as f64 * b[r * cols + c] as f64)
+                .sum();
+            assert_close("rows_dot", &[dgv[r * e + 33]], &[dot as f32], 1e-5, 1e-5);
+            let scaled: Vec<f32> = (0..cols).map(|c| g[r * e + 35] * a[r * cols + c]).collect();
+            assert_close(
+                "rows_scale",
+                &yv[r * cols..(r + 1) * cols],
+                &scaled,
+                1e-6,
+                1e-6,
+            );
+        }
     }
 }

@@ -280,6 +280,36 @@ pub struct MoeScratch {
 }
 
 impl MoeScratch {
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        let mut n: u64 = [
+            &self.logits,
+            &self.ids,
+            &self.group,
+            &self.weights,
+            &self.gu,
+            &self.out,
+            &self.counts,
+        ]
+        .iter()
+        .map(|t| t.bytes())
+        .sum();
+        if let Some(b) = &self.shared {
+            n += [
+                &b.gate_up,
+                &b.act,
+                &b.out,
+                &b.gate_logit,
+                &b.gate,
+                &b.gate_id,
+            ]
+            .iter()
+            .map(|t| t.bytes())
+            .sum::<u64>();
+        }
+        n
+    }
+
     /// Buffers for `rows` tokens through `layers` layers shaped like `ffn`.
     pub fn new(ctx: &Context, ffn: &MoeFfn, rows: usize, layers: usize) -> Result<MoeScratch> {
         let shared_ff = ffn.shared.as_ref().map(|s| s.ff());

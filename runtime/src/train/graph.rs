@@ -34,6 +34,7 @@ use crate::model::Model;
 use crate::train::attention::{AttnShape, TrainAttention};
 use crate::train::batch::Virtual;
 use crate::train::frozen::{linear_backward, Dequant, GradRows};
+use crate::train::moe::MoeTrain;
 use crate::train::params::{ParamKey, ParamStore};
 
 /// Memory budgets of the step's scratch buffers, in floats.
@@ -255,6 +256,8 @@ struct Builder<'a> {
     base_only: Cell<bool>,
     /// A mixture's shared statistics and the counter slot of each (layer, target).
     mix: Option<(MixStats, Vec<(usize, Target)>)>,
+    /// A Mixture-of-Experts base's feed-forward buffers.
+    moe: Option<MoeTrain>,
 }
 
 /// A view of `rows` rows of `cols` starting at row `r0` (r0 * cols * 4 must be a multiple
@@ -305,12 +308,30 @@ impl Graph {
             &inputs.ranges,
             budgets.scores,
         )?;
-        let mut linears = vec![&model.lm_head];
-        for l in &model.layers {
-            let (gate_up, down) = l.mlp("training")?;
-            linears.extend([&l.qkv, &l.o, gate_up, down]);
+        if model.layers.iter().any(|l| l.qk_norm.is_some()) {
+            return Err(Error::Unsupported(
+                "training on a base with q/k norms (OLMoE, Qwen3-MoE)".into(),
+            ));
         }
-        let dq = Dequant::new(ctx, linears.into_iter(), budgets.dequant)?;
+        let mut linears = vec![&model.lm_head];
+        let mut experts = Vec::new();
+        for l in &model.layers {
+            linears.extend([&l.qkv, &l.o]);
+            match l.moe() {
+                Some(f) => {
+                    linears.push(&f.router);
+                    experts.extend([&f.gate_up, &f.down]);
+                }
+                None => linears.extend(<[&Linear; 2]>::from(l.mlp("training")?)),
+            }
+        }
+        let dq = Dequant::new(
+            ctx,
+            linears.into_iter(),
+            experts.into_iter(),
+            budgets.dequant,
+        )?;
+        let moe = MoeTrain::new(ctx, model, m, &inputs.route_w)?;
         // Distillation needs the base model's logits beside the adapted ones: the two chunks
         // share the logits budget, so training without it costs no extra memory.
         let distill = lora.is_some() && virt == Virtual::None;
@@ -399,6 +420,7 @@ impl Graph {
             b,
             base_only: Cell::new(false),
             mix,
+            moe,
         };
         let eval_ops = bld.forward(false, false)?;
         let train_ops = bld.train(false)?;
@@ -439,7 +461,16 @@ impl Builder<'_> {
         if let Some((st, _)) = &self.mix {
             n += st.f.bytes() + st.counts.bytes() + st.loss.bytes();
         }
+        if let Some(moe) = &self.moe {
+            n += moe.bytes();
+        }
         n + self.att.bytes() + self.dq.bytes() + 7 * 4 * self.rows as u64
+    }
+
+    fn moe_bufs(&self) -> Result<&MoeTrain> {
+        self.moe
+            .as_ref()
+            .ok_or_else(|| Error::Internal("MoE layer without MoE training buffers".into()))
     }
 
     fn acts(&self, l: usize) -> &Acts {
@@ -776,6 +807,22 @@ impl Builder<'_> {
             None,
             &nd,
         )?);
+        if let Some(f) = layer.moe() {
+            // The routed block: only its output is needed (the backward recomputes the
+            // experts one at a time).
+            if let Some(x_out) = x_out {
+                let moe = self.moe_bufs()?;
+                ops.push(unary(
+                    ctx,
+                    UnaryOp::Copy,
+                    x_out,
+                    Some(&a.xmid),
+                    m * c.hidden,
+                )?);
+                ops.extend(moe.forward(ctx, f, l, x_out, &a.h2, self.variant())?);
+            }
+            return Ok(ops);
+        }
         let (gate_up, down) = layer.mlp("training")?;
         ops.extend(self.linear(gate_up, &a.gu, &a.h2, c.hidden, 2 * c.ff, false)?);
         for (tg, off) in [(Target::Gate, 0), (Target::Up, c.ff)] {
@@ -946,14 +993,37 @@ impl Builder<'_> {
         } else {
             self.layer_forward(l, &b.xs[l], None)?
         };
-        // FFN: x' = xmid + down(swiglu(gate_up(norm(xmid)))).
-        let (gate_up, down) = layer.mlp("training")?;
-        ops.extend(self.frozen_backward(down, &b.dff, &b.dx, c.hidden, ff)?);
-        ops.extend(self.lora_backward(l, Target::Down, &b.dx, c.hidden, 0, &a.ff, ff, &b.dff)?);
-        ops.push(swiglu_backward(ctx, &b.dgu, &a.gu, &b.dff, m, ff)?);
-        ops.extend(self.frozen_backward(gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
-        for (tg, off) in [(Target::Gate, 0), (Target::Up, ff)] {
-            ops.extend(self.lora_backward(l, tg, &b.dgu, 2 * ff, off, &a.h2, c.hidden, &b.dh)?);
+        // FFN: x' = xmid + down(swiglu(gate_up(norm(xmid)))), or the routed experts.
+        if let Some(f) = layer.moe() {
+            let moe = self.moe_bufs()?;
+            ops.extend(moe.backward(ctx, f, &a.h2, &b.dx, &b.dh, &self.dq, self.variant())?);
+        } else {
+            let (gate_up, down) = layer.mlp("training")?;
+            ops.extend(self.frozen_backward(down, &b.dff, &b.dx, c.hidden, ff)?);
+            ops.extend(self.lora_backward(
+                l,
+                Target::Down,
+                &b.dx,
+                c.hidden,
+                0,
+                &a.ff,
+                ff,
+                &b.dff,
+            )?);
+            ops.push(swiglu_backward(ctx, &b.dgu, &a.gu, &b.dff, m, ff)?);
+            ops.extend(self.frozen_backward(gate_up, &b.dh, &b.dgu, 2 * ff, c.hidden)?);
+            for (tg, off) in [(Target::Gate, 0), (Target::Up, ff)] {
+                ops.extend(self.lora_backward(
+                    l,
+                    tg,
+                    &b.dgu,
+                    2 * ff,
+                    off,
+                    &a.h2,
+                    c.hidden,
+                    &b.dh,
+                )?);
+            }
         }
         ops.push(rmsnorm_backward(
             ctx,

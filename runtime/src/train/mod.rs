@@ -13,6 +13,7 @@ pub mod batch;
 pub mod data;
 pub mod frozen;
 pub mod graph;
+pub mod moe;
 pub mod params;
 pub mod schedule;
 
@@ -188,6 +189,15 @@ impl Trainer {
         if let Some(a) = &trainables.lora {
             base_name = a.base_name.clone();
             a.check_fits(c, "LoRA")?;
+            if let Some(&(l, t)) = a.weights.keys().find(|&&(l, t)| {
+                model.layers[l].moe().is_some()
+                    && matches!(t, Target::Gate | Target::Up | Target::Down)
+            }) {
+                return Err(Error::Unsupported(format!(
+                    "LoRA on {} of layer {l}, a Mixture-of-Experts block (its feed-forward is the experts; adapt q, k, v or o)",
+                    t.module()
+                )));
+            }
             let mut keys = Vec::new();
             for (&(l, t), p) in &a.weights {
                 let m = p.for_model(t, &model, a.config.width());
