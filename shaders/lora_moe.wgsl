@@ -22,6 +22,7 @@
 // one expert e (`slot`) at a time over every row:
 //   rows_dot:   dg[row][slot] = sum over `rank` columns of t[row][c] * u[row][c]
 //   rows_scale: u[row][c] = g[row][slot] * t[row][c]
+// and, for a shared expert's sigmoid gate (E = 1), sigmoid_backward: dg *= g (1 - g).
 
 struct MixParams {
     rows: u32,
@@ -232,4 +233,14 @@ fn mix_rows_scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let i = gid.x + gid.y * nwg.x * 64u;
     if (i >= p.rows * p.rank) { return; }
     u[i] = g[(i / p.rank) * p.n_experts + p.slot] * t[i];
+}
+
+// One invocation per row (one gate per row): dg = dL/dsigma in, dL/dlogit out, with g the
+// sigmoid (a shared expert's gate).
+@compute @workgroup_size(64)
+fn mix_sigmoid_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x;
+    if (row >= p.rows) { return; }
+    let s = g[row];
+    dg[row] = dg[row] * s * (1.0 - s);
 }

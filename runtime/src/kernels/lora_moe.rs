@@ -78,7 +78,15 @@ pub struct MixStats {
 impl MixShape {
     fn check(&self, op: &'static str) -> Result<()> {
         if self.rows == 0
-            || !(2..=256).contains(&self.n_experts)
+            || !(if op.starts_with("mix_route")
+                || op.starts_with("mix_router")
+                || op == "mix_aux_stats"
+            {
+                2
+            } else {
+                1
+            }..=256)
+                .contains(&self.n_experts)
             || (op == "mix_aux_stats" && self.n_experts > 32)
             || self.top_k == 0
             || self.top_k > self.n_experts
@@ -298,6 +306,29 @@ pub fn mix_rows_scale(
     dispatch(ctx, op, &s, &binds, grid(ctx, n.div_ceil(64))?)
 }
 
+/// `dg[row] *= g[row] (1 - g[row])` over `s.rows` rows: a sigmoid gate's logit gradient
+/// from its output's (`g` the sigmoid; `s.n_experts` must be 1).
+pub fn mix_sigmoid_backward(
+    ctx: &Context,
+    s: &MixShape,
+    g: &Tensor,
+    dg: &Tensor,
+) -> Result<Dispatch> {
+    let op = "mix_sigmoid_backward";
+    if s.n_experts != 1 {
+        return Err(Error::shape(op, format!("{} gates per row", s.n_experts)));
+    }
+    need(op, g, s.rows, "g")?;
+    need(op, dg, s.rows, "dg")?;
+    dispatch(
+        ctx,
+        op,
+        s,
+        &[(2, g), (7, dg)],
+        [s.rows.div_ceil(64) as u32, 1, 1],
+    )
+}
+
 /// Every entry point (for the portability test).
 #[cfg(test)]
 pub(crate) fn keys() -> Vec<PipelineKey> {
@@ -309,6 +340,7 @@ pub(crate) fn keys() -> Vec<PipelineKey> {
         "mix_router_backward",
         "mix_rows_dot",
         "mix_rows_scale",
+        "mix_sigmoid_backward",
     ]
     .into_iter()
     .map(|e| PipelineKey::new("lora_moe", e))

@@ -23,12 +23,13 @@ use crate::kernels::lora_moe::{
     MixStats,
 };
 use crate::kernels::matmul::{matmul, MatmulDesc};
-use crate::kernels::norm::{norm_with, NormDesc, NormKind};
+use crate::kernels::norm::{norm_with, rms_norm_in_place, NormDesc, NormKind};
 use crate::kernels::quant::QShape;
 use crate::kernels::rope::{rope, HeadLayout, RopeTable};
 use crate::kernels::train::{
     rmsnorm_backward, rows_accumulate, rows_gather, swiglu_backward, xent, xent_distill, RowCopy,
 };
+use crate::model::config::QkNorm;
 use crate::model::weights::{Linear, Rows};
 use crate::model::Model;
 use crate::train::attention::{AttnShape, TrainAttention};
@@ -147,6 +148,8 @@ struct Acts {
     t: HashMap<Target, Tensor>,
     /// A mixture's route and gated `A x` per target.
     mix: HashMap<Target, (MixRoute, Tensor)>,
+    /// q|k|v before the q/k norms (models that have them), `[rows][qkv_dim]`.
+    qkv_raw: Option<Tensor>,
 }
 
 impl Acts {
@@ -183,6 +186,11 @@ impl Acts {
             ff: f(c.ff)?,
             t,
             mix,
+            qkv_raw: if c.qk_norm == QkNorm::None {
+                None
+            } else {
+                Some(f(c.qkv_dim())?)
+            },
         })
     }
 
@@ -197,7 +205,12 @@ impl Acts {
             Some(e) => width + 3 * e.n_experts + 1,
             None => 0,
         };
-        3 * c.hidden + c.qkv_dim() + c.q_dim() + 3 * c.ff + n_targets * (width + mix)
+        let raw = if c.qk_norm == QkNorm::None {
+            0
+        } else {
+            c.qkv_dim()
+        };
+        3 * c.hidden + c.qkv_dim() + raw + c.q_dim() + 3 * c.ff + n_targets * (width + mix)
     }
 
     fn bytes(&self) -> u64 {
@@ -213,6 +226,7 @@ impl Acts {
                 .values()
                 .map(|(r, u)| r.z.bytes() + r.g.bytes() + r.pr.bytes() + r.sel.bytes() + u.bytes())
                 .sum::<u64>()
+            + self.qkv_raw.as_ref().map_or(0, |t| t.bytes())
     }
 }
 
@@ -231,6 +245,9 @@ struct Bufs {
     dt: Tensor,
     /// A mixture's gate / router-logit gradients `[rows][E]`.
     dz: Tensor,
+    /// q/k norms' backward: raw values, output and input gradients packed `[rows][q_dim]`,
+    /// and the identity row map that copies them out of and into the fused rows.
+    qk_norm: Option<([Tensor; 3], Tensor)>,
     logits: Tensor,
     logit_rows: usize,
     zeros: Tensor,
@@ -308,11 +325,6 @@ impl Graph {
             &inputs.ranges,
             budgets.scores,
         )?;
-        if model.layers.iter().any(|l| l.qk_norm.is_some()) {
-            return Err(Error::Unsupported(
-                "training on a base with q/k norms (OLMoE, Qwen3-MoE)".into(),
-            ));
-        }
         let mut linears = vec![&model.lm_head];
         let mut experts = Vec::new();
         for l in &model.layers {
@@ -321,6 +333,10 @@ impl Graph {
                 Some(f) => {
                     linears.push(&f.router);
                     experts.extend([&f.gate_up, &f.down]);
+                    if let Some(sh) = &f.shared {
+                        linears.extend([&sh.gate_up, &sh.down]);
+                        linears.extend(sh.gate.as_ref());
+                    }
                 }
                 None => linears.extend(<[&Linear; 2]>::from(l.mlp("training")?)),
             }
@@ -392,6 +408,15 @@ impl Graph {
             dff: f(c.ff)?,
             dt: f(width)?,
             dz: f(LoraExperts::MAX_EXPERTS)?,
+            qk_norm: if c.qk_norm == QkNorm::None {
+                None
+            } else {
+                let iota: Vec<u32> = (0..m as u32).collect();
+                Some((
+                    [f(c.q_dim())?, f(c.q_dim())?, f(c.q_dim())?],
+                    Tensor::from_slice(ctx, &[m], DType::U32, &iota)?,
+                ))
+            },
             logits: Tensor::zeros(ctx, &[logit_rows, c.vocab], DType::F32)?,
             logit_rows,
             zeros: Tensor::zeros(ctx, &[virt.rows().max(1) * 2 * c.kv_dim()], DType::F32)?,
@@ -464,6 +489,9 @@ impl Builder<'_> {
         if let Some(moe) = &self.moe {
             n += moe.bytes();
         }
+        if let Some((t, map)) = &b.qk_norm {
+            n += t.iter().map(|t| t.bytes()).sum::<u64>() + map.bytes();
+        }
         n + self.att.bytes() + self.dq.bytes() + 7 * 4 * self.rows as u64
     }
 
@@ -484,6 +512,19 @@ impl Builder<'_> {
     fn norm_desc(&self) -> NormDesc {
         let c = &self.model.config;
         NormDesc::new(NormKind::Rms, self.rows, c.hidden, c.norm_eps)
+    }
+
+    /// The q/k norm over `heads` heads of a row: per head (`rows * heads` rows of
+    /// `head_dim`) or over all of them (`rows` rows).
+    fn qk_norm_desc(&self, heads: usize) -> NormDesc {
+        let c = &self.model.config;
+        if c.qk_norm == QkNorm::PerHead {
+            let mut d = NormDesc::new(NormKind::Rms, self.rows * heads, c.head_dim, c.norm_eps);
+            d.heads = heads;
+            d
+        } else {
+            NormDesc::new(NormKind::Rms, self.rows, heads * c.head_dim, c.norm_eps)
+        }
     }
 
     fn lora_on(&self, l: usize, t: Target) -> bool {
@@ -760,12 +801,14 @@ impl Builder<'_> {
             None,
             &nd,
         )?);
-        ops.extend(self.linear(&layer.qkv, &a.qkv, &a.h1, c.hidden, qkv_dim, false)?);
+        // With q/k norms the projections go to the raw buffer, normalized into qkv.
+        let raw = a.qkv_raw.as_ref().unwrap_or(&a.qkv);
+        ops.extend(self.linear(&layer.qkv, raw, &a.h1, c.hidden, qkv_dim, false)?);
         if let Some(bias) = &layer.qkv_bias {
             ops.push(binary(
                 ctx,
                 BinaryOp::Add,
-                &a.qkv,
+                raw,
                 None,
                 bias,
                 m * qkv_dim,
@@ -778,7 +821,18 @@ impl Builder<'_> {
             (Target::V, q_dim + kv_dim),
         ] {
             ops.extend(self.lora_t(l, tg, &a.h1, c.hidden)?);
-            ops.extend(self.lora_out(l, tg, &a.qkv, qkv_dim, off)?);
+            ops.extend(self.lora_out(l, tg, raw, qkv_dim, off)?);
+        }
+        if let (Some(raw), Some((qn, kn))) = (&a.qkv_raw, &layer.qk_norm) {
+            ops.push(unary(ctx, UnaryOp::Copy, &a.qkv, Some(raw), m * qkv_dim)?);
+            for (w, off, heads) in [(qn, 0, c.n_heads), (kn, q_dim, c.n_kv_heads)] {
+                let mut d = self.qk_norm_desc(heads);
+                d.ld_x = qkv_dim;
+                d.ld_out = qkv_dim;
+                d.x_off = off;
+                d.out_off = off;
+                ops.push(rms_norm_in_place(ctx, &a.qkv, w, &d)?);
+            }
         }
         for (heads, offset) in [(c.n_heads, 0), (c.n_kv_heads, q_dim)] {
             let hl = HeadLayout {
@@ -1079,6 +1133,38 @@ impl Builder<'_> {
                 offset,
             };
             ops.push(rope(ctx, &b.dqkv, &self.inputs.pos, self.rope, hl, true)?);
+        }
+        if let (Some(raw), Some((qn, kn)), Some((tmp, map))) =
+            (&a.qkv_raw, &layer.qk_norm, &b.qk_norm)
+        {
+            // Through the q/k norms: each part packed, its RMSNorm backward, copied back.
+            for (w, off, heads) in [(qn, 0, c.n_heads), (kn, q_dim, c.n_kv_heads)] {
+                let cols = heads * hd;
+                let out = RowCopy {
+                    rows: m,
+                    cols,
+                    ld_src: qkv_dim,
+                    ld_dst: cols,
+                    off_src: off,
+                    off_dst: 0,
+                };
+                ops.push(rows_gather(ctx, &tmp[0], raw, map, &out)?);
+                ops.push(rows_gather(ctx, &tmp[1], &b.dqkv, map, &out)?);
+                let d = self.qk_norm_desc(heads);
+                ops.push(rmsnorm_backward(
+                    ctx, &tmp[2], &tmp[0], w, &tmp[1], d.rows, d.cols, d.cols, d.cols, c.norm_eps,
+                    false,
+                )?);
+                let back = RowCopy {
+                    rows: m,
+                    cols,
+                    ld_src: cols,
+                    ld_dst: qkv_dim,
+                    off_src: 0,
+                    off_dst: off,
+                };
+                ops.push(rows_gather(ctx, &b.dqkv, &tmp[2], map, &back)?);
+            }
         }
         ops.extend(self.frozen_backward(&layer.qkv, &b.dh, &b.dqkv, qkv_dim, c.hidden)?);
         for (tg, off) in [

@@ -9,19 +9,22 @@
 //! swiglu'(g_e W_down_e^T dy)`; then the router logits' gradient through the softmax and
 //! the top-k renormalization (the route held fixed) adds `W_router^T dz`. Computing every
 //! expert on every row costs E/k times the routed forward; it keeps one fixed list of
-//! dispatches whatever the routing, which the replayed step graph needs.
+//! dispatches whatever the routing, which the replayed step graph needs. A shared expert
+//! (Qwen2-MoE) is a dense SwiGLU MLP on every row, scaled by `sigmoid(w . h)` when it has
+//! that gate; its gradient adds the MLP's and the gate's.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Context, DType, Dispatch, Tensor};
 use crate::kernels::elementwise::swiglu;
 use crate::kernels::lora_moe::{
-    mix_route, mix_router_backward, mix_rows_dot, mix_rows_scale, MixRoute, MixShape, MixStats,
+    mix_route, mix_router_backward, mix_rows_dot, mix_rows_scale, mix_sigmoid_backward, MixRoute,
+    MixShape, MixStats,
 };
-use crate::kernels::moe::Gating;
+use crate::kernels::moe::{route, Gating};
 use crate::kernels::quant::QShape;
 use crate::kernels::train::{fill, swiglu_backward};
 use crate::kernels::Variant;
-use crate::model::moe::{MoeFfn, MoeScratch};
+use crate::model::moe::{MoeFfn, MoeScratch, SharedExpert};
 use crate::model::weights::Rows;
 use crate::model::Model;
 use crate::train::frozen::{expert_product, linear_backward, Dequant, ExpertRows, GradRows};
@@ -40,15 +43,27 @@ pub struct MoeTrain {
     dout: Tensor,
     dact: Tensor,
     dgu: Tensor,
+    shared: Option<SharedBufs>,
+}
+
+/// A shared expert's recomputed activations and gradients.
+struct SharedBufs {
+    gu: Tensor,
+    act: Tensor,
+    out: Tensor,
+    dout: Tensor,
+    dact: Tensor,
+    dgu: Tensor,
+    /// Gate logit, its sigmoid and the route's (single) expert id, `[rows]`.
+    logit: Tensor,
+    sigma: Tensor,
+    id: Tensor,
+    /// The gate's gradient `[rows]`.
+    dsigma: Tensor,
 }
 
 /// Refuses what the backward does not cover, naming the layer.
 fn check(l: usize, f: &MoeFfn) -> Result<()> {
-    if f.shared.is_some() {
-        return Err(Error::Unsupported(format!(
-            "training on a Mixture-of-Experts base with a shared expert (layer {l}, Qwen2-MoE style)"
-        )));
-    }
     if !matches!(f.gating, Gating::SoftmaxRenorm | Gating::Softmax) {
         return Err(Error::Unsupported(format!(
             "training on a Mixture-of-Experts base with {:?} gating (layer {l})",
@@ -107,6 +122,24 @@ impl MoeTrain {
             dout: z(hidden)?,
             dact: z(ff)?,
             dgu: z(2 * ff)?,
+            shared: match &f.shared {
+                Some(sh) => {
+                    let sff = sh.ff();
+                    Some(SharedBufs {
+                        gu: z(2 * sff)?,
+                        act: z(sff)?,
+                        out: z(hidden)?,
+                        dout: z(hidden)?,
+                        dact: z(sff)?,
+                        dgu: z(2 * sff)?,
+                        logit: z(1)?,
+                        sigma: z(1)?,
+                        id: Tensor::zeros(ctx, &[rows], DType::U32)?,
+                        dsigma: z(1)?,
+                    })
+                }
+                None => None,
+            },
         }))
     }
 
@@ -130,6 +163,15 @@ impl MoeTrain {
         .map(|t| t.bytes())
         .sum::<u64>()
             + self.scratch.bytes()
+            + self.shared.as_ref().map_or(0, |b| {
+                [
+                    &b.gu, &b.act, &b.out, &b.dout, &b.dact, &b.dgu, &b.logit, &b.sigma, &b.id,
+                    &b.dsigma,
+                ]
+                .iter()
+                .map(|t| t.bytes())
+                .sum::<u64>()
+            })
     }
 
     /// `x += ffn(h)` for layer `l` (the inference path's routed forward).
@@ -247,6 +289,127 @@ impl MoeTrain {
         };
         ops.extend(linear_backward(
             ctx, &f.router, dh, &self.dg, gr, dq, variant,
+        )?);
+        if let (Some(sh), Some(b)) = (&f.shared, &self.shared) {
+            ops.extend(self.shared_backward(ctx, sh, b, h, dy, dh, dq, variant)?);
+        }
+        Ok(ops)
+    }
+
+    /// `dh += d shared(h) / dh . dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn shared_backward(
+        &self,
+        ctx: &Context,
+        sh: &SharedExpert,
+        b: &SharedBufs,
+        h: &Tensor,
+        dy: &Tensor,
+        dh: &Tensor,
+        dq: &Dequant,
+        variant: Variant,
+    ) -> Result<Vec<Dispatch>> {
+        let (m, hidden, sff) = (self.rows, sh.gate_up.cols, sh.ff());
+        let rows = |ldx: usize, ldy: usize| Rows {
+            m,
+            ldx,
+            ldy,
+            y_off: 0,
+            accumulate: false,
+            glu: 0,
+        };
+        let grad = |ld_dy: usize, ld_dx: usize, accumulate: bool| GradRows {
+            m,
+            ld_dy,
+            dy_off: 0,
+            ld_dx,
+            accumulate,
+        };
+        let one = MixShape {
+            rows: m,
+            n_experts: 1,
+            top_k: 1,
+            renormalize: false,
+            rank: 1,
+            slot: 0,
+            aux_loss: 0.0,
+            z_loss: 0.0,
+        };
+        let mut ops = sh.gate_up.forward(
+            ctx,
+            &b.gu,
+            h,
+            rows(hidden, 2 * sff),
+            variant,
+            QShape::Vector,
+        )?;
+        ops.push(swiglu(ctx, &b.act, &b.gu, None, m, sff)?);
+        // The gradient reaching the MLP's output: dy, scaled by the gate when there is one
+        // (whose logit then gets dy . out * sigma (1 - sigma)).
+        let dout = match &sh.gate {
+            Some(gate) => {
+                ops.extend(sh.down.forward(
+                    ctx,
+                    &b.out,
+                    &b.act,
+                    rows(sff, hidden),
+                    variant,
+                    QShape::Vector,
+                )?);
+                ops.extend(gate.forward(
+                    ctx,
+                    &b.logit,
+                    h,
+                    rows(hidden, 1),
+                    variant,
+                    QShape::Vector,
+                )?);
+                ops.push(route(
+                    ctx,
+                    &b.logit,
+                    &b.id,
+                    &b.sigma,
+                    m,
+                    1,
+                    1,
+                    1,
+                    Gating::Sigmoid,
+                    None,
+                )?);
+                ops.push(mix_rows_dot(ctx, &one, 0, hidden, dy, &b.out, &b.dsigma)?);
+                ops.push(mix_sigmoid_backward(ctx, &one, &b.sigma, &b.dsigma)?);
+                ops.extend(linear_backward(
+                    ctx,
+                    gate,
+                    dh,
+                    &b.dsigma,
+                    grad(1, hidden, true),
+                    dq,
+                    variant,
+                )?);
+                ops.push(mix_rows_scale(ctx, &one, 0, hidden, &b.sigma, dy, &b.dout)?);
+                &b.dout
+            }
+            None => dy,
+        };
+        ops.extend(linear_backward(
+            ctx,
+            &sh.down,
+            &b.dact,
+            dout,
+            grad(hidden, sff, false),
+            dq,
+            variant,
+        )?);
+        ops.push(swiglu_backward(ctx, &b.dgu, &b.gu, &b.dact, m, sff)?);
+        ops.extend(linear_backward(
+            ctx,
+            &sh.gate_up,
+            dh,
+            &b.dgu,
+            grad(2 * sff, hidden, true),
+            dq,
+            variant,
         )?);
         Ok(ops)
     }
