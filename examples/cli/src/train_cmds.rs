@@ -399,7 +399,7 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     let v = json!({
         "model": a.model, "model_formats": model.source.weight_formats,
         "device": info.name, "backend": info.backend, "driver": info.driver,
-        "seq": a.adapter.seq, "lora_rank": a.adapter.rank, "lora_targets": a.adapter.targets,
+        "seq": a.adapter.seq, "lora_rank": a.adapter.rank, "lora_experts": a.adapter.experts, "lora_top_k": a.adapter.top_k, "lora_targets": a.adapter.targets,
         "prompt_tokens": a.adapter.prompt_tokens, "prefix_tokens": a.adapter.prefix_tokens,
         "trainable_params": tr.n_params(),
         "train_step_s": step_s, "train_tokens_per_s": n_tok as f64 / step_s,
