@@ -14,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod gpu;
 pub mod kernels;
+pub mod learn;
 pub mod model;
 pub mod quant;
 pub mod session;

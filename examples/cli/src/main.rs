@@ -1,5 +1,6 @@
 //! `ember`: the command-line interface of the Ember runtime.
 
+mod adapter_cmds;
 mod bench_kernels;
 mod info;
 mod model_cmds;
@@ -45,6 +46,8 @@ enum Command {
     EvalQa(train_cmds::EvalQaArgs),
     /// Mixture-of-Experts tools (upcycle a dense model).
     Moe(moe_cmds::MoeArgs),
+    /// The versioned adapter store: list, show, diff, rollback, export, commit.
+    Adapter(adapter_cmds::AdapterArgs),
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
         Command::BenchTrain(a) => train_cmds::run_bench_train(a),
         Command::EvalQa(a) => train_cmds::run_eval_qa(a),
         Command::Moe(a) => moe_cmds::run(a),
+        Command::Adapter(a) => adapter_cmds::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

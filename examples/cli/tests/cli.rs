@@ -358,3 +358,124 @@ fn finetune_a_mixture_of_lora_experts_and_generate_with_it() {
     let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(g["tokens"].as_array().map(|t| t.len()), Some(4), "{g}");
 }
+
+fn ember_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run ember");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The adapter store survives a process killed mid-commit at every step of the commit:
+/// afterwards it opens, every version it lists is complete, the head is the old or the new
+/// version, and the next commit works.
+#[test]
+fn adapter_store_survives_a_killed_commit_and_the_cli_manages_versions() {
+    use ember::adapters::{LoraAdapter, LoraConfig, Target};
+    use ember_tests::tiny::{write_tiny_gguf, TinyVariant};
+    let dir = ember_tests::model::TempDir::new("cli-store");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, TinyVariant::Llama, None).unwrap();
+    let m = ember::model::Model::load(
+        ember_tests::model::ctx(),
+        &model,
+        ember::model::LoadOptions::default(),
+    )
+    .unwrap();
+    let adapter_dir = dir.path().join("adapter");
+    let mut a = LoraAdapter::init(&m.config, LoraConfig::new(2, 4.0, vec![Target::Q]), 1).unwrap();
+    a.base_identity = Some(m.identity);
+    a.save(&adapter_dir, &m).unwrap();
+    let (mp, ap) = (model.to_str().unwrap(), adapter_dir.to_str().unwrap());
+    for (i, point) in ["staged", "renamed", "head"].iter().enumerate() {
+        let store = dir.path().join(format!("store-{point}"));
+        let sp = store.to_str().unwrap();
+        let commit = |env: &[(&str, &str)]| {
+            ember_env(
+                &[
+                    "adapter",
+                    "commit",
+                    "--store",
+                    sp,
+                    "-m",
+                    mp,
+                    "--adapter",
+                    ap,
+                ],
+                env,
+            )
+        };
+        let (ok, _, err) = commit(&[]);
+        assert!(ok, "{err}");
+        let (ok, _, _) = commit(&[("EMBER_STORE_CRASH_AT", point)]);
+        assert!(!ok, "the commit was to be killed at {point}");
+        // The store is consistent: it opens, lists only complete versions, and its head is
+        // the old version (killed before HEAD moved) or the new one.
+        let (ok, out, err) = ember(&["adapter", "list", "--store", sp, "--json"]);
+        assert!(ok, "{point}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let versions = v["versions"].as_array().unwrap();
+        assert!(
+            versions.iter().all(|e| e.get("meta").is_some()),
+            "{point}: {v}"
+        );
+        let want_head = if i == 2 { 2 } else { 1 };
+        assert_eq!(v["head"], want_head, "{point}: {v}");
+        assert_eq!(versions.len(), if i == 0 { 1 } else { 2 }, "{point}: {v}");
+        assert!(
+            std::fs::read_dir(&store)
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with(".staging")),
+            "{point}: staging debris left after open"
+        );
+        let (ok, out, err) = commit(&[]);
+        assert!(ok, "{point}: {err}");
+        let want_next = if i == 0 { 2 } else { 3 };
+        assert!(
+            out.contains(&format!("\"version\":{want_next}")),
+            "{point}: {out}"
+        );
+    }
+    // The other commands on the last store: show, diff, rollback, export.
+    let sp = dir.path().join("store-head");
+    let sp = sp.to_str().unwrap();
+    let (ok, out, err) = ember(&["adapter", "show", "--store", sp, "v0002"]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (meta["version"].as_u64(), meta["parent"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let (ok, out, err) = ember(&["adapter", "diff", "--store", sp, "1", "3"]);
+    assert!(ok, "{err}");
+    let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(d["tensors"].as_array().unwrap().len(), 4);
+    let (ok, _, err) = ember(&["adapter", "rollback", "--store", sp, "1"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = ember(&["adapter", "list", "--store", sp]);
+    assert!(
+        ok && out.lines().next().unwrap().starts_with("* v0001"),
+        "{out}"
+    );
+    let export = dir.path().join("exported");
+    let (ok, _, err) = ember(&[
+        "adapter",
+        "export",
+        "--store",
+        sp,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(LoraAdapter::load(&export, &m).unwrap().weights, a.weights);
+    let (ok, _, err) = ember(&["adapter", "rollback", "--store", sp, "v0009"]);
+    assert!(!ok && err.contains("no version v0009"), "{err}");
+}
