@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use ember::adapters::LoraAdapter;
-use ember::learn::{AdapterStore, NewVersion};
+use ember::learn::{merge_adapters, AdapterStore, MergeMethod, NewVersion};
 use ember::{Context, Error, Result};
 use serde_json::json;
 
@@ -31,6 +31,34 @@ enum AdapterCommand {
     Export(ExportArgs),
     /// Add an existing PEFT LoRA adapter as a new version and make it the head.
     Commit(CommitArgs),
+    /// Merge versions (task arithmetic, TIES, DARE; PEFT's semantics) into a new version
+    /// that becomes the head.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// The base model.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// linear, magnitude_prune, ties, dare_linear or dare_ties.
+    #[arg(long, default_value = "ties")]
+    method: String,
+    /// Fraction of each tensor kept (pruning methods).
+    #[arg(long, default_value_t = 0.5)]
+    density: f32,
+    /// Weights, comma-separated, one per version (default: 1 each).
+    #[arg(long)]
+    weights: Option<String>,
+    /// Seed of DARE's drop masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Versions to merge.
+    #[arg(required = true, num_args = 2..)]
+    versions: Vec<String>,
 }
 
 #[derive(Args)]
@@ -188,6 +216,57 @@ pub fn run(a: AdapterArgs) -> Result<()> {
                 },
             )?;
             println!("{}", json!({"version": v, "head": v}));
+        }
+        AdapterCommand::Merge(a) => {
+            let method = MergeMethod::parse(&a.method, a.density, a.seed)?;
+            let versions: Vec<u32> = a
+                .versions
+                .iter()
+                .map(|v| parse_version(v))
+                .collect::<Result<_>>()?;
+            let weights: Vec<f32> = match &a.weights {
+                Some(w) => w
+                    .split(',')
+                    .map(|x| {
+                        x.trim().parse::<f32>().map_err(|_| {
+                            Error::InvalidArgument(format!("weight {x:?} is not a number"))
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                None => vec![1.0; versions.len()],
+            };
+            if weights.len() != versions.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} weights for {} versions",
+                    weights.len(),
+                    versions.len()
+                )));
+            }
+            let ctx = Context::new()?;
+            let model = load_model(&ctx, &a.model)?;
+            let store = AdapterStore::open_or_create(&a.store, &model)?;
+            let adapters = versions
+                .iter()
+                .map(|&v| store.load(v, &model))
+                .collect::<Result<Vec<_>>>()?;
+            let parts: Vec<(&LoraAdapter, f32)> =
+                adapters.iter().zip(weights.iter().copied()).collect();
+            let merged = merge_adapters(&parts, method)?;
+            let names: Vec<String> = versions
+                .iter()
+                .map(|&v| ember::learn::store::version_name(v))
+                .collect();
+            let v = store.commit(
+                &merged,
+                &model,
+                NewVersion {
+                    note: format!("{} merge of {}", a.method, names.join(" ")),
+                    hyperparameters: json!({"method": a.method, "density": a.density,
+                        "weights": weights, "seed": a.seed, "versions": versions}),
+                    ..Default::default()
+                },
+            )?;
+            println!("{}", json!({"version": v, "head": v, "merged": versions}));
         }
     }
     Ok(())

@@ -478,4 +478,38 @@ fn adapter_store_survives_a_killed_commit_and_the_cli_manages_versions() {
     assert_eq!(LoraAdapter::load(&export, &m).unwrap().weights, a.weights);
     let (ok, _, err) = ember(&["adapter", "rollback", "--store", sp, "v0009"]);
     assert!(!ok && err.contains("no version v0009"), "{err}");
+    // A TIES merge of two versions becomes the head, its lineage in its metadata.
+    let (ok, out, err) = ember(&[
+        "adapter",
+        "merge",
+        "--store",
+        sp,
+        "-m",
+        mp,
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--weights",
+        "1,0.5",
+        "1",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\":4"), "{out}");
+    let (ok, out, _) = ember(&["adapter", "show", "--store", sp]);
+    assert!(ok && out.contains("ties merge of v0001 v0003"), "{out}");
+    let (ok, _, err) = ember(&[
+        "adapter",
+        "merge",
+        "--store",
+        sp,
+        "-m",
+        mp,
+        "--weights",
+        "1",
+        "1",
+        "3",
+    ]);
+    assert!(!ok && err.contains("1 weights for 2 versions"), "{err}");
 }
