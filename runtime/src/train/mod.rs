@@ -15,6 +15,7 @@ pub mod frozen;
 pub mod graph;
 pub mod moe;
 pub mod params;
+pub mod regularize;
 pub mod schedule;
 
 use std::collections::HashMap;
@@ -160,6 +161,10 @@ pub struct Trainer {
     virt: Virtual,
     steps: u32,
     base_name: String,
+    reg: regularize::RegScratch,
+    anchor: Option<regularize::Anchor>,
+    /// EMA of the parameters: values, decay, update dispatches.
+    ema: Option<(Tensor, f32, Vec<Dispatch>)>,
 }
 
 impl Trainer {
@@ -285,6 +290,7 @@ impl Trainer {
         let mut optimizer_ops = grad_norm(&ctx, &norm, &part, &params.grad, params.n)?;
         optimizer_ops.push(adam.dispatch.clone());
         let zero_grad = fill(&ctx, &params.grad, 0.0, params.n)?;
+        let reg = regularize::RegScratch::new(&ctx, params.n)?;
         Ok(Trainer {
             model,
             config,
@@ -298,6 +304,9 @@ impl Trainer {
             virt,
             steps: 0,
             base_name,
+            reg,
+            anchor: None,
+            ema: None,
         })
     }
 
@@ -476,6 +485,9 @@ impl Trainer {
             stats.loss.write(&ctx, &vec![0.0f32; stats.loss.numel()])?;
         }
         let loss = self.replay(&blocks, n, true)?;
+        if let Some(a) = &self.anchor {
+            ctx.submit(&a.ops);
+        }
         let aux_loss = match &self.graph.mix {
             Some((stats, _)) => stats.loss.read_f32(&ctx)?.iter().map(|&v| v as f64).sum(),
             None => 0.0,
@@ -491,6 +503,9 @@ impl Trainer {
         let skipped = !grad_norm.is_finite() || !loss.is_finite() || !aux_loss.is_finite();
         if !skipped {
             self.steps += 1;
+            if let Some((_, _, ops)) = &self.ema {
+                ctx.submit(ops);
+            }
         }
         Ok(StepStats {
             step: self.steps,
@@ -550,12 +565,138 @@ impl Trainer {
         self.params.read_gradients(self.model.context())
     }
 
+    /// Pulls the parameters toward their current values from now on: L2 with strength
+    /// `lambda` (`grad += lambda (theta - theta_now)`), or, with `fisher_batches`, EWC: the
+    /// pull weighted per parameter by the diagonal empirical Fisher of those batches (mean
+    /// squared gradient, normalized to mean 1), estimated here on the GPU. `lambda = 0`
+    /// removes the pull.
+    pub fn anchor_here(&mut self, lambda: f32, fisher_batches: &[Vec<Example>]) -> Result<()> {
+        let ctx = self.model.context().clone();
+        if lambda == 0.0 {
+            self.anchor = None;
+            return Ok(());
+        }
+        let n = self.params.n;
+        let values = Tensor::zeros(&ctx, &[n], DType::F32)?;
+        ctx.run(&[crate::kernels::elementwise::unary(
+            &ctx,
+            crate::kernels::elementwise::UnaryOp::Copy,
+            &values,
+            Some(&self.params.param),
+            n,
+        )?])?;
+        let fisher = if fisher_batches.is_empty() {
+            None
+        } else {
+            let f = Tensor::zeros(&ctx, &[n], DType::F32)?;
+            let acc = self.reg.square_add(&ctx, &self.params.grad, &f)?;
+            for b in fisher_batches {
+                let (blocks, count) = self.blocks(b)?;
+                ctx.submit(std::slice::from_ref(&self.zero_grad));
+                self.replay(&blocks, count, true)?;
+                ctx.run(&acc)?;
+            }
+            let mut host = f.read_f32(&ctx)?;
+            let mean = host.iter().map(|&v| v as f64).sum::<f64>() / self.params.n_params() as f64;
+            if !(mean.is_finite() && mean > 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "the Fisher estimate's mean is {mean}: the batches give no gradient"
+                )));
+            }
+            host.iter_mut().for_each(|v| *v = (*v as f64 / mean) as f32);
+            f.write(&ctx, &host)?;
+            ctx.submit(std::slice::from_ref(&self.zero_grad));
+            Some(f)
+        };
+        let ops = self.reg.pull(
+            &ctx,
+            &self.params.param,
+            &self.params.grad,
+            &values,
+            fisher.as_ref(),
+            lambda,
+        )?;
+        self.anchor = Some(regularize::Anchor {
+            values,
+            fisher,
+            lambda,
+            ops,
+        });
+        Ok(())
+    }
+
+    /// Keeps an exponential moving average of the parameters (`ema = beta ema + (1 - beta)
+    /// theta` after every update), starting from their current values; `None` stops it.
+    pub fn set_ema(&mut self, beta: Option<f32>) -> Result<()> {
+        let Some(beta) = beta else {
+            self.ema = None;
+            return Ok(());
+        };
+        let ctx = self.model.context().clone();
+        let n = self.params.n;
+        let ema = Tensor::zeros(&ctx, &[n], DType::F32)?;
+        ctx.run(&[crate::kernels::elementwise::unary(
+            &ctx,
+            crate::kernels::elementwise::UnaryOp::Copy,
+            &ema,
+            Some(&self.params.param),
+            n,
+        )?])?;
+        let ops = self.reg.ema(&ctx, &ema, &self.params.param, beta)?;
+        self.ema = Some((ema, beta, ops));
+        Ok(())
+    }
+
+    /// The EMA of the LoRA adapter ([`Trainer::set_ema`]), if one is kept.
+    pub fn lora_ema(&self) -> Result<Option<LoraAdapter>> {
+        match &self.ema {
+            Some((ema, _, _)) => {
+                let vals = self.params.read_from(self.model.context(), ema)?;
+                self.lora_from(vals)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the LoRA parameters with `adapter`'s (same shape), resetting the optimizer's
+    /// moments and the EMA (a rollback to an earlier version).
+    pub fn set_lora(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let Some((config, keys)) = &self.lora else {
+            return Err(Error::InvalidArgument("this trainer trains no LoRA".into()));
+        };
+        if adapter.config.width() != config.width() || adapter.config.experts != config.experts {
+            return Err(Error::InvalidArgument(
+                "the adapter's rank or experts differ from the trained one".into(),
+            ));
+        }
+        adapter.check_fits(&self.model.config, "LoRA")?;
+        let mut vals = self.params.read(self.model.context())?;
+        for &(l, t) in keys {
+            let p = adapter.weights.get(&(l, t)).ok_or_else(|| {
+                Error::InvalidArgument(format!("the adapter lacks layer {l} {}", t.module()))
+            })?;
+            let m = p.for_model(t, &self.model, config.width());
+            vals.insert(ParamKey::LoraA(l, t), m.a);
+            vals.insert(ParamKey::LoraB(l, t), m.b);
+            if !m.router.is_empty() {
+                vals.insert(ParamKey::Router(l, t), m.router);
+            }
+        }
+        self.params.write(self.model.context(), &vals)?;
+        let beta = self.ema.as_ref().map(|e| e.1);
+        self.set_ema(beta)
+    }
+
     /// The trained LoRA adapter (HF row order, recording the base model).
     pub fn lora(&self) -> Result<Option<LoraAdapter>> {
+        let vals = self.params.read(self.model.context())?;
+        self.lora_from(vals)
+    }
+
+    fn lora_from(&self, vals: HashMap<ParamKey, Vec<f32>>) -> Result<Option<LoraAdapter>> {
         let Some((config, keys)) = &self.lora else {
             return Ok(None);
         };
-        let vals = self.params.read(self.model.context())?;
         let c = &self.model.config;
         let mut weights = std::collections::BTreeMap::new();
         let width = config.width();

@@ -123,7 +123,8 @@ impl ParamStore {
         self.read_from(ctx, &self.grad)
     }
 
-    fn read_from(&self, ctx: &Context, t: &Tensor) -> Result<HashMap<ParamKey, Vec<f32>>> {
+    /// Reads every parameter's slot out of `t` (a buffer of the parameters' layout).
+    pub fn read_from(&self, ctx: &Context, t: &Tensor) -> Result<HashMap<ParamKey, Vec<f32>>> {
         let all = t.read_f32(ctx)?;
         Ok(self
             .slots
