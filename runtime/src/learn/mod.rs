@@ -1,11 +1,17 @@
 //! Continual learning: what keeps an adapter learning for months without losing what it
 //! knew or the way back. [`store`] keeps every version of an adapter on disk, crash-safely,
 //! with its lineage and metrics, and moves the adapter of record back on request;
-//! [`merge`] combines adapters (task arithmetic, TIES, DARE) as PEFT does.
+//! [`merge`] combines adapters (task arithmetic, TIES, DARE) as PEFT does; [`replay`] keeps a
+//! bounded reservoir of past examples; [`learner`] ties them to the trainer's regularizers
+//! and an evaluation gate.
 
+pub mod learner;
 pub mod merge;
+pub mod replay;
 pub mod store;
 
+pub use learner::{Gate, Learner, LearnerConfig, UpdateReport};
 pub use merge::{merge_adapters, MergeMethod};
+pub use replay::Replay;
 
 pub use store::{AdapterStore, DataSummary, NewVersion, TensorDiff, VersionEntry, VersionMeta};

@@ -299,6 +299,28 @@ impl AdapterStore {
     /// Writes `adapter` as a new version whose parent is the current head, and makes it the
     /// head. Returns its number.
     pub fn commit(&self, adapter: &LoraAdapter, model: &Model, new: NewVersion) -> Result<u32> {
+        self.write_version(adapter, model, new, true)
+    }
+
+    /// Writes `adapter` as a new version whose parent is the current head, leaving the head
+    /// where it is: an update the evaluation gate rejected, kept for the record with its
+    /// reason in `note`.
+    pub fn record_rejected(
+        &self,
+        adapter: &LoraAdapter,
+        model: &Model,
+        new: NewVersion,
+    ) -> Result<u32> {
+        self.write_version(adapter, model, new, false)
+    }
+
+    fn write_version(
+        &self,
+        adapter: &LoraAdapter,
+        model: &Model,
+        new: NewVersion,
+        make_head: bool,
+    ) -> Result<u32> {
         self.check_model(model)?;
         let parent = self.head()?;
         let version = self.version_numbers()?.last().copied().unwrap_or(0) + 1;
@@ -330,7 +352,9 @@ impl AdapterStore {
             std::fs::rename(&staging, &target).map_err(io(&target))?;
             sync_dir(&self.dir);
             crash_point("renamed");
-            self.set_head(version)?;
+            if make_head {
+                self.set_head(version)?;
+            }
             crash_point("head");
             Ok(version)
         })();

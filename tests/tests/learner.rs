@@ -1,0 +1,180 @@
+//! The continual-learning `Learner` (issue 8) on the tiny Llama: updates become versions,
+//! the evaluation gate rejects an update that forgets (recorded, head unchanged, trainer
+//! back at the head), examples and the replay reservoir survive a restart, and bad
+//! examples are refused without losing what was pending.
+
+use std::sync::Arc;
+
+use ember::adapters::{LoraConfig, Target};
+use ember::learn::{Gate, Learner, LearnerConfig};
+use ember::model::{LoadOptions, Model};
+use ember::train::Example;
+use ember_tests::model::{ctx, TempDir};
+use ember_tests::tiny::{write_tiny_model, TinyVariant};
+
+fn tiny() -> Arc<Model> {
+    let dir = TempDir::new("learner-model");
+    write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();
+    Arc::new(Model::load(ctx(), dir.path(), LoadOptions::default()).unwrap())
+}
+
+/// Sequences repeating a 4-token pattern of "task" `task`, each opened by a different token.
+fn task(task: u32, n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| {
+            let pattern: Vec<u32> = (0..4).map(|j| task * 50 + j * 7 + 3).collect();
+            let tokens = (0..20)
+                .map(|j| {
+                    if j == 0 {
+                        200 + i as u32
+                    } else {
+                        pattern[j % 4]
+                    }
+                })
+                .collect();
+            Example::all(tokens)
+        })
+        .collect()
+}
+
+fn config() -> LearnerConfig {
+    let mut c = LearnerConfig::new(LoraConfig::new(
+        4,
+        8.0,
+        vec![Target::Q, Target::V, Target::Down],
+    ));
+    c.train.rows = 64;
+    c.train.adam.lr = 1e-2;
+    c.steps_per_update = 12;
+    c.replay_capacity = 6;
+    c
+}
+
+#[test]
+fn updates_become_versions_and_the_gate_rejects_forgetting() {
+    let m = tiny();
+    let dir = TempDir::new("learner");
+    let mut c = config();
+    c.l2 = 0.0;
+    c.replay_ratio = 0.0;
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    assert_eq!(l.head().unwrap(), None);
+    assert!(
+        l.add(&task(0, 8)).unwrap().is_none(),
+        "no update until asked"
+    );
+    assert_eq!(l.pending(), 8);
+    let r = l.update().unwrap();
+    assert!(r.kept, "{r:?}");
+    assert_eq!((r.version, l.head().unwrap()), (1, Some(1)));
+    assert!(r.new_after < 0.5 * r.new_before, "{r:?}");
+    assert_eq!(l.pending(), 0);
+    assert_eq!((l.replay().len(), l.replay().seen()), (6, 8));
+    let meta = l.store().meta(1).unwrap();
+    assert!(
+        meta.note.starts_with("update: new-task probe loss fell"),
+        "{}",
+        meta.note
+    );
+    assert_eq!(meta.data.examples, 8);
+    assert_eq!(meta.metrics["kept"], true);
+    let v1 = l.adapter().unwrap();
+
+    // Task 1 with task 0 as the retained probes, no replay, no pull, a high rate: the
+    // update forgets task 0 and the gate rejects it.
+    let mut c2 = c.clone();
+    c2.train.adam.lr = 5e-2;
+    c2.gate = Some(Gate {
+        min_new_gain: 0.0,
+        max_retained_rise: 0.05,
+    });
+    let mut l = Learner::open(m.clone(), dir.path(), c2).unwrap();
+    assert_eq!(
+        l.adapter().unwrap().weights,
+        v1.weights,
+        "reopened at the head"
+    );
+    l.set_probes(task(1, 4), task(0, 4)).unwrap();
+    l.add(&task(1, 8)).unwrap();
+    let r = l.update().unwrap();
+    assert!(!r.kept, "{r:?}");
+    assert!(
+        r.reason.contains("retained probe loss rose"),
+        "{}",
+        r.reason
+    );
+    assert!(r.retained_after.unwrap() > r.retained_before.unwrap());
+    assert_eq!((r.version, l.head().unwrap()), (2, Some(1)));
+    assert!(l.store().meta(2).unwrap().note.starts_with("rejected: "));
+    assert_eq!(l.adapter().unwrap().weights, v1.weights, "back at the head");
+    assert_eq!(l.pending(), 0);
+
+    // With replay of task 0 and the L2 pull, learning task 1 keeps task 0 within the bound.
+    let mut c3 = config();
+    c3.replay_ratio = 0.5;
+    c3.l2 = 1.0;
+    c3.gate = Some(Gate {
+        min_new_gain: 0.0,
+        max_retained_rise: 1.0,
+    });
+    let mut l = Learner::open(m.clone(), dir.path(), c3).unwrap();
+    l.set_probes(task(1, 4), task(0, 4)).unwrap();
+    l.add(&task(1, 8)).unwrap();
+    let r = l.update().unwrap();
+    assert!(r.kept, "{r:?}");
+    assert_eq!((r.version, l.head().unwrap()), (3, Some(3)));
+    assert_eq!(l.store().meta(3).unwrap().parent, Some(1));
+}
+
+#[test]
+fn pending_examples_and_replay_survive_a_restart_and_bad_examples_are_refused() {
+    let m = tiny();
+    let dir = TempDir::new("learner-restart");
+    let mut c = config();
+    c.update_every = 6;
+    c.steps_per_update = 2;
+    c.gate = None;
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    assert!(l.add(&task(0, 4)).unwrap().is_none());
+    drop(l);
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    assert_eq!(l.pending(), 4, "pending examples are kept on disk");
+    // Bad examples: refused with a reason, nothing pending lost.
+    let long = Example::all(vec![1; 65]);
+    let err = l.add(&[long]).unwrap_err().to_string();
+    assert!(err.contains("does not fit"), "{err}");
+    let err = l
+        .add(&[Example::all(vec![1, 999])])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocabulary"), "{err}");
+    let err = l
+        .add(&[Example::new(vec![1, 2, 3], vec![false; 3])])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no scored token"), "{err}");
+    assert_eq!(l.pending(), 4);
+    // The policy: the sixth example triggers an update.
+    let r = l
+        .add(&task(2, 2))
+        .unwrap()
+        .expect("an update every 6 examples");
+    assert!(r.kept);
+    assert_eq!(l.replay().len(), 6);
+    l.add(&task(3, 6)).unwrap().unwrap();
+    assert_eq!((l.replay().len(), l.replay().seen()), (6, 12));
+    drop(l);
+    let l = Learner::open(m, dir.path(), c).unwrap();
+    assert_eq!(
+        (l.replay().len(), l.replay().seen(), l.head().unwrap()),
+        (6, 12, Some(2))
+    );
+    // A corrupted pending file is a clear error naming it.
+    std::fs::write(dir.path().join("pending.json"), "{").unwrap();
+    drop(l);
+    let err = Learner::open(tiny(), dir.path(), config())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("pending.json"), "{err}");
+}
