@@ -3,6 +3,7 @@
 mod adapter_cmds;
 mod bench_kernels;
 mod info;
+mod learn_cmds;
 mod model_cmds;
 mod moe_cmds;
 mod train_cmds;
@@ -46,8 +47,10 @@ enum Command {
     EvalQa(train_cmds::EvalQaArgs),
     /// Mixture-of-Experts tools (upcycle a dense model).
     Moe(moe_cmds::MoeArgs),
-    /// The versioned adapter store: list, show, diff, rollback, export, commit.
+    /// The versioned adapter store: list, show, diff, rollback, export, commit, merge.
     Adapter(adapter_cmds::AdapterArgs),
+    /// Continual learning: add examples to a versioned store and run one gated update.
+    Learn(learn_cmds::LearnArgs),
 }
 
 fn main() {
@@ -66,6 +69,7 @@ fn main() {
         Command::EvalQa(a) => train_cmds::run_eval_qa(a),
         Command::Moe(a) => moe_cmds::run(a),
         Command::Adapter(a) => adapter_cmds::run(a),
+        Command::Learn(a) => learn_cmds::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

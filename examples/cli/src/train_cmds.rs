@@ -62,6 +62,11 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
+    /// The LoRA targets these options name.
+    pub fn target_list(&self) -> Result<Vec<Target>> {
+        self.targets()
+    }
+
     fn targets(&self) -> Result<Vec<Target>> {
         if self.targets == "all" || self.targets == "all-linear" {
             return Ok(Target::ALL.to_vec());

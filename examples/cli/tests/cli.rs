@@ -513,3 +513,111 @@ fn adapter_store_survives_a_killed_commit_and_the_cli_manages_versions() {
     ]);
     assert!(!ok && err.contains("1 weights for 2 versions"), "{err}");
 }
+
+#[test]
+fn learn_updates_a_store_and_the_gate_reports() {
+    use ember_tests::tiny::{write_tiny_gguf, TinyVariant};
+    let dir = ember_tests::model::TempDir::new("cli-learn");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, TinyVariant::Llama, None).unwrap();
+    let store = dir.path().join("store");
+    let (mp, sp) = (model.to_str().unwrap(), store.to_str().unwrap());
+    let data = fixture_text("short.txt");
+    let learn = |extra: &[&str]| {
+        let mut args = vec![
+            "learn",
+            "--store",
+            sp,
+            "-m",
+            mp,
+            "--data",
+            &data,
+            "--lora-rank",
+            "2",
+            "--seq",
+            "64",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ember(&args)
+    };
+    let (ok, out, err) = learn(&[]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (r["version"].as_u64(), r["kept"].as_bool()),
+        (Some(1), Some(true)),
+        "{r}"
+    );
+    assert!(r["new_after"].as_f64() < r["new_before"].as_f64(), "{r}");
+    // Retained probes that must not get worse at all, with an impossible gain: rejected.
+    let (ok, out, err) = learn(&["--probe-retained", &data, "--min-new-gain", "10"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (r["version"].as_u64(), r["kept"].as_bool()),
+        (Some(2), Some(false)),
+        "{r}"
+    );
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("new-task probe loss"),
+        "{r}"
+    );
+    let (ok, out, _) = ember(&["adapter", "list", "--store", sp, "--json"]);
+    assert!(ok);
+    let l: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(l["head"], 1, "{l}");
+    assert!(l["versions"][1]["meta"]["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("rejected"));
+    // Shorter sequences than before: new data is cut by the loader, replayed data by the
+    // learner.
+    let (ok, out, err) = ember(&[
+        "learn",
+        "--store",
+        sp,
+        "-m",
+        mp,
+        "--data",
+        &data,
+        "--lora-rank",
+        "2",
+        "--seq",
+        "32",
+        "--steps",
+        "2",
+        "--no-gate",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\":3"), "{out}");
+    // Malformed data is a clear error and the store is untouched.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": 1}\n").unwrap();
+    let (ok, _, err) = ember(&[
+        "learn",
+        "--store",
+        sp,
+        "-m",
+        mp,
+        "--data",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("bad.jsonl"), "{err}");
+    let (_, out, _) = ember(&["adapter", "list", "--store", sp, "--json"]);
+    let l: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (l["head"].as_u64(), l["versions"].as_array().unwrap().len()),
+        (Some(3), 3)
+    );
+}

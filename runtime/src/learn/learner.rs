@@ -338,11 +338,12 @@ impl Learner {
         let t0 = Instant::now();
         let c = self.config.clone();
         let data = self.pending.clone();
+        let rows = c.train.rows;
         let replay_batches: Vec<Vec<Example>> = if self.replay.is_empty() {
             Vec::new()
         } else {
             (0..4)
-                .map(|_| self.replay.sample(c.batch_size, &mut self.rng))
+                .map(|_| fit(self.replay.sample(c.batch_size, &mut self.rng), rows))
                 .collect()
         };
         if c.ewc > 0.0 && !replay_batches.is_empty() {
@@ -383,7 +384,7 @@ impl Learner {
                 batch.push(data[order[cursor]].clone());
                 cursor += 1;
             }
-            for e in self.replay.sample(n_replay, &mut self.rng) {
+            for e in fit(self.replay.sample(n_replay, &mut self.rng), rows) {
                 batch.push(if c.replay_distill { e.distilled() } else { e });
             }
             let s = self.trainer.step(&batch)?;
@@ -487,4 +488,18 @@ impl Learner {
         self.save_pending()?;
         Ok(UpdateReport { version, ..report })
     }
+}
+
+/// Replayed examples cut to `rows` tokens (they may come from updates with longer
+/// sequences); one left with nothing to score is dropped.
+fn fit(examples: Vec<Example>, rows: usize) -> Vec<Example> {
+    examples
+        .into_iter()
+        .map(|mut e| {
+            e.tokens.truncate(rows);
+            e.loss.truncate(rows);
+            e
+        })
+        .filter(|e| e.n_targets() > 0)
+        .collect()
 }
