@@ -216,6 +216,12 @@ typedef struct ember_adapter ember_adapter;
 typedef struct ember_context ember_context;
 
 /**
+ * A continual learner: one base model, one adapter store directory. Use it from one
+ * thread at a time; the model may serve sessions meanwhile.
+ */
+typedef struct ember_learner ember_learner;
+
+/**
  * A loaded model (weights, tokenizer, configuration). Immutable and thread-safe: many
  * sessions on many threads may share one. It stays alive while sessions use it, even after
  * `ember_model_free`.
@@ -526,6 +532,88 @@ typedef struct ember_generate_result {
    */
   double decode_tok_s;
 } ember_generate_result;
+
+/**
+ * How a learner learns. Get defaults from `ember_learner_default_params()`.
+ */
+typedef struct ember_learner_params {
+  /**
+   * `sizeof(ember_learner_params)`.
+   */
+  uint32_t struct_size;
+  /**
+   * LoRA rank of a fresh adapter (a store with versions continues its head). Default 8.
+   */
+  uint32_t lora_rank;
+  /**
+   * LoRA alpha (0: twice the rank).
+   */
+  float lora_alpha;
+  /**
+   * `EMBER_TARGET_*` bits (0: all seven projections).
+   */
+  uint32_t lora_targets;
+  /**
+   * Longest sequence in tokens (a multiple of 32); longer records are cut. Default 128.
+   */
+  uint32_t seq_len;
+  /**
+   * Learning rate (constant: no re-warming at every update). Default 1e-3.
+   */
+  float lr;
+  /**
+   * Optimizer steps per update. Default 8.
+   */
+  uint32_t steps_per_update;
+  /**
+   * Sequences per step, new and replayed together. Default 4.
+   */
+  uint32_t batch_size;
+  /**
+   * Run an update every this many added examples (0: only `ember_learner_update`).
+   */
+  uint32_t update_every;
+  /**
+   * Share of each step's sequences replayed from past updates (0..1). Default 0.25.
+   */
+  float replay_ratio;
+  /**
+   * Examples the replay buffer keeps. Default 512.
+   */
+  uint32_t replay_capacity;
+  /**
+   * Replayed examples learn the frozen base's distribution (KL) instead of their tokens.
+   */
+  bool replay_distill;
+  /**
+   * L2 pull toward the previous version. Default 0.1.
+   */
+  float l2;
+  /**
+   * EWC pull toward the previous version (Fisher from replayed data; replaces l2). Default 0.
+   */
+  float ewc;
+  /**
+   * EMA decay of the parameters kept and committed (0: off).
+   */
+  float ema;
+  /**
+   * Use the evaluation gate. Default true.
+   */
+  bool gate;
+  /**
+   * Least relative decrease of the new-task probes' loss to keep an update. Default 0.
+   */
+  double min_new_gain;
+  /**
+   * Largest relative rise of the retained probes' loss allowed. Default 0.05.
+   */
+  double max_retained_rise;
+  /**
+   * Seed of initialization, sampling and replay.
+   */
+  uint64_t seed;
+} ember_learner_params;
 
 /**
  * What to train and how. Get defaults from `ember_train_default_params()`.
@@ -1088,6 +1176,89 @@ enum ember_status ember_seq_set_adapter(struct ember_session *session, uint64_t 
  * `out` valid.
  */
 enum ember_status ember_model_merge_adapters(const struct ember_model *model, const struct ember_adapter *const *adapters, const float *weights, size_t n, struct ember_model **out);
+
+/**
+ * The defaults (see each field).
+ */
+struct ember_learner_params ember_learner_default_params(void);
+
+/**
+ * Opens (or creates) the adapter store in directory `store_dir` for `model` and a learner
+ * over it, continuing from the store's head (or a fresh adapter). Fails with
+ * `EMBER_INVALID_ARGUMENT` for a store of another base model or bad parameters, and with
+ * `EMBER_BAD_FORMAT`-class errors naming the file for a damaged store.
+ *
+ * # Safety
+ * `model` live; `store_dir` NUL-terminated UTF-8; `params` NULL or valid; `out` valid.
+ */
+enum ember_status ember_learner_open(const struct ember_model *model, const char *store_dir, const struct ember_learner_params *params, struct ember_learner **out);
+
+/**
+ * Frees a learner (its store stays on disk).
+ *
+ * # Safety
+ * `learner` NULL or live; not used afterwards.
+ */
+void ember_learner_free(struct ember_learner *learner);
+
+/**
+ * Adds the JSONL records in `jsonl` (same formats as `ember_trainer_step`); they are kept
+ * on disk until an update uses them. When the `update_every` policy triggers an update,
+ * its report (JSON, as `ember_learner_update`'s) goes to `*out_report_json` (else NULL;
+ * free with `ember_string_free`; `out_report_json` may be NULL).
+ *
+ * # Safety
+ * `learner` live (one thread); `jsonl` NUL-terminated UTF-8; `out_report_json` NULL or valid.
+ */
+enum ember_status ember_learner_add(struct ember_learner *learner, const char *jsonl, char **out_report_json);
+
+/**
+ * Sets the probe sets of the evaluation gate (JSONL records; NULL or empty: none):
+ * examples of the new task, and of what must be retained.
+ *
+ * # Safety
+ * `learner` live; each string NULL or NUL-terminated UTF-8.
+ */
+enum ember_status ember_learner_set_probes(struct ember_learner *learner, const char *new_task_jsonl, const char *retained_jsonl);
+
+/**
+ * Runs an update on the pending examples now and writes its report to `*out_report_json`
+ * (free with `ember_string_free`): `{"version", "kept", "reason", "examples", "steps",
+ * "first_loss", "last_loss", "new_before", "new_after", "retained_before",
+ * "retained_after", "secs"}`. A rejected update is recorded in the store (not the head)
+ * and the learner returns to the head. Fails with `EMBER_INVALID_ARGUMENT` when nothing is
+ * pending.
+ *
+ * # Safety
+ * `learner` live; `out_report_json` valid.
+ */
+enum ember_status ember_learner_update(struct ember_learner *learner, char **out_report_json);
+
+/**
+ * Makes version `version` the head again and continues from it.
+ *
+ * # Safety
+ * `learner` live.
+ */
+enum ember_status ember_learner_rollback(struct ember_learner *learner, uint32_t version);
+
+/**
+ * The current adapter (the head after an update) as a new adapter handle, to attach to
+ * sessions (free with `ember_adapter_free`).
+ *
+ * # Safety
+ * `learner` live; `out` valid.
+ */
+enum ember_status ember_learner_get_adapter(struct ember_learner *learner, struct ember_adapter **out);
+
+/**
+ * Writes `{"head", "pending", "replay", "replay_seen", "versions": [...]}` (each version's
+ * metadata, or its error) to `*out_json` (free with `ember_string_free`).
+ *
+ * # Safety
+ * `learner` live; `out_json` valid.
+ */
+enum ember_status ember_learner_info_json(struct ember_learner *learner, char **out_json);
 
 /**
  * The name of a status code, e.g. `"EMBER_FORMAT"`. Static string; never NULL (unknown

@@ -10,6 +10,7 @@
 
 mod adapters;
 mod handles;
+mod learn;
 mod status;
 mod train;
 
@@ -26,6 +27,7 @@ use ember::Context;
 use adapters::adapter_choice;
 pub use adapters::*;
 use handles::{get, get_mut, register, release};
+pub use learn::*;
 use status::*;
 pub use status::{ember_last_error, ember_status, ember_status_str};
 pub use train::*;

@@ -713,3 +713,138 @@ fn moe_model_info_and_expert_counts() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn learner_updates_gates_rolls_back_and_serves() {
+    use ember_tests::tiny::{write_tiny_model, TinyVariant};
+    let root = ember_tests::model::temp_dir("capi-learner");
+    write_tiny_model(&root.join("base"), TinyVariant::Llama).unwrap();
+    let c = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    let s = |t: &str| CString::new(t).unwrap();
+    let take = |p: *mut c_char| -> serde_json::Value {
+        let v = serde_json::from_str(unsafe { CStr::from_ptr(p) }.to_str().unwrap()).unwrap();
+        unsafe { ember_string_free(p) };
+        v
+    };
+    let records: String = (0..6)
+        .map(|i| format!("{{\"text\":\"sample {i}: abcabcabcabcabc\"}}\n"))
+        .collect();
+    unsafe {
+        let mut ctx: *mut ember_context = std::ptr::null_mut();
+        assert_eq!(ember_context_create(std::ptr::null(), &mut ctx), EMBER_OK);
+        let mut model: *mut ember_model = std::ptr::null_mut();
+        let st = ember_model_load(
+            ctx,
+            c(&root.join("base")).as_ptr(),
+            std::ptr::null(),
+            &mut model,
+        );
+        assert_eq!(st, EMBER_OK);
+        let mut p = ember_learner_default_params();
+        p.lora_rank = 4;
+        p.lora_targets = EMBER_TARGET_Q | EMBER_TARGET_V;
+        p.seq_len = 33;
+        let mut l: *mut ember_learner = std::ptr::null_mut();
+        let store = c(&root.join("store"));
+        assert_eq!(
+            ember_learner_open(model, store.as_ptr(), &p, &mut l),
+            EMBER_INVALID_ARGUMENT
+        );
+        assert!(l.is_null());
+        p.seq_len = 32;
+        p.lr = 1e-2;
+        p.steps_per_update = 6;
+        p.update_every = 6;
+        assert_eq!(
+            ember_learner_open(model, store.as_ptr(), &p, &mut l),
+            EMBER_OK
+        );
+
+        // The sixth record triggers an update, which is kept and becomes v0001.
+        let mut report: *mut c_char = std::ptr::null_mut();
+        let five: String = records.lines().take(5).map(|r| format!("{r}\n")).collect();
+        assert_eq!(
+            ember_learner_add(l, s(&five).as_ptr(), &mut report),
+            EMBER_OK
+        );
+        assert!(report.is_null());
+        let last = records.lines().last().unwrap();
+        assert_eq!(
+            ember_learner_add(l, s(last).as_ptr(), &mut report),
+            EMBER_OK
+        );
+        let r = take(report);
+        assert_eq!(
+            (r["version"].as_u64(), r["kept"].as_bool()),
+            (Some(1), Some(true)),
+            "{r}"
+        );
+
+        // An impossible gain: the on-demand update is rejected and recorded.
+        ember_learner_free(l);
+        p.update_every = 0;
+        p.min_new_gain = 10.0;
+        assert_eq!(
+            ember_learner_open(model, store.as_ptr(), &p, &mut l),
+            EMBER_OK
+        );
+        assert_eq!(
+            ember_learner_update(l, &mut report),
+            EMBER_INVALID_ARGUMENT,
+            "nothing pending"
+        );
+        assert_eq!(
+            ember_learner_add(l, s(&records).as_ptr(), std::ptr::null_mut()),
+            EMBER_OK
+        );
+        assert_eq!(
+            ember_learner_set_probes(l, std::ptr::null(), s(&five).as_ptr()),
+            EMBER_OK
+        );
+        assert_eq!(ember_learner_update(l, &mut report), EMBER_OK);
+        let r = take(report);
+        assert_eq!(
+            (r["version"].as_u64(), r["kept"].as_bool()),
+            (Some(2), Some(false)),
+            "{r}"
+        );
+        let mut info: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_learner_info_json(l, &mut info), EMBER_OK);
+        let i = take(info);
+        assert_eq!(
+            (
+                i["head"].as_u64(),
+                i["pending"].as_u64(),
+                i["replay"].as_u64()
+            ),
+            (Some(1), Some(0), Some(6)),
+            "{i}"
+        );
+        assert!(i["versions"][1]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("rejected"));
+
+        // The adapter serves in a session; rollback to a missing version is refused.
+        let mut ad: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(ember_learner_get_adapter(l, &mut ad), EMBER_OK);
+        let mut sess: *mut ember_session = std::ptr::null_mut();
+        assert_eq!(
+            ember_session_create(model, std::ptr::null(), &mut sess),
+            EMBER_OK
+        );
+        let mut id = -1;
+        assert_eq!(
+            ember_session_attach_adapter(sess, ad, std::ptr::null(), &mut id),
+            EMBER_OK
+        );
+        assert_eq!(ember_learner_rollback(l, 9), EMBER_INVALID_ARGUMENT);
+        assert_eq!(ember_learner_rollback(l, 1), EMBER_OK);
+        ember_session_free(sess);
+        ember_adapter_free(ad);
+        ember_learner_free(l);
+        ember_model_free(model);
+        ember_context_free(ctx);
+    }
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -195,7 +195,7 @@ fn write_result(out: *mut ember_step_result, s: &StepStats) {
     unsafe { std::ptr::copy_nonoverlapping(&r as *const _ as *const u8, out as *mut u8, n) };
 }
 
-fn targets(bits: u32) -> CResult<Vec<Target>> {
+pub(crate) fn targets(bits: u32) -> CResult<Vec<Target>> {
     if bits == 0 {
         return Ok(Target::ALL.to_vec());
     }

@@ -236,6 +236,11 @@ impl Learner {
         })
     }
 
+    /// The base model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
     /// The store.
     pub fn store(&self) -> &AdapterStore {
         &self.store
@@ -328,6 +333,20 @@ impl Learner {
         let text = serde_json::to_string(&p)
             .map_err(|e| Error::Internal(format!("pending examples: {e}")))?;
         write_atomic(&self.pending_path, text.as_bytes())
+    }
+
+    /// Makes version `v` the head again and continues training from it.
+    pub fn rollback(&mut self, v: u32) -> Result<()> {
+        if !self.store.version_dir(v).is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no version {}",
+                self.store.dir().display(),
+                crate::learn::store::version_name(v)
+            )));
+        }
+        let adapter = self.store.load(v, &self.model)?;
+        self.store.rollback(v)?;
+        self.trainer.set_lora(&adapter)
     }
 
     /// Trains on the pending examples now (see the module documentation).

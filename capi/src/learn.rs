@@ -1,0 +1,356 @@
+//! Continual learning through the C ABI: a learner over a versioned adapter store (see
+//! `ember::learn::Learner`): add examples, run gated updates, roll back, and serve the
+//! adapter of record in sessions.
+
+use std::ffi::c_char;
+use std::path::Path;
+
+use ember::adapters::LoraConfig;
+use ember::learn::{Gate, Learner, LearnerConfig};
+use ember::train::{Dataset, Example};
+
+use crate::adapters::{ember_adapter, K_ADAPTER};
+use crate::handles::{get_mut, register, release};
+use crate::status::*;
+use crate::train::targets;
+use crate::{ember_model, non_null, out_string, read_params, req_str, K_MODEL};
+
+const K_LEARNER: &str = "ember_learner";
+
+/// A continual learner: one base model, one adapter store directory. Use it from one
+/// thread at a time; the model may serve sessions meanwhile.
+pub struct ember_learner {
+    learner: Learner,
+    seq_len: usize,
+}
+
+/// How a learner learns. Get defaults from `ember_learner_default_params()`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ember_learner_params {
+    /// `sizeof(ember_learner_params)`.
+    pub struct_size: u32,
+    /// LoRA rank of a fresh adapter (a store with versions continues its head). Default 8.
+    pub lora_rank: u32,
+    /// LoRA alpha (0: twice the rank).
+    pub lora_alpha: f32,
+    /// `EMBER_TARGET_*` bits (0: all seven projections).
+    pub lora_targets: u32,
+    /// Longest sequence in tokens (a multiple of 32); longer records are cut. Default 128.
+    pub seq_len: u32,
+    /// Learning rate (constant: no re-warming at every update). Default 1e-3.
+    pub lr: f32,
+    /// Optimizer steps per update. Default 8.
+    pub steps_per_update: u32,
+    /// Sequences per step, new and replayed together. Default 4.
+    pub batch_size: u32,
+    /// Run an update every this many added examples (0: only `ember_learner_update`).
+    pub update_every: u32,
+    /// Share of each step's sequences replayed from past updates (0..1). Default 0.25.
+    pub replay_ratio: f32,
+    /// Examples the replay buffer keeps. Default 512.
+    pub replay_capacity: u32,
+    /// Replayed examples learn the frozen base's distribution (KL) instead of their tokens.
+    pub replay_distill: bool,
+    /// L2 pull toward the previous version. Default 0.1.
+    pub l2: f32,
+    /// EWC pull toward the previous version (Fisher from replayed data; replaces l2). Default 0.
+    pub ewc: f32,
+    /// EMA decay of the parameters kept and committed (0: off).
+    pub ema: f32,
+    /// Use the evaluation gate. Default true.
+    pub gate: bool,
+    /// Least relative decrease of the new-task probes' loss to keep an update. Default 0.
+    pub min_new_gain: f64,
+    /// Largest relative rise of the retained probes' loss allowed. Default 0.05.
+    pub max_retained_rise: f64,
+    /// Seed of initialization, sampling and replay.
+    pub seed: u64,
+}
+
+/// The defaults (see each field).
+#[no_mangle]
+pub extern "C" fn ember_learner_default_params() -> ember_learner_params {
+    let d = LearnerConfig::new(LoraConfig::new(8, 16.0, Vec::new()));
+    let g = d.gate.unwrap_or(Gate {
+        min_new_gain: 0.0,
+        max_retained_rise: 0.05,
+    });
+    ember_learner_params {
+        struct_size: std::mem::size_of::<ember_learner_params>() as u32,
+        lora_rank: 8,
+        lora_alpha: 0.0,
+        lora_targets: 0,
+        seq_len: d.train.rows as u32,
+        lr: d.train.adam.lr,
+        steps_per_update: d.steps_per_update,
+        batch_size: d.batch_size as u32,
+        update_every: d.update_every as u32,
+        replay_ratio: d.replay_ratio,
+        replay_capacity: d.replay_capacity as u32,
+        replay_distill: d.replay_distill,
+        l2: d.l2,
+        ewc: d.ewc,
+        ema: 0.0,
+        gate: true,
+        min_new_gain: g.min_new_gain,
+        max_retained_rise: g.max_retained_rise,
+        seed: d.seed,
+    }
+}
+
+fn config(p: &ember_learner_params) -> CResult<LearnerConfig> {
+    if p.lora_rank == 0 {
+        return Err(invalid("lora_rank is 0"));
+    }
+    if p.seq_len == 0 || p.seq_len % 32 != 0 {
+        return Err(invalid(format!(
+            "seq_len {} is not a positive multiple of 32",
+            p.seq_len
+        )));
+    }
+    for (name, v) in [("lr", p.lr), ("ema", p.ema)] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(invalid(format!("{name} is {v}")));
+        }
+    }
+    let alpha = if p.lora_alpha > 0.0 {
+        p.lora_alpha
+    } else {
+        2.0 * p.lora_rank as f32
+    };
+    let mut c = LearnerConfig::new(LoraConfig::new(
+        p.lora_rank as usize,
+        alpha,
+        targets(p.lora_targets)?,
+    ));
+    c.train.rows = p.seq_len as usize;
+    c.train.adam.lr = p.lr;
+    c.steps_per_update = p.steps_per_update;
+    c.batch_size = p.batch_size as usize;
+    c.update_every = p.update_every as usize;
+    c.replay_ratio = p.replay_ratio;
+    c.replay_capacity = p.replay_capacity as usize;
+    c.replay_distill = p.replay_distill;
+    c.l2 = p.l2;
+    c.ewc = p.ewc;
+    c.ema = (p.ema > 0.0).then_some(p.ema);
+    c.gate = p.gate.then_some(Gate {
+        min_new_gain: p.min_new_gain,
+        max_retained_rise: p.max_retained_rise,
+    });
+    c.seed = p.seed;
+    Ok(c)
+}
+
+/// Opens (or creates) the adapter store in directory `store_dir` for `model` and a learner
+/// over it, continuing from the store's head (or a fresh adapter). Fails with
+/// `EMBER_INVALID_ARGUMENT` for a store of another base model or bad parameters, and with
+/// `EMBER_BAD_FORMAT`-class errors naming the file for a damaged store.
+///
+/// # Safety
+/// `model` live; `store_dir` NUL-terminated UTF-8; `params` NULL or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_open(
+    model: *const ember_model,
+    store_dir: *const c_char,
+    params: *const ember_learner_params,
+    out: *mut *mut ember_learner,
+) -> ember_status {
+    guard("ember_learner_open", || {
+        non_null(out, "out")?;
+        unsafe { *out = std::ptr::null_mut() };
+        let m = unsafe { crate::handles::get(K_MODEL, model) }?;
+        let dir = unsafe { req_str(store_dir, "store_dir") }?;
+        let p = unsafe {
+            read_params(
+                params,
+                ember_learner_default_params(),
+                std::mem::size_of::<ember_learner_params>(),
+                "ember_learner_params",
+            )
+        }?;
+        let c = config(&p)?;
+        let learner = Learner::open(m.model.clone(), Path::new(dir), c)?;
+        unsafe {
+            *out = register(
+                K_LEARNER,
+                ember_learner {
+                    learner,
+                    seq_len: p.seq_len as usize,
+                },
+            )
+        };
+        Ok(())
+    })
+}
+
+/// Frees a learner (its store stays on disk).
+///
+/// # Safety
+/// `learner` NULL or live; not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_free(learner: *mut ember_learner) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(unsafe { release(K_LEARNER, learner) })
+    }));
+}
+
+fn records(l: &ember_learner, jsonl: &str) -> CResult<Vec<Example>> {
+    let tok = &l.learner.model().tokenizer;
+    Ok(Dataset::from_jsonl(jsonl, tok, l.seq_len)?.examples)
+}
+
+/// Adds the JSONL records in `jsonl` (same formats as `ember_trainer_step`); they are kept
+/// on disk until an update uses them. When the `update_every` policy triggers an update,
+/// its report (JSON, as `ember_learner_update`'s) goes to `*out_report_json` (else NULL;
+/// free with `ember_string_free`; `out_report_json` may be NULL).
+///
+/// # Safety
+/// `learner` live (one thread); `jsonl` NUL-terminated UTF-8; `out_report_json` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_add(
+    learner: *mut ember_learner,
+    jsonl: *const c_char,
+    out_report_json: *mut *mut c_char,
+) -> ember_status {
+    guard("ember_learner_add", || {
+        if !out_report_json.is_null() {
+            unsafe { *out_report_json = std::ptr::null_mut() };
+        }
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let text = unsafe { req_str(jsonl, "jsonl") }?;
+        let ex = records(l, text)?;
+        if let Some(r) = l.learner.add(&ex)? {
+            if !out_report_json.is_null() {
+                out_string(out_report_json, &serde_json::json!(r).to_string())?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Sets the probe sets of the evaluation gate (JSONL records; NULL or empty: none):
+/// examples of the new task, and of what must be retained.
+///
+/// # Safety
+/// `learner` live; each string NULL or NUL-terminated UTF-8.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_set_probes(
+    learner: *mut ember_learner,
+    new_task_jsonl: *const c_char,
+    retained_jsonl: *const c_char,
+) -> ember_status {
+    guard("ember_learner_set_probes", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let read = |p: *const c_char, what: &str| -> CResult<Vec<Example>> {
+            if p.is_null() {
+                return Ok(Vec::new());
+            }
+            let text = unsafe { req_str(p, what) }?;
+            if text.trim().is_empty() {
+                return Ok(Vec::new());
+            }
+            records(l, text)
+        };
+        let (n, r) = (
+            read(new_task_jsonl, "new_task_jsonl")?,
+            read(retained_jsonl, "retained_jsonl")?,
+        );
+        l.learner.set_probes(n, r)?;
+        Ok(())
+    })
+}
+
+/// Runs an update on the pending examples now and writes its report to `*out_report_json`
+/// (free with `ember_string_free`): `{"version", "kept", "reason", "examples", "steps",
+/// "first_loss", "last_loss", "new_before", "new_after", "retained_before",
+/// "retained_after", "secs"}`. A rejected update is recorded in the store (not the head)
+/// and the learner returns to the head. Fails with `EMBER_INVALID_ARGUMENT` when nothing is
+/// pending.
+///
+/// # Safety
+/// `learner` live; `out_report_json` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_update(
+    learner: *mut ember_learner,
+    out_report_json: *mut *mut c_char,
+) -> ember_status {
+    guard("ember_learner_update", || {
+        non_null(out_report_json, "out_report_json")?;
+        unsafe { *out_report_json = std::ptr::null_mut() };
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let r = l.learner.update()?;
+        out_string(out_report_json, &serde_json::json!(r).to_string())
+    })
+}
+
+/// Makes version `version` the head again and continues from it.
+///
+/// # Safety
+/// `learner` live.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_rollback(
+    learner: *mut ember_learner,
+    version: u32,
+) -> ember_status {
+    guard("ember_learner_rollback", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        l.learner.rollback(version)?;
+        Ok(())
+    })
+}
+
+/// The current adapter (the head after an update) as a new adapter handle, to attach to
+/// sessions (free with `ember_adapter_free`).
+///
+/// # Safety
+/// `learner` live; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_get_adapter(
+    learner: *mut ember_learner,
+    out: *mut *mut ember_adapter,
+) -> ember_status {
+    guard("ember_learner_get_adapter", || {
+        non_null(out, "out")?;
+        unsafe { *out = std::ptr::null_mut() };
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let a = l.learner.adapter()?;
+        unsafe { *out = register(K_ADAPTER, ember_adapter::lora(a)) };
+        Ok(())
+    })
+}
+
+/// Writes `{"head", "pending", "replay", "replay_seen", "versions": [...]}` (each version's
+/// metadata, or its error) to `*out_json` (free with `ember_string_free`).
+///
+/// # Safety
+/// `learner` live; `out_json` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_info_json(
+    learner: *mut ember_learner,
+    out_json: *mut *mut c_char,
+) -> ember_status {
+    guard("ember_learner_info_json", || {
+        non_null(out_json, "out_json")?;
+        unsafe { *out_json = std::ptr::null_mut() };
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let s = l.learner.store();
+        let versions: Vec<serde_json::Value> = s
+            .versions()?
+            .into_iter()
+            .map(|e| match e.meta {
+                Ok(m) => serde_json::json!(m),
+                Err(err) => serde_json::json!({"version": e.version, "error": err.to_string()}),
+            })
+            .collect();
+        let v = serde_json::json!({
+            "head": s.head()?,
+            "pending": l.learner.pending(),
+            "replay": l.learner.replay().len(),
+            "replay_seen": l.learner.replay().seen(),
+            "versions": versions,
+        });
+        out_string(out_json, &v.to_string())
+    })
+}
