@@ -1978,3 +1978,97 @@ def _mask_bit(v: Any, what: str) -> bool:
     except ImportError:
         pass
     raise TypeError(f"{what} entries must be bools (or 0/1), not {v!r}")
+
+
+class Learner(_Handle):
+    """Continual learning into a versioned adapter store (``ember_learner``): examples are
+    added as they come (kept on disk until an update), updates are regularized (replay of
+    past examples, an L2 or EWC pull toward the previous version, an optional EMA) and
+    gated (kept only if the new-task probes improve and the retained probes do not worsen
+    by more than a threshold; otherwise recorded and rolled back), and every kept update is
+    a version that can be rolled back to.
+
+    Args:
+        model: the base :class:`Model`.
+        store: the store directory (created when missing or empty).
+        **params: fields of ``ember_learner_params``: ``lora_rank``, ``lora_alpha``,
+            ``targets``, ``seq_len``, ``lr``, ``steps_per_update``, ``batch_size``,
+            ``update_every``, ``replay_ratio``, ``replay_capacity``, ``replay_distill``,
+            ``l2``, ``ewc``, ``ema``, ``gate``, ``min_new_gain``, ``max_retained_rise``,
+            ``seed``.
+
+    Raises:
+        EmberError: ``Status.INVALID_ARGUMENT`` for bad parameters or a store of another
+            base model; an error naming the file for a damaged store.
+    """
+
+    _free_name = "ember_learner_free"
+    _kind = "Learner"
+
+    def __init__(self, model: Model, store: PathLike, **params: Any) -> None:
+        self._lock = threading.RLock()
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be an ember.Model, not {type(model).__name__}")
+        p = lib().ember_learner_default_params()
+        for k, v in params.items():
+            if k == "targets":
+                p.lora_targets = _target_bits(v)
+            elif k in ("replay_distill", "gate"):
+                setattr(p, k, _bool(v, k))
+            elif k in ("lora_alpha", "lr", "replay_ratio", "l2", "ewc", "ema", "min_new_gain", "max_retained_rise"):
+                setattr(p, k, _float(v, k))
+            elif k in ("lora_rank", "seq_len", "steps_per_update", "batch_size", "update_every", "replay_capacity"):
+                setattr(p, k, _uint(v, k))
+            elif k == "seed":
+                p.seed = _uint(v, k, 64)
+            else:
+                raise TypeError(f"unknown learner parameter {k!r}")
+        out = c_void_p()
+        check(lib().ember_learner_open(model._raw(), _path(store, "store"), byref(p), byref(out)))
+        self._ptr = out.value
+        self._model = model
+
+    def add(self, examples: "_Records") -> Optional[Dict[str, Any]]:
+        """Adds records (``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}``);
+        returns the update's report when the ``update_every`` policy ran one, else None."""
+        data = _jsonl(examples)
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_learner_add(self._raw(), data, byref(out)))
+        return json.loads(take_string(out)) if out.value else None
+
+    def set_probes(self, new_task: "_Records" = (), retained: "_Records" = ()) -> None:
+        """Sets the evaluation gate's probe sets (records)."""
+        n = _jsonl(new_task) if new_task else None
+        r = _jsonl(retained) if retained else None
+        with self._lock:
+            check(lib().ember_learner_set_probes(self._raw(), n, r))
+
+    def update(self) -> Dict[str, Any]:
+        """Runs an update on the pending examples now; returns its report (``version``,
+        ``kept``, ``reason``, losses before and after, ``secs``)."""
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_learner_update(self._raw(), byref(out)))
+        return json.loads(take_string(out))
+
+    def rollback(self, version: int) -> None:
+        """Makes ``version`` the head again and continues from it."""
+        with self._lock:
+            check(lib().ember_learner_rollback(self._raw(), _uint(version, "version")))
+
+    def adapter(self) -> Adapter:
+        """The current adapter (the head after an update), to attach to sessions."""
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_learner_get_adapter(self._raw(), byref(out)))
+        return Adapter._wrap(out.value)
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """``head``, ``pending``, ``replay``, ``replay_seen`` and every version's metadata."""
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_learner_info_json(self._raw(), byref(out)))
+        return json.loads(take_string(out))
+

@@ -317,6 +317,32 @@ class StepResultStruct(Structure):
     ]
 
 
+class LearnerParamsStruct(Structure):
+    """``ember_learner_params``: how a learner learns."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("lora_rank", c_uint32),
+        ("lora_alpha", c_float),
+        ("lora_targets", c_uint32),
+        ("seq_len", c_uint32),
+        ("lr", c_float),
+        ("steps_per_update", c_uint32),
+        ("batch_size", c_uint32),
+        ("update_every", c_uint32),
+        ("replay_ratio", c_float),
+        ("replay_capacity", c_uint32),
+        ("replay_distill", c_bool),
+        ("l2", c_float),
+        ("ewc", c_float),
+        ("ema", c_float),
+        ("gate", c_bool),
+        ("min_new_gain", c_double),
+        ("max_retained_rise", c_double),
+        ("seed", c_uint64),
+    ]
+
+
 #: ``ember_train_callback``:
 #: ``bool (*)(uint32_t step, uint32_t total, const ember_step_result *, void *)``.
 TRAIN_CALLBACK = CFUNCTYPE(c_bool, c_uint32, c_uint32, POINTER(StepResultStruct), c_void_p)
@@ -328,6 +354,7 @@ _model_p = c_void_p
 _session_p = c_void_p
 _adapter_p = c_void_p
 _trainer_p = c_void_p
+_learner_p = c_void_p
 _u32_p = POINTER(c_uint32)
 
 #: name -> (restype, argtypes) for every function of ember.h.
@@ -440,6 +467,18 @@ _PROTOTYPES = {
     "ember_trainer_get_adapter": (c_int, [_trainer_p, POINTER(_adapter_p)]),
     "ember_trainer_save": (c_int, [_trainer_p, c_char_p]),
     "ember_trainer_info_json": (c_int, [_trainer_p, POINTER(c_void_p)]),
+    "ember_learner_default_params": (LearnerParamsStruct, []),
+    "ember_learner_open": (
+        c_int,
+        [_model_p, c_char_p, POINTER(LearnerParamsStruct), POINTER(_learner_p)],
+    ),
+    "ember_learner_free": (None, [_learner_p]),
+    "ember_learner_add": (c_int, [_learner_p, c_char_p, POINTER(c_void_p)]),
+    "ember_learner_set_probes": (c_int, [_learner_p, c_char_p, c_char_p]),
+    "ember_learner_update": (c_int, [_learner_p, POINTER(c_void_p)]),
+    "ember_learner_rollback": (c_int, [_learner_p, c_uint32]),
+    "ember_learner_get_adapter": (c_int, [_learner_p, POINTER(_adapter_p)]),
+    "ember_learner_info_json": (c_int, [_learner_p, POINTER(c_void_p)]),
 }
 
 #: Params structs whose library default reports its size: ctypes mirror -> default fn.
@@ -450,6 +489,7 @@ _SIZED_DEFAULTS = {
     SamplerParams: "ember_sampler_default_params",
     GenerateParams: "ember_generate_default_params",
     TrainParamsStruct: "ember_train_default_params",
+    LearnerParamsStruct: "ember_learner_default_params",
 }
 
 

@@ -344,3 +344,32 @@ def test_mixture_of_lora_experts_trains_balances_and_serves(tiny, tmp_path):
         s.attach_adapter(a)
     with pytest.raises(ember.EmberError, match="top-5"):
         tiny.trainer(lora_experts=4, lora_top_k=5, **FAST)
+
+
+def test_learner_versions_gate_and_rollback(tiny, tmp_path):
+    records = [{"text": f"sample {i}: abcabcabcabcabc"} for i in range(6)]
+    store = tmp_path / "store"
+    with ember.Learner(tiny, store, lora_rank=4, targets=["q", "v"], seq_len=32, lr=1e-2,
+                       steps_per_update=6, update_every=6) as lr:
+        assert lr.add(records[:5]) is None
+        report = lr.add(records[5:])
+        assert report["kept"] and report["version"] == 1
+        assert report["new_after"] < report["new_before"]
+    with ember.Learner(tiny, store, lora_rank=4, targets=["q", "v"], seq_len=32,
+                       min_new_gain=10.0) as lr:
+        lr.add(records)
+        lr.set_probes(retained=records[:2])
+        report = lr.update()
+        assert not report["kept"] and report["version"] == 2
+        info = lr.info
+        assert info["head"] == 1 and info["replay"] == 6
+        assert info["versions"][1]["note"].startswith("rejected")
+        with lr.adapter() as a, tiny.session(n_ctx=64) as s:
+            s.attach_adapter(a)
+        with pytest.raises(ember.EmberError, match="no version v0009"):
+            lr.rollback(9)
+        lr.rollback(1)
+    with pytest.raises(TypeError, match="unknown learner parameter"):
+        ember.Learner(tiny, store, rank=4)
+    with pytest.raises(ember.EmberError, match="multiple of 32"):
+        ember.Learner(tiny, tmp_path / "other", seq_len=33)

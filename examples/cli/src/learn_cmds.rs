@@ -121,7 +121,10 @@ pub fn run(a: LearnArgs) -> Result<()> {
     learner.add(&data)?;
     let r = learner.update()?;
     if a.json {
-        println!("{}", json!(r));
+        let mut v = json!(r);
+        v["peak_rss_mb"] = json!(crate::model_cmds::peak_rss_mb());
+        v["device"] = json!(ctx.info().name);
+        println!("{v}");
     } else {
         eprintln!(
             "{} {}: {} (loss {:.4} -> {:.4}; new-task probes {:.4} -> {:.4}{}) in {:.1} s",
