@@ -11,6 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{grid, Bind, Context, Dispatch, PipelineKey, Tensor};
+use crate::kernels::train::need;
 use crate::uniform;
 
 uniform! {
@@ -111,16 +112,6 @@ impl MixShape {
             z_w: self.z_loss,
         })
     }
-}
-
-fn need(op: &'static str, t: &Tensor, n: usize, what: &str) -> Result<()> {
-    if t.numel() < n {
-        return Err(Error::shape(
-            op,
-            format!("{what} {:?} holds fewer than {n} values", t.shape()),
-        ));
-    }
-    Ok(())
 }
 
 fn dispatch(

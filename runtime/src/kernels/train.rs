@@ -47,7 +47,8 @@ fn key(entry: &'static str) -> PipelineKey {
     PipelineKey::new("train", entry)
 }
 
-fn need(op: &'static str, t: &Tensor, n: usize, what: &str) -> Result<()> {
+/// An error naming `op` and `what` when `t` holds fewer than `n` values.
+pub(crate) fn need(op: &'static str, t: &Tensor, n: usize, what: &str) -> Result<()> {
     if t.numel() < n {
         return Err(Error::shape(
             op,
