@@ -41,6 +41,7 @@ fn new(note: &str, examples: &[Vec<u32>]) -> NewVersion {
         hyperparameters: json!({"lr": 1e-3}),
         metrics: json!({"loss": 1.5}),
         note: note.into(),
+        files: Vec::new(),
     }
 }
 
@@ -97,6 +98,27 @@ fn versions_lineage_rollback_export_and_diff() {
     }
     let same = store.diff(2, 2).unwrap();
     assert!(same.iter().all(|t| t.norm_diff == Some(0.0)));
+
+    // Extra files go beside the adapter; names that would escape or clobber it do not.
+    let mut extra = new("with notes", &data);
+    extra.files = vec![("notes.txt".into(), b"hello".to_vec())];
+    let v = store.commit(&a3, &m, extra).unwrap();
+    assert_eq!(
+        std::fs::read(store.version_dir(v).join("notes.txt")).unwrap(),
+        b"hello"
+    );
+    for bad in ["../x", "meta.json", "adapter_config.json", "a/b"] {
+        let mut e = new("bad", &data);
+        e.files = vec![(bad.into(), Vec::new())];
+        let err = store.commit(&a3, &m, e).unwrap_err().to_string();
+        assert!(err.contains("extra file"), "{bad}: {err}");
+    }
+    assert_eq!(
+        store.head().unwrap(),
+        Some(v),
+        "failed commits leave the head"
+    );
+    store.rollback(3).unwrap();
 
     // Reopening sees the same store.
     let again = AdapterStore::open_or_create(dir.path(), &m).unwrap();

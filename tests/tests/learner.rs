@@ -106,6 +106,15 @@ fn updates_become_versions_and_the_gate_rejects_forgetting() {
     assert!(r.retained_after.unwrap() > r.retained_before.unwrap());
     assert_eq!((r.version, l.head().unwrap()), (2, Some(1)));
     assert!(l.store().meta(2).unwrap().note.starts_with("rejected: "));
+    let kept: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(l.store().version_dir(2).join("examples.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        kept["examples"].as_array().unwrap().len(),
+        8,
+        "the rejected examples are kept"
+    );
     assert_eq!(l.adapter().unwrap().weights, v1.weights, "back at the head");
     assert_eq!(l.pending(), 0);
 

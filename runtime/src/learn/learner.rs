@@ -484,6 +484,20 @@ impl Learner {
             } else {
                 format!("rejected: {reason}")
             },
+            // A rejected update keeps its examples beside it: nothing added is lost.
+            files: if kept {
+                Vec::new()
+            } else {
+                let p = Pending {
+                    examples: data
+                        .iter()
+                        .map(|e| (e.tokens.clone(), e.loss.clone()))
+                        .collect(),
+                };
+                let text = serde_json::to_vec(&p)
+                    .map_err(|e| Error::Internal(format!("rejected examples: {e}")))?;
+                vec![("examples.json".to_string(), text)]
+            },
         };
         let version = if kept {
             let v = self.store.commit(&adapter, &self.model, new)?;
@@ -502,7 +516,8 @@ impl Learner {
             self.trainer.set_lora(&back)?;
             v
         };
-        // The examples are consumed either way (a rejected update's data is in its record).
+        // The examples are consumed either way (a rejected update's are in its version's
+        // examples.json).
         self.pending.clear();
         self.save_pending()?;
         Ok(UpdateReport { version, ..report })

@@ -73,6 +73,9 @@ pub struct NewVersion {
     pub metrics: Value,
     /// Why it exists.
     pub note: String,
+    /// Further files written into the version's directory (name, bytes), e.g. a rejected
+    /// update's examples. Names are plain file names.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// One entry of [`AdapterStore::versions`]: its number and its metadata, or why that could
@@ -339,11 +342,22 @@ impl AdapterStore {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
-                data: new.data,
-                hyperparameters: new.hyperparameters,
-                metrics: new.metrics,
-                note: new.note,
+                data: new.data.clone(),
+                hyperparameters: new.hyperparameters.clone(),
+                metrics: new.metrics.clone(),
+                note: new.note.clone(),
             };
+            for (name, bytes) in &new.files {
+                let plain = Path::new(name)
+                    .file_name()
+                    .is_some_and(|f| f == name.as_str());
+                if !plain || name == "meta.json" || name.starts_with("adapter_") {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name:?} cannot be a version's extra file"
+                    )));
+                }
+                write_atomic(&staging.join(name), bytes)?;
+            }
             let text = serde_json::to_string_pretty(&meta)
                 .map_err(|e| Error::Internal(format!("meta.json: {e}")))?;
             write_atomic(&staging.join("meta.json"), text.as_bytes())?;
