@@ -187,3 +187,54 @@ fn pending_examples_and_replay_survive_a_restart_and_bad_examples_are_refused() 
         .to_string();
     assert!(err.contains("pending.json"), "{err}");
 }
+
+/// Updates run on the learner's thread while a session of the same model keeps serving;
+/// each kept update publishes the adapter of record, which the session swaps in.
+#[test]
+fn background_updates_do_not_block_serving() {
+    use ember::learn::BackgroundLearner;
+    use ember::session::{Session, SessionParams};
+    let m = tiny();
+    let dir = TempDir::new("learner-bg");
+    let mut c = config();
+    c.gate = None;
+    c.steps_per_update = 60;
+    let bg = BackgroundLearner::spawn(Learner::open(m.clone(), dir.path(), c).unwrap()).unwrap();
+    bg.add(task(0, 8)).unwrap();
+    bg.request_update().unwrap();
+    assert!(bg.busy());
+    // Serving goes on meanwhile: forward passes complete while the update is still running.
+    let mut s = Session::new(m.clone(), SessionParams::default()).unwrap();
+    let prompt: Vec<u32> = (0..12).map(|i| i * 7 + 1).collect();
+    let base = s.logits(&prompt).unwrap();
+    for _ in 0..3 {
+        assert_eq!(s.logits(&prompt).unwrap(), base);
+    }
+    assert!(bg.busy(), "serving waited for the whole update");
+    bg.wait_idle();
+    let events = bg.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let r = events[0].as_ref().unwrap();
+    assert!(r.kept && r.version == 1, "{r:?}");
+    let (adapter, published) = bg.adapter();
+    assert_eq!(published, 1);
+    // The session swaps the published adapter in.
+    let id = s.attach_adapter("live", adapter.unwrap()).unwrap();
+    let adapted = s.logits_with(&prompt, Some((id, 1.0))).unwrap();
+    assert_ne!(adapted, base);
+    // Errors come back as events; the learner goes on.
+    bg.add(vec![Example::all(vec![1, 999])]).unwrap();
+    bg.request_update().unwrap();
+    bg.wait_idle();
+    let events = bg.events();
+    assert!(
+        events[0].as_ref().unwrap_err().contains("vocabulary"),
+        "{events:?}"
+    );
+    assert!(
+        events[1].as_ref().unwrap_err().contains("no examples"),
+        "{events:?}"
+    );
+    let l = bg.stop().unwrap();
+    assert_eq!(l.head().unwrap(), Some(1));
+}
