@@ -613,6 +613,11 @@ typedef struct ember_learner_params {
    * Seed of initialization, sampling and replay.
    */
   uint64_t seed;
+  /**
+   * At most this many examples of each probe set are scored (a fixed sample; 0: all).
+   * Default 32.
+   */
+  uint32_t probe_limit;
 } ember_learner_params;
 
 /**

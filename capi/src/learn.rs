@@ -66,6 +66,9 @@ pub struct ember_learner_params {
     pub max_retained_rise: f64,
     /// Seed of initialization, sampling and replay.
     pub seed: u64,
+    /// At most this many examples of each probe set are scored (a fixed sample; 0: all).
+    /// Default 32.
+    pub probe_limit: u32,
 }
 
 /// The defaults (see each field).
@@ -96,6 +99,7 @@ pub extern "C" fn ember_learner_default_params() -> ember_learner_params {
         min_new_gain: g.min_new_gain,
         max_retained_rise: g.max_retained_rise,
         seed: d.seed,
+        probe_limit: d.probe_limit as u32,
     }
 }
 
@@ -140,6 +144,7 @@ fn config(p: &ember_learner_params) -> CResult<LearnerConfig> {
         max_retained_rise: p.max_retained_rise,
     });
     c.seed = p.seed;
+    c.probe_limit = p.probe_limit as usize;
     Ok(c)
 }
 

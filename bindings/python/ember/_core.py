@@ -1995,7 +1995,7 @@ class Learner(_Handle):
             ``targets``, ``seq_len``, ``lr``, ``steps_per_update``, ``batch_size``,
             ``update_every``, ``replay_ratio``, ``replay_capacity``, ``replay_distill``,
             ``l2``, ``ewc``, ``ema``, ``gate``, ``min_new_gain``, ``max_retained_rise``,
-            ``seed``.
+            ``probe_limit``, ``seed``.
 
     Raises:
         EmberError: ``Status.INVALID_ARGUMENT`` for bad parameters or a store of another
@@ -2017,7 +2017,15 @@ class Learner(_Handle):
                 setattr(p, k, _bool(v, k))
             elif k in ("lora_alpha", "lr", "replay_ratio", "l2", "ewc", "ema", "min_new_gain", "max_retained_rise"):
                 setattr(p, k, _float(v, k))
-            elif k in ("lora_rank", "seq_len", "steps_per_update", "batch_size", "update_every", "replay_capacity"):
+            elif k in (
+                "lora_rank",
+                "seq_len",
+                "steps_per_update",
+                "batch_size",
+                "update_every",
+                "replay_capacity",
+                "probe_limit",
+            ):
                 setattr(p, k, _uint(v, k))
             elif k == "seed":
                 p.seed = _uint(v, k, 64)

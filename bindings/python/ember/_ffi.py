@@ -340,6 +340,7 @@ class LearnerParamsStruct(Structure):
         ("min_new_gain", c_double),
         ("max_retained_rise", c_double),
         ("seed", c_uint64),
+        ("probe_limit", c_uint32),
     ]
 
 

@@ -68,6 +68,9 @@ pub struct LearnArgs {
     /// Largest relative rise of the retained probe loss allowed.
     #[arg(long = "max-retained-rise", default_value_t = 0.05)]
     max_retained_rise: f64,
+    /// Probe examples the gate scores per set (a fixed sample; 0: all).
+    #[arg(long = "probe-limit", default_value_t = 32)]
+    probe_limit: usize,
     /// Keep every update (no evaluation gate).
     #[arg(long = "no-gate")]
     no_gate: bool,
@@ -103,6 +106,7 @@ pub fn run(a: LearnArgs) -> Result<()> {
     c.ewc = a.ewc;
     c.ema = a.ema;
     c.seed = a.adapter.seed;
+    c.probe_limit = a.probe_limit;
     c.gate = (!a.no_gate).then_some(Gate {
         min_new_gain: a.min_new_gain,
         max_retained_rise: a.max_retained_rise,

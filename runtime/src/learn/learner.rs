@@ -69,6 +69,9 @@ pub struct LearnerConfig {
     pub ema: Option<f32>,
     /// The evaluation gate (None: every update is kept).
     pub gate: Option<Gate>,
+    /// At most this many examples of each probe set are scored (a fixed sample, the same
+    /// before and after an update; 0: all). Scoring costs a forward pass per example.
+    pub probe_limit: usize,
     /// Seed of initialization, sampling and replay.
     pub seed: u64,
 }
@@ -100,6 +103,7 @@ impl LearnerConfig {
                 min_new_gain: 0.0,
                 max_retained_rise: 0.05,
             }),
+            probe_limit: 32,
             seed: 0,
         }
     }
@@ -375,11 +379,13 @@ impl Learner {
         } else {
             self.new_probes.clone()
         };
+        let new_probes = sample_probes(new_probes, c.probe_limit, c.seed);
+        let retained_probes = sample_probes(self.retained_probes.clone(), c.probe_limit, c.seed);
         let new_before = self.trainer.evaluate(&new_probes)?;
-        let retained_before = if self.retained_probes.is_empty() {
+        let retained_before = if retained_probes.is_empty() {
             None
         } else {
-            Some(self.trainer.evaluate(&self.retained_probes)?)
+            Some(self.trainer.evaluate(&retained_probes)?)
         };
         let n_replay = if self.replay.is_empty() {
             0
@@ -416,10 +422,10 @@ impl Learner {
             self.trainer.set_lora(&ema)?;
         }
         let new_after = self.trainer.evaluate(&new_probes)?;
-        let retained_after = if self.retained_probes.is_empty() {
+        let retained_after = if retained_probes.is_empty() {
             None
         } else {
-            Some(self.trainer.evaluate(&self.retained_probes)?)
+            Some(self.trainer.evaluate(&retained_probes)?)
         };
         let gain = (new_before - new_after) / new_before.abs().max(1e-12);
         let rise = match (retained_before, retained_after) {
@@ -536,4 +542,18 @@ fn fit(examples: Vec<Example>, rows: usize) -> Vec<Example> {
         })
         .filter(|e| e.n_targets() > 0)
         .collect()
+}
+
+/// At most `limit` of `probes` (all when `limit` is 0 or they fit), drawn with `seed`: the
+/// same sample before and after an update.
+fn sample_probes(mut probes: Vec<Example>, limit: usize, seed: u64) -> Vec<Example> {
+    if limit == 0 || probes.len() <= limit {
+        return probes;
+    }
+    let mut rng = Rng::new(seed ^ 0x0BE5);
+    for i in (1..probes.len()).rev() {
+        probes.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    probes.truncate(limit);
+    probes
 }
