@@ -113,7 +113,7 @@ def main():
             out = run([ember, "learn", "--store", store, "-m", model,
                        "--data", os.path.join(t, "train.jsonl"), "--steps", str(a.steps),
                        "--batch-size", str(a.batch_size), "--lr", a.lr, "--lora-rank", a.rank,
-                       "--seq", a.seq, "--seed", "1", "--json"] + flags)
+                       "--seq", a.seq, "--seed", "1", "--probe-limit", "16", "--json"] + flags)
             rep = parse(out)
             updates.append(rep)
             head = json.loads(run([ember, "adapter", "list", "--store", store, "--json"]))["head"]
