@@ -65,6 +65,7 @@ _MIRRORS = {
     "ember_generate_result": _ffi.GenerateResult,
     "ember_train_params": _ffi.TrainParamsStruct,
     "ember_step_result": _ffi.StepResultStruct,
+    "ember_learner_params": _ffi.LearnerParamsStruct,
 }
 
 
