@@ -217,7 +217,8 @@ typedef struct ember_context ember_context;
 
 /**
  * A continual learner: one base model, one adapter store directory. Use it from one
- * thread at a time; the model may serve sessions meanwhile.
+ * thread at a time; the model may serve sessions meanwhile. In background mode
+ * (`ember_learner_start_background`) its updates run on a thread of their own.
  */
 typedef struct ember_learner ember_learner;
 
@@ -1257,13 +1258,61 @@ enum ember_status ember_learner_rollback(struct ember_learner *learner, uint32_t
 enum ember_status ember_learner_get_adapter(struct ember_learner *learner, struct ember_adapter **out);
 
 /**
- * Writes `{"head", "pending", "replay", "replay_seen", "versions": [...]}` (each version's
- * metadata, or its error) to `*out_json` (free with `ember_string_free`).
+ * Writes `{"head", "background", "versions": [...]}` (each version's metadata, or its
+ * error), plus `"pending"`, `"replay"` and `"replay_seen"` when not in background mode, to
+ * `*out_json` (free with `ember_string_free`).
  *
  * # Safety
  * `learner` live; `out_json` valid.
  */
 enum ember_status ember_learner_info_json(struct ember_learner *learner, char **out_json);
+
+/**
+ * Moves the learner's updates to a thread of their own: `ember_learner_add` then queues the
+ * records and returns at once, `ember_learner_request_update` queues an update, sessions
+ * of the same model keep serving meanwhile, and `ember_learner_poll` reports what
+ * happened. `ember_learner_update`, `_set_probes` and `_rollback` are refused until
+ * `ember_learner_stop_background`.
+ *
+ * # Safety
+ * `learner` live.
+ */
+enum ember_status ember_learner_start_background(struct ember_learner *learner);
+
+/**
+ * Finishes the queued work, stops the learner's thread and returns to synchronous calls.
+ *
+ * # Safety
+ * `learner` live.
+ */
+enum ember_status ember_learner_stop_background(struct ember_learner *learner);
+
+/**
+ * Queues an update of the pending records (background mode).
+ *
+ * # Safety
+ * `learner` live.
+ */
+enum ember_status ember_learner_request_update(struct ember_learner *learner);
+
+/**
+ * Blocks until the queued work of a background learner is done (at once otherwise).
+ *
+ * # Safety
+ * `learner` live.
+ */
+enum ember_status ember_learner_wait(struct ember_learner *learner);
+
+/**
+ * What a background learner did since the last call: `{"busy", "published", "events":
+ * [...]}`, each event an update report (as `ember_learner_update`'s) or `{"error": ...}`
+ * for a rejected record or a failed update; `published` counts the kept updates, whose
+ * adapter `ember_learner_get_adapter` returns. Free with `ember_string_free`.
+ *
+ * # Safety
+ * `learner` live; `out_json` valid.
+ */
+enum ember_status ember_learner_poll(struct ember_learner *learner, char **out_json);
 
 /**
  * The name of a status code, e.g. `"EMBER_FORMAT"`. Static string; never NULL (unknown

@@ -6,7 +6,10 @@ use std::ffi::c_char;
 use std::path::Path;
 
 use ember::adapters::LoraConfig;
-use ember::learn::{Gate, Learner, LearnerConfig};
+use std::sync::Arc;
+
+use ember::learn::{AdapterStore, BackgroundLearner, Gate, Learner, LearnerConfig};
+use ember::model::Model;
 use ember::train::{Dataset, Example};
 
 use crate::adapters::{ember_adapter, K_ADAPTER};
@@ -18,10 +21,26 @@ use crate::{ember_model, non_null, out_string, read_params, req_str, K_MODEL};
 const K_LEARNER: &str = "ember_learner";
 
 /// A continual learner: one base model, one adapter store directory. Use it from one
-/// thread at a time; the model may serve sessions meanwhile.
+/// thread at a time; the model may serve sessions meanwhile. In background mode
+/// (`ember_learner_start_background`) its updates run on a thread of their own.
 pub struct ember_learner {
-    learner: Learner,
+    /// The learner, when it runs on the caller's thread.
+    learner: Option<Learner>,
+    /// The learner's thread, in background mode.
+    bg: Option<BackgroundLearner>,
+    model: Arc<Model>,
+    store_dir: std::path::PathBuf,
     seq_len: usize,
+}
+
+impl ember_learner {
+    fn sync(&mut self, what: &str) -> CResult<&mut Learner> {
+        self.learner.as_mut().ok_or_else(|| {
+            invalid(format!(
+                "{what}: the learner runs in the background (ember_learner_stop_background first)"
+            ))
+        })
+    }
 }
 
 /// How a learner learns. Get defaults from `ember_learner_default_params()`.
@@ -181,7 +200,10 @@ pub unsafe extern "C" fn ember_learner_open(
             *out = register(
                 K_LEARNER,
                 ember_learner {
-                    learner,
+                    learner: Some(learner),
+                    bg: None,
+                    model: m.model.clone(),
+                    store_dir: Path::new(dir).to_path_buf(),
                     seq_len: p.seq_len as usize,
                 },
             )
@@ -202,7 +224,7 @@ pub unsafe extern "C" fn ember_learner_free(learner: *mut ember_learner) {
 }
 
 fn records(l: &ember_learner, jsonl: &str) -> CResult<Vec<Example>> {
-    let tok = &l.learner.model().tokenizer;
+    let tok = &l.model.tokenizer;
     Ok(Dataset::from_jsonl(jsonl, tok, l.seq_len)?.examples)
 }
 
@@ -226,7 +248,11 @@ pub unsafe extern "C" fn ember_learner_add(
         let l = unsafe { get_mut(K_LEARNER, learner) }?;
         let text = unsafe { req_str(jsonl, "jsonl") }?;
         let ex = records(l, text)?;
-        if let Some(r) = l.learner.add(&ex)? {
+        if let Some(bg) = &l.bg {
+            bg.add(ex)?;
+            return Ok(());
+        }
+        if let Some(r) = l.sync("ember_learner_add")?.add(&ex)? {
             if !out_report_json.is_null() {
                 out_string(out_report_json, &serde_json::json!(r).to_string())?;
             }
@@ -262,7 +288,7 @@ pub unsafe extern "C" fn ember_learner_set_probes(
             read(new_task_jsonl, "new_task_jsonl")?,
             read(retained_jsonl, "retained_jsonl")?,
         );
-        l.learner.set_probes(n, r)?;
+        l.sync("ember_learner_set_probes")?.set_probes(n, r)?;
         Ok(())
     })
 }
@@ -285,7 +311,7 @@ pub unsafe extern "C" fn ember_learner_update(
         non_null(out_report_json, "out_report_json")?;
         unsafe { *out_report_json = std::ptr::null_mut() };
         let l = unsafe { get_mut(K_LEARNER, learner) }?;
-        let r = l.learner.update()?;
+        let r = l.sync("ember_learner_update")?.update()?;
         out_string(out_report_json, &serde_json::json!(r).to_string())
     })
 }
@@ -301,7 +327,7 @@ pub unsafe extern "C" fn ember_learner_rollback(
 ) -> ember_status {
     guard("ember_learner_rollback", || {
         let l = unsafe { get_mut(K_LEARNER, learner) }?;
-        l.learner.rollback(version)?;
+        l.sync("ember_learner_rollback")?.rollback(version)?;
         Ok(())
     })
 }
@@ -320,14 +346,25 @@ pub unsafe extern "C" fn ember_learner_get_adapter(
         non_null(out, "out")?;
         unsafe { *out = std::ptr::null_mut() };
         let l = unsafe { get_mut(K_LEARNER, learner) }?;
-        let a = l.learner.adapter()?;
+        let a = match &l.bg {
+            Some(bg) => match bg.adapter().0 {
+                Some(a) => (*a).clone(),
+                None => {
+                    return Err(invalid(
+                        "no update has been kept in the background yet (ember_learner_poll)",
+                    ))
+                }
+            },
+            None => l.sync("ember_learner_get_adapter")?.adapter()?,
+        };
         unsafe { *out = register(K_ADAPTER, ember_adapter::lora(a)) };
         Ok(())
     })
 }
 
-/// Writes `{"head", "pending", "replay", "replay_seen", "versions": [...]}` (each version's
-/// metadata, or its error) to `*out_json` (free with `ember_string_free`).
+/// Writes `{"head", "background", "versions": [...]}` (each version's metadata, or its
+/// error), plus `"pending"`, `"replay"` and `"replay_seen"` when not in background mode, to
+/// `*out_json` (free with `ember_string_free`).
 ///
 /// # Safety
 /// `learner` live; `out_json` valid.
@@ -340,7 +377,7 @@ pub unsafe extern "C" fn ember_learner_info_json(
         non_null(out_json, "out_json")?;
         unsafe { *out_json = std::ptr::null_mut() };
         let l = unsafe { get_mut(K_LEARNER, learner) }?;
-        let s = l.learner.store();
+        let s = AdapterStore::open(&l.store_dir)?;
         let versions: Vec<serde_json::Value> = s
             .versions()?
             .into_iter()
@@ -349,12 +386,123 @@ pub unsafe extern "C" fn ember_learner_info_json(
                 Err(err) => serde_json::json!({"version": e.version, "error": err.to_string()}),
             })
             .collect();
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "head": s.head()?,
-            "pending": l.learner.pending(),
-            "replay": l.learner.replay().len(),
-            "replay_seen": l.learner.replay().seen(),
+            "background": l.bg.is_some(),
             "versions": versions,
+        });
+        if let Some(learner) = &l.learner {
+            v["pending"] = learner.pending().into();
+            v["replay"] = learner.replay().len().into();
+            v["replay_seen"] = learner.replay().seen().into();
+        }
+        out_string(out_json, &v.to_string())
+    })
+}
+
+/// Moves the learner's updates to a thread of their own: `ember_learner_add` then queues the
+/// records and returns at once, `ember_learner_request_update` queues an update, sessions
+/// of the same model keep serving meanwhile, and `ember_learner_poll` reports what
+/// happened. `ember_learner_update`, `_set_probes` and `_rollback` are refused until
+/// `ember_learner_stop_background`.
+///
+/// # Safety
+/// `learner` live.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_start_background(
+    learner: *mut ember_learner,
+) -> ember_status {
+    guard("ember_learner_start_background", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let inner = l
+            .learner
+            .take()
+            .ok_or_else(|| invalid("the learner already runs in the background"))?;
+        l.bg = Some(BackgroundLearner::spawn(inner)?);
+        Ok(())
+    })
+}
+
+/// Finishes the queued work, stops the learner's thread and returns to synchronous calls.
+///
+/// # Safety
+/// `learner` live.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_stop_background(
+    learner: *mut ember_learner,
+) -> ember_status {
+    guard("ember_learner_stop_background", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let bg =
+            l.bg.take()
+                .ok_or_else(|| invalid("the learner does not run in the background"))?;
+        l.learner = Some(bg.stop()?);
+        Ok(())
+    })
+}
+
+/// Queues an update of the pending records (background mode).
+///
+/// # Safety
+/// `learner` live.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_request_update(learner: *mut ember_learner) -> ember_status {
+    guard("ember_learner_request_update", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let bg = l.bg.as_ref().ok_or_else(|| {
+            invalid("the learner does not run in the background (use ember_learner_update)")
+        })?;
+        bg.request_update()?;
+        Ok(())
+    })
+}
+
+/// Blocks until the queued work of a background learner is done (at once otherwise).
+///
+/// # Safety
+/// `learner` live.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_wait(learner: *mut ember_learner) -> ember_status {
+    guard("ember_learner_wait", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        if let Some(bg) = &l.bg {
+            bg.wait_idle();
+        }
+        Ok(())
+    })
+}
+
+/// What a background learner did since the last call: `{"busy", "published", "events":
+/// [...]}`, each event an update report (as `ember_learner_update`'s) or `{"error": ...}`
+/// for a rejected record or a failed update; `published` counts the kept updates, whose
+/// adapter `ember_learner_get_adapter` returns. Free with `ember_string_free`.
+///
+/// # Safety
+/// `learner` live; `out_json` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_poll(
+    learner: *mut ember_learner,
+    out_json: *mut *mut c_char,
+) -> ember_status {
+    guard("ember_learner_poll", || {
+        non_null(out_json, "out_json")?;
+        unsafe { *out_json = std::ptr::null_mut() };
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let bg =
+            l.bg.as_ref()
+                .ok_or_else(|| invalid("the learner does not run in the background"))?;
+        let events: Vec<serde_json::Value> = bg
+            .events()
+            .into_iter()
+            .map(|e| match e {
+                Ok(r) => serde_json::json!(r),
+                Err(err) => serde_json::json!({ "error": err }),
+            })
+            .collect();
+        let v = serde_json::json!({
+            "busy": bg.busy(),
+            "published": bg.adapter().1,
+            "events": events,
         });
         out_string(out_json, &v.to_string())
     })

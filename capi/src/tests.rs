@@ -840,6 +840,48 @@ fn learner_updates_gates_rolls_back_and_serves() {
         );
         assert_eq!(ember_learner_rollback(l, 9), EMBER_INVALID_ARGUMENT);
         assert_eq!(ember_learner_rollback(l, 1), EMBER_OK);
+
+        // Background mode: records and update requests return at once, poll reports the
+        // kept update, and its adapter is swapped into the session.
+        ember_learner_free(l);
+        p.min_new_gain = 0.0;
+        p.steps_per_update = 30;
+        assert_eq!(
+            ember_learner_open(model, store.as_ptr(), &p, &mut l),
+            EMBER_OK
+        );
+        assert_eq!(ember_learner_request_update(l), EMBER_INVALID_ARGUMENT);
+        assert_eq!(ember_learner_start_background(l), EMBER_OK);
+        assert_eq!(ember_learner_start_background(l), EMBER_INVALID_ARGUMENT);
+        assert_eq!(
+            ember_learner_add(l, s(&records).as_ptr(), std::ptr::null_mut()),
+            EMBER_OK
+        );
+        assert_eq!(ember_learner_request_update(l), EMBER_OK);
+        assert_eq!(ember_learner_update(l, &mut report), EMBER_INVALID_ARGUMENT);
+        let mut poll: *mut c_char = std::ptr::null_mut();
+        assert_eq!(ember_learner_wait(l), EMBER_OK);
+        assert_eq!(ember_learner_poll(l, &mut poll), EMBER_OK);
+        let e = take(poll);
+        assert_eq!(
+            (e["busy"].as_bool(), e["published"].as_u64()),
+            (Some(false), Some(1)),
+            "{e}"
+        );
+        assert_eq!(e["events"][0]["version"].as_u64(), Some(3), "{e}");
+        let mut live: *mut ember_adapter = std::ptr::null_mut();
+        assert_eq!(ember_learner_get_adapter(l, &mut live), EMBER_OK);
+        assert_eq!(ember_session_replace_adapter(sess, id, live), EMBER_OK);
+        assert_eq!(ember_learner_info_json(l, &mut info), EMBER_OK);
+        let i = take(info);
+        assert_eq!(
+            (i["head"].as_u64(), i["background"].as_bool()),
+            (Some(3), Some(true)),
+            "{i}"
+        );
+        assert_eq!(ember_learner_stop_background(l), EMBER_OK);
+        assert_eq!(ember_learner_poll(l, &mut poll), EMBER_INVALID_ARGUMENT);
+        ember_adapter_free(live);
         ember_session_free(sess);
         ember_adapter_free(ad);
         ember_learner_free(l);

@@ -2072,9 +2072,39 @@ class Learner(_Handle):
             check(lib().ember_learner_get_adapter(self._raw(), byref(out)))
         return Adapter._wrap(out.value)
 
+    def start_background(self) -> None:
+        """Runs updates on a thread of their own: :meth:`add` and :meth:`request_update`
+        return at once; :meth:`poll` reports what happened."""
+        with self._lock:
+            check(lib().ember_learner_start_background(self._raw()))
+
+    def stop_background(self) -> None:
+        """Finishes the queued work and returns to synchronous calls."""
+        with self._lock:
+            check(lib().ember_learner_stop_background(self._raw()))
+
+    def request_update(self) -> None:
+        """Queues an update (background mode)."""
+        with self._lock:
+            check(lib().ember_learner_request_update(self._raw()))
+
+    def wait(self) -> None:
+        """Blocks until the queued work is done (background mode)."""
+        with self._lock:
+            check(lib().ember_learner_wait(self._raw()))
+
+    def poll(self) -> Dict[str, Any]:
+        """``busy``, ``published`` (kept updates so far) and the ``events`` since the last
+        call (update reports, or ``{"error": ...}``)."""
+        out = c_void_p()
+        with self._lock:
+            check(lib().ember_learner_poll(self._raw(), byref(out)))
+        return json.loads(take_string(out))
+
     @property
     def info(self) -> Dict[str, Any]:
-        """``head``, ``pending``, ``replay``, ``replay_seen`` and every version's metadata."""
+        """``head``, ``background``, every version's metadata, and (not in background mode)
+        ``pending``, ``replay`` and ``replay_seen``."""
         out = c_void_p()
         with self._lock:
             check(lib().ember_learner_info_json(self._raw(), byref(out)))

@@ -480,6 +480,11 @@ _PROTOTYPES = {
     "ember_learner_rollback": (c_int, [_learner_p, c_uint32]),
     "ember_learner_get_adapter": (c_int, [_learner_p, POINTER(_adapter_p)]),
     "ember_learner_info_json": (c_int, [_learner_p, POINTER(c_void_p)]),
+    "ember_learner_start_background": (c_int, [_learner_p]),
+    "ember_learner_stop_background": (c_int, [_learner_p]),
+    "ember_learner_request_update": (c_int, [_learner_p]),
+    "ember_learner_wait": (c_int, [_learner_p]),
+    "ember_learner_poll": (c_int, [_learner_p, POINTER(c_void_p)]),
 }
 
 #: Params structs whose library default reports its size: ctypes mirror -> default fn.

@@ -369,6 +369,13 @@ def test_learner_versions_gate_and_rollback(tiny, tmp_path):
         with pytest.raises(ember.EmberError, match="no version v0009"):
             lr.rollback(9)
         lr.rollback(1)
+        lr.start_background()
+        lr.add(records)
+        lr.request_update()
+        lr.wait()
+        polled = lr.poll()
+        assert polled["busy"] is False and len(polled["events"]) == 1
+        lr.stop_background()
     with pytest.raises(TypeError, match="unknown learner parameter"):
         ember.Learner(tiny, store, rank=4)
     with pytest.raises(ember.EmberError, match="multiple of 32"):
