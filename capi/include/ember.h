@@ -559,7 +559,8 @@ typedef struct ember_learner_params {
    */
   uint32_t seq_len;
   /**
-   * Learning rate (constant: no re-warming at every update). Default 1e-3.
+   * Learning rate (constant after `warmup_steps`: no re-warming at every update).
+   * Default 1e-3.
    */
   float lr;
   /**
@@ -567,7 +568,7 @@ typedef struct ember_learner_params {
    */
   uint32_t steps_per_update;
   /**
-   * Sequences per step, new and replayed together. Default 4.
+   * New sequences per step (replayed ones come on top, see `replay_ratio`). Default 4.
    */
   uint32_t batch_size;
   /**
@@ -575,7 +576,8 @@ typedef struct ember_learner_params {
    */
   uint32_t update_every;
   /**
-   * Share of each step's sequences replayed from past updates (0..1). Default 0.25.
+   * Replayed sequences per new one in each step (0..=4; 0.5 with a batch of 4 adds 2
+   * replayed sequences to the 4 new ones). Default 0.5.
    */
   float replay_ratio;
   /**
@@ -583,11 +585,12 @@ typedef struct ember_learner_params {
    */
   uint32_t replay_capacity;
   /**
-   * Replayed examples learn the frozen base's distribution (KL) instead of their tokens.
+   * Every replayed example learns the frozen base's distribution (KL) instead of its
+   * tokens (anchors from `ember_learner_retain` always do).
    */
   bool replay_distill;
   /**
-   * L2 pull toward the previous version. Default 0.1.
+   * L2 pull toward the previous version. Default 0.01.
    */
   float l2;
   /**
@@ -607,7 +610,8 @@ typedef struct ember_learner_params {
    */
   double min_new_gain;
   /**
-   * Largest relative rise of the retained probes' loss allowed. Default 0.05.
+   * Largest rise of the retained probes' mean loss allowed, in nats per token (absolute).
+   * The retained probes default to a sample of the replay buffer. Default 0.25.
    */
   double max_retained_rise;
   /**
@@ -619,6 +623,26 @@ typedef struct ember_learner_params {
    * Default 32.
    */
   uint32_t probe_limit;
+  /**
+   * Steps over which the learning rate warms up, once over the store's whole lineage
+   * (0: none). Default 4.
+   */
+  uint32_t warmup_steps;
+  /**
+   * Largest fall of the retained answer probes' accuracy allowed, a fraction of the
+   * probes (see `ember_learner_set_answer_probes`). Default 0: every answer that was
+   * right must stay right.
+   */
+  double max_answer_drop;
+  /**
+   * Tokens generated per answer probe at most. Default 32.
+   */
+  uint32_t answer_tokens;
+  /**
+   * Weight of a distilled replayed example (an anchor) against a new one, per example
+   * however many tokens it scores. Default 1.
+   */
+  float distill_weight;
 } ember_learner_params;
 
 /**
@@ -1228,10 +1252,36 @@ enum ember_status ember_learner_add(struct ember_learner *learner, const char *j
 enum ember_status ember_learner_set_probes(struct ember_learner *learner, const char *new_task_jsonl, const char *retained_jsonl);
 
 /**
+ * Adds anchors: JSONL records of text whose base-model behaviour the adapter must keep
+ * (general text). They join the replay buffer for good and are replayed distilled against
+ * the frozen base, so new facts go in without wearing away general ability; text already
+ * held is skipped. `*out_added` (may be NULL) gets how many were new. Not while the learner
+ * runs in the background.
+ *
+ * # Safety
+ * `learner` live; `jsonl` NUL-terminated UTF-8; `out_added` NULL or valid.
+ */
+enum ember_status ember_learner_retain(struct ember_learner *learner, const char *jsonl, uint32_t *out_added);
+
+/**
+ * Sets exact-match probes of the evaluation gate (JSONL; NULL or empty: none): each line
+ * `{"question": ..., "expect": ...}` (asked through the chat template) or `{"prompt": ...,
+ * "expect": ...}` (raw text). An update is kept only if no fewer new-task answers contain
+ * their expected text (case-insensitive, greedy answers) than before, and the retained
+ * answers' accuracy falls by at most `max_answer_drop`. Each probe costs a short
+ * generation before and after every update.
+ *
+ * # Safety
+ * `learner` live; each string NULL or NUL-terminated UTF-8.
+ */
+enum ember_status ember_learner_set_answer_probes(struct ember_learner *learner, const char *new_task_jsonl, const char *retained_jsonl);
+
+/**
  * Runs an update on the pending examples now and writes its report to `*out_report_json`
  * (free with `ember_string_free`): `{"version", "kept", "reason", "examples", "steps",
  * "first_loss", "last_loss", "new_before", "new_after", "retained_before",
- * "retained_after", "secs"}`. A rejected update is recorded in the store (not the head)
+ * "retained_after", "new_answers_before", "new_answers_after", "retained_answers_before",
+ * "retained_answers_after", "secs"}` (answer accuracies are null without answer probes). A rejected update is recorded in the store (not the head)
  * and the learner returns to the head. Fails with `EMBER_INVALID_ARGUMENT` when nothing is
  * pending.
  *
@@ -1259,7 +1309,8 @@ enum ember_status ember_learner_get_adapter(struct ember_learner *learner, struc
 
 /**
  * Writes `{"head", "background", "versions": [...]}` (each version's metadata, or its
- * error), plus `"pending"`, `"replay"` and `"replay_seen"` when not in background mode, to
+ * error), plus `"pending"`, `"replay"`, `"replay_seen"` and `"anchors"` when not in
+ * background mode, to
  * `*out_json` (free with `ember_string_free`).
  *
  * # Safety

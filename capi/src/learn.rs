@@ -8,7 +8,7 @@ use std::path::Path;
 use ember::adapters::LoraConfig;
 use std::sync::Arc;
 
-use ember::learn::{AdapterStore, BackgroundLearner, Gate, Learner, LearnerConfig};
+use ember::learn::{AdapterStore, AnswerProbe, BackgroundLearner, Gate, Learner, LearnerConfig};
 use ember::model::Model;
 use ember::train::{Dataset, Example};
 
@@ -57,21 +57,24 @@ pub struct ember_learner_params {
     pub lora_targets: u32,
     /// Longest sequence in tokens (a multiple of 32); longer records are cut. Default 128.
     pub seq_len: u32,
-    /// Learning rate (constant: no re-warming at every update). Default 1e-3.
+    /// Learning rate (constant after `warmup_steps`: no re-warming at every update).
+    /// Default 1e-3.
     pub lr: f32,
     /// Optimizer steps per update. Default 8.
     pub steps_per_update: u32,
-    /// Sequences per step, new and replayed together. Default 4.
+    /// New sequences per step (replayed ones come on top, see `replay_ratio`). Default 4.
     pub batch_size: u32,
     /// Run an update every this many added examples (0: only `ember_learner_update`).
     pub update_every: u32,
-    /// Share of each step's sequences replayed from past updates (0..1). Default 0.25.
+    /// Replayed sequences per new one in each step (0..=4; 0.5 with a batch of 4 adds 2
+    /// replayed sequences to the 4 new ones). Default 0.5.
     pub replay_ratio: f32,
     /// Examples the replay buffer keeps. Default 512.
     pub replay_capacity: u32,
-    /// Replayed examples learn the frozen base's distribution (KL) instead of their tokens.
+    /// Every replayed example learns the frozen base's distribution (KL) instead of its
+    /// tokens (anchors from `ember_learner_retain` always do).
     pub replay_distill: bool,
-    /// L2 pull toward the previous version. Default 0.1.
+    /// L2 pull toward the previous version. Default 0.01.
     pub l2: f32,
     /// EWC pull toward the previous version (Fisher from replayed data; replaces l2). Default 0.
     pub ewc: f32,
@@ -81,13 +84,26 @@ pub struct ember_learner_params {
     pub gate: bool,
     /// Least relative decrease of the new-task probes' loss to keep an update. Default 0.
     pub min_new_gain: f64,
-    /// Largest relative rise of the retained probes' loss allowed. Default 0.05.
+    /// Largest rise of the retained probes' mean loss allowed, in nats per token (absolute).
+    /// The retained probes default to a sample of the replay buffer. Default 0.25.
     pub max_retained_rise: f64,
     /// Seed of initialization, sampling and replay.
     pub seed: u64,
     /// At most this many examples of each probe set are scored (a fixed sample; 0: all).
     /// Default 32.
     pub probe_limit: u32,
+    /// Steps over which the learning rate warms up, once over the store's whole lineage
+    /// (0: none). Default 4.
+    pub warmup_steps: u32,
+    /// Largest fall of the retained answer probes' accuracy allowed, a fraction of the
+    /// probes (see `ember_learner_set_answer_probes`). Default 0: every answer that was
+    /// right must stay right.
+    pub max_answer_drop: f64,
+    /// Tokens generated per answer probe at most. Default 32.
+    pub answer_tokens: u32,
+    /// Weight of a distilled replayed example (an anchor) against a new one, per example
+    /// however many tokens it scores. Default 1.
+    pub distill_weight: f32,
 }
 
 /// The defaults (see each field).
@@ -96,7 +112,8 @@ pub extern "C" fn ember_learner_default_params() -> ember_learner_params {
     let d = LearnerConfig::new(LoraConfig::new(8, 16.0, Vec::new()));
     let g = d.gate.unwrap_or(Gate {
         min_new_gain: 0.0,
-        max_retained_rise: 0.05,
+        max_retained_rise: 0.25,
+        max_answer_drop: 0.0,
     });
     ember_learner_params {
         struct_size: std::mem::size_of::<ember_learner_params>() as u32,
@@ -119,6 +136,10 @@ pub extern "C" fn ember_learner_default_params() -> ember_learner_params {
         max_retained_rise: g.max_retained_rise,
         seed: d.seed,
         probe_limit: d.probe_limit as u32,
+        warmup_steps: d.warmup_steps,
+        max_answer_drop: g.max_answer_drop,
+        answer_tokens: d.answer_tokens as u32,
+        distill_weight: d.distill_weight,
     }
 }
 
@@ -161,9 +182,16 @@ fn config(p: &ember_learner_params) -> CResult<LearnerConfig> {
     c.gate = p.gate.then_some(Gate {
         min_new_gain: p.min_new_gain,
         max_retained_rise: p.max_retained_rise,
+        max_answer_drop: p.max_answer_drop,
     });
     c.seed = p.seed;
     c.probe_limit = p.probe_limit as usize;
+    c.warmup_steps = p.warmup_steps;
+    if p.answer_tokens == 0 {
+        return Err(invalid("answer_tokens is 0"));
+    }
+    c.answer_tokens = p.answer_tokens as usize;
+    c.distill_weight = p.distill_weight;
     Ok(c)
 }
 
@@ -293,10 +321,72 @@ pub unsafe extern "C" fn ember_learner_set_probes(
     })
 }
 
+/// Adds anchors: JSONL records of text whose base-model behaviour the adapter must keep
+/// (general text). They join the replay buffer for good and are replayed distilled against
+/// the frozen base, so new facts go in without wearing away general ability; text already
+/// held is skipped. `*out_added` (may be NULL) gets how many were new. Not while the learner
+/// runs in the background.
+///
+/// # Safety
+/// `learner` live; `jsonl` NUL-terminated UTF-8; `out_added` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_retain(
+    learner: *mut ember_learner,
+    jsonl: *const c_char,
+    out_added: *mut u32,
+) -> ember_status {
+    guard("ember_learner_retain", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let text = unsafe { req_str(jsonl, "jsonl") }?;
+        let ex = records(l, text)?;
+        let added = l.sync("ember_learner_retain")?.retain(&ex)?;
+        if !out_added.is_null() {
+            unsafe { *out_added = added as u32 };
+        }
+        Ok(())
+    })
+}
+
+/// Sets exact-match probes of the evaluation gate (JSONL; NULL or empty: none): each line
+/// `{"question": ..., "expect": ...}` (asked through the chat template) or `{"prompt": ...,
+/// "expect": ...}` (raw text). An update is kept only if no fewer new-task answers contain
+/// their expected text (case-insensitive, greedy answers) than before, and the retained
+/// answers' accuracy falls by at most `max_answer_drop`. Each probe costs a short
+/// generation before and after every update.
+///
+/// # Safety
+/// `learner` live; each string NULL or NUL-terminated UTF-8.
+#[no_mangle]
+pub unsafe extern "C" fn ember_learner_set_answer_probes(
+    learner: *mut ember_learner,
+    new_task_jsonl: *const c_char,
+    retained_jsonl: *const c_char,
+) -> ember_status {
+    guard("ember_learner_set_answer_probes", || {
+        let l = unsafe { get_mut(K_LEARNER, learner) }?;
+        let model = l.model.clone();
+        let read = |p: *const c_char, what: &str| -> CResult<Vec<AnswerProbe>> {
+            if p.is_null() {
+                return Ok(Vec::new());
+            }
+            let text = unsafe { req_str(p, what) }?;
+            Ok(AnswerProbe::from_jsonl(&model, text, None)?)
+        };
+        let (n, r) = (
+            read(new_task_jsonl, "new_task_jsonl")?,
+            read(retained_jsonl, "retained_jsonl")?,
+        );
+        l.sync("ember_learner_set_answer_probes")?
+            .set_answer_probes(n, r)?;
+        Ok(())
+    })
+}
+
 /// Runs an update on the pending examples now and writes its report to `*out_report_json`
 /// (free with `ember_string_free`): `{"version", "kept", "reason", "examples", "steps",
 /// "first_loss", "last_loss", "new_before", "new_after", "retained_before",
-/// "retained_after", "secs"}`. A rejected update is recorded in the store (not the head)
+/// "retained_after", "new_answers_before", "new_answers_after", "retained_answers_before",
+/// "retained_answers_after", "secs"}` (answer accuracies are null without answer probes). A rejected update is recorded in the store (not the head)
 /// and the learner returns to the head. Fails with `EMBER_INVALID_ARGUMENT` when nothing is
 /// pending.
 ///
@@ -363,7 +453,8 @@ pub unsafe extern "C" fn ember_learner_get_adapter(
 }
 
 /// Writes `{"head", "background", "versions": [...]}` (each version's metadata, or its
-/// error), plus `"pending"`, `"replay"` and `"replay_seen"` when not in background mode, to
+/// error), plus `"pending"`, `"replay"`, `"replay_seen"` and `"anchors"` when not in
+/// background mode, to
 /// `*out_json` (free with `ember_string_free`).
 ///
 /// # Safety
@@ -395,6 +486,7 @@ pub unsafe extern "C" fn ember_learner_info_json(
             v["pending"] = learner.pending().into();
             v["replay"] = learner.replay().len().into();
             v["replay_seen"] = learner.replay().seen().into();
+            v["anchors"] = learner.replay().anchors().into();
         }
         out_string(out_json, &v.to_string())
     })

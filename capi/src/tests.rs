@@ -825,6 +825,42 @@ fn learner_updates_gates_rolls_back_and_serves() {
             .unwrap()
             .starts_with("rejected"));
 
+        // Anchors join the replay buffer once: offered again, nothing is new.
+        let mut added = 0u32;
+        assert_eq!(
+            ember_learner_retain(l, s(&five).as_ptr(), &mut added),
+            EMBER_OK
+        );
+        assert_eq!(added, 5);
+        assert_eq!(
+            ember_learner_retain(l, s(&five).as_ptr(), &mut added),
+            EMBER_OK
+        );
+        assert_eq!(added, 0);
+        assert_eq!(ember_learner_info_json(l, &mut info), EMBER_OK);
+        let i = take(info);
+        assert_eq!(
+            (i["anchors"].as_u64(), i["replay"].as_u64()),
+            (Some(5), Some(6)),
+            "{i}"
+        );
+
+        // Answer probes: a line without "expect" is refused, naming the line; good ones
+        // are taken.
+        let bad = s("{\"prompt\": \"abc\"}\n");
+        assert_eq!(
+            ember_learner_set_answer_probes(l, bad.as_ptr(), std::ptr::null()),
+            EMBER_FORMAT
+        );
+        let msg = CStr::from_ptr(ember_last_error()).to_str().unwrap();
+        assert!(msg.contains("line 1") && msg.contains("expect"), "{msg}");
+        let good = s("{\"prompt\": \"abc\", \"expect\": \"d\"}\n\
+                      {\"prompt\": \"q\", \"expect\": \"e\"}\n");
+        assert_eq!(
+            ember_learner_set_answer_probes(l, std::ptr::null(), good.as_ptr()),
+            EMBER_OK
+        );
+
         // The adapter serves in a session; rollback to a missing version is refused.
         let mut ad: *mut ember_adapter = std::ptr::null_mut();
         assert_eq!(ember_learner_get_adapter(l, &mut ad), EMBER_OK);

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use ember::adapters::{LoraConfig, Target};
-use ember::learn::{Gate, Learner, LearnerConfig};
+use ember::learn::{AnswerProbe, Gate, Learner, LearnerConfig};
 use ember::model::{LoadOptions, Model};
 use ember::train::Example;
 use ember_tests::model::{ctx, TempDir};
@@ -87,6 +87,7 @@ fn updates_become_versions_and_the_gate_rejects_forgetting() {
     c2.gate = Some(Gate {
         min_new_gain: 0.0,
         max_retained_rise: 0.05,
+        max_answer_drop: 0.0,
     });
     let mut l = Learner::open(m.clone(), dir.path(), c2).unwrap();
     assert_eq!(
@@ -125,6 +126,7 @@ fn updates_become_versions_and_the_gate_rejects_forgetting() {
     c3.gate = Some(Gate {
         min_new_gain: 0.0,
         max_retained_rise: 1.0,
+        max_answer_drop: 0.0,
     });
     let mut l = Learner::open(m.clone(), dir.path(), c3).unwrap();
     l.set_probes(task(1, 4), task(0, 4)).unwrap();
@@ -237,4 +239,160 @@ fn background_updates_do_not_block_serving() {
     );
     let l = bg.stop().unwrap();
     assert_eq!(l.head().unwrap(), Some(1));
+}
+
+/// Anchors (general text to keep) join the replay buffer once and survive a restart; the
+/// gate's retained probes default to the replay buffer; the lineage's step count, the
+/// warmup's clock, is recorded in each version and carried on by a reopened learner.
+#[test]
+fn anchors_default_retained_probes_and_the_lineage_clock() {
+    let m = tiny();
+    let dir = TempDir::new("learner-anchors");
+    let mut c = config();
+    c.steps_per_update = 4;
+    c.gate = Some(Gate {
+        min_new_gain: -1.0,
+        max_retained_rise: 100.0,
+        max_answer_drop: 0.0,
+    });
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    assert_eq!(l.retain(&task(4, 3)).unwrap(), 3);
+    assert_eq!(l.retain(&task(4, 3)).unwrap(), 0, "already held");
+    assert_eq!((l.replay().anchors(), l.replay().len()), (3, 0));
+    let err = l.retain(&[Example::all(vec![1; 65])]).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    l.add(&task(0, 4)).unwrap();
+    let r = l.update().unwrap();
+    assert!(r.kept, "{r:?}");
+    assert!(
+        r.retained_before.is_some(),
+        "the anchors are scored as retained probes: {r:?}"
+    );
+    let h = |l: &Learner, v| l.store().meta(v).unwrap().hyperparameters;
+    assert_eq!(h(&l, 1)["lineage_steps"], 4);
+    assert_eq!(h(&l, 1)["anchors"], 3);
+    drop(l);
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    assert_eq!((l.replay().anchors(), l.replay().len()), (3, 4));
+    l.add(&task(1, 4)).unwrap();
+    let r = l.update().unwrap();
+    assert!(r.kept, "{r:?}");
+    assert_eq!(h(&l, 2)["lineage_steps"], 8, "carried across processes");
+    // A refused update does not advance the clock.
+    drop(l);
+    let mut strict = c;
+    strict.gate = Some(Gate {
+        min_new_gain: 10.0,
+        max_retained_rise: 0.0,
+        max_answer_drop: 0.0,
+    });
+    let mut l = Learner::open(m, dir.path(), strict).unwrap();
+    l.add(&task(2, 4)).unwrap();
+    assert!(!l.update().unwrap().kept);
+    l.add(&task(2, 4)).unwrap();
+    let r = l.update().unwrap();
+    assert_eq!(r.version, 4);
+    assert_eq!(h(&l, 4)["lineage_steps"], 12);
+}
+
+/// Greedy answers of `probes` checked by token ids (the tiny tokenizer's ids are bytes):
+/// the reference the learner's exact-match scoring is compared with.
+fn right_by_tokens(
+    m: &Arc<Model>,
+    adapter: &ember::adapters::LoraAdapter,
+    probes: &[AnswerProbe],
+) -> f64 {
+    use ember::session::{GenerateOptions, SamplerConfig, Session, SessionParams};
+    let mut s = Session::new(
+        m.clone(),
+        SessionParams {
+            n_ctx: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let id = s.attach_adapter("a", Arc::new(adapter.clone())).unwrap();
+    let mut right = 0;
+    for p in probes {
+        let g = s
+            .generate(
+                &p.prompt,
+                GenerateOptions {
+                    sampler: SamplerConfig::greedy(),
+                    max_tokens: 8,
+                    adapter: Some((id, 1.0)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let want: Vec<u32> = p.expect.bytes().map(u32::from).collect();
+        right += g.tokens.windows(want.len()).any(|w| w == want) as usize;
+    }
+    right as f64 / probes.len() as f64
+}
+
+/// Exact-match probes: the gate's answer accuracies match greedy generations checked
+/// independently, an update is kept only if the retained answers hold, and a rejected
+/// one names the answers.
+#[test]
+fn answer_probes_gate_on_exact_answers() {
+    let m = tiny();
+    let dir = TempDir::new("learner-answers");
+    let mut c = config();
+    c.answer_tokens = 8;
+    c.gate = Some(Gate {
+        min_new_gain: -10.0,
+        max_retained_rise: 100.0,
+        max_answer_drop: 0.0,
+    });
+    // Task 1's pattern is the bytes 53 60 67 74 ("5<CJ"): after "5<CJ5<" comes "CJ5<".
+    let probe = |t: u32| {
+        let b: Vec<u32> = (0..4).map(|j| t * 50 + j * 7 + 3).collect();
+        AnswerProbe {
+            prompt: vec![200, b[0], b[1], b[2], b[3], b[0], b[1]],
+            expect: [b[2], b[3], b[0], b[1]]
+                .iter()
+                .map(|&x| x as u8 as char)
+                .collect(),
+        }
+    };
+    let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
+    l.set_answer_probes(vec![probe(1)], Vec::new()).unwrap();
+    l.add(&task(1, 8)).unwrap();
+    let r = l.update().unwrap();
+    let v1 = l.adapter().unwrap();
+    assert_eq!(
+        r.new_answers_after,
+        Some(right_by_tokens(&m, &v1, &[probe(1)])),
+        "{r:?}"
+    );
+    assert_eq!(r.new_answers_after, Some(1.0), "task 1 learned: {r:?}");
+    assert!(r.kept && r.retained_answers_before.is_none(), "{r:?}");
+
+    // Task 2 at a high rate with no replay or pull, task 1's answer to keep.
+    let mut c2 = c;
+    c2.replay_ratio = 0.0;
+    c2.l2 = 0.0;
+    c2.train.adam.lr = 5e-2;
+    c2.steps_per_update = 16;
+    let mut l = Learner::open(m.clone(), dir.path(), c2).unwrap();
+    l.set_answer_probes(Vec::new(), vec![probe(1)]).unwrap();
+    l.add(&task(2, 8)).unwrap();
+    let r = l.update().unwrap();
+    assert_eq!(r.retained_answers_before, Some(1.0), "{r:?}");
+    let tried = l.store().load(r.version, &m).unwrap();
+    let after = right_by_tokens(&m, &tried, &[probe(1)]);
+    assert_eq!(r.retained_answers_after, Some(after), "{r:?}");
+    assert_eq!(r.kept, after >= 1.0, "{r:?}");
+    assert!(!r.kept, "task 2 overwrote task 1's answer: {r:?}");
+    assert!(r.reason.contains("retained answers"), "{}", r.reason);
+    assert_eq!(l.adapter().unwrap().weights, v1.weights, "back at the head");
+
+    // A probe that cannot fit the context is refused.
+    let long = AnswerProbe {
+        prompt: vec![65; 2048],
+        expect: "A".into(),
+    };
+    let err = l.set_answer_probes(vec![long], Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("exceeds"), "{err}");
 }

@@ -195,3 +195,38 @@ fn ema_of_the_parameters() {
         check(&format!("restart {k:?}"), &restarted[&k], &v);
     }
 }
+
+/// A continual learner's warmup runs once over the adapter's life: with the schedule's
+/// clock set past the warmup, a fresh trainer's first step uses the full rate; set inside
+/// it, the rate of that point of the warmup.
+#[test]
+fn the_schedule_clock_carries_a_warmup_across_trainers() {
+    use ember::train::LrSchedule;
+    let m = tiny();
+    let a = adapter(&m, 3);
+    let make = || {
+        let config = TrainConfig {
+            rows: 64,
+            schedule: LrSchedule::WarmupConstant { warmup: 4 },
+            adam: AdamConfig {
+                lr: 1e-3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = Trainables {
+            lora: Some(a.clone()),
+            ..Default::default()
+        };
+        Trainer::new(m.clone(), t, config).unwrap()
+    };
+    let mut fresh = make();
+    let lrs: Vec<f32> = (0..2).map(|i| fresh.step(&batch(i)).unwrap().lr).collect();
+    assert_eq!(lrs, vec![0.0, 0.25e-3], "a fresh trainer warms up from 0");
+    let mut later = make();
+    later.set_schedule_clock(2);
+    let lrs: Vec<f32> = (0..3).map(|i| later.step(&batch(i)).unwrap().lr).collect();
+    assert_eq!(lrs, vec![0.5e-3, 0.75e-3, 1e-3], "continues the warmup");
+    later.set_schedule_clock(40);
+    assert_eq!(later.step(&batch(9)).unwrap().lr, 1e-3, "past it: constant");
+}

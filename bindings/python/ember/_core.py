@@ -1995,7 +1995,8 @@ class Learner(_Handle):
             ``targets``, ``seq_len``, ``lr``, ``steps_per_update``, ``batch_size``,
             ``update_every``, ``replay_ratio``, ``replay_capacity``, ``replay_distill``,
             ``l2``, ``ewc``, ``ema``, ``gate``, ``min_new_gain``, ``max_retained_rise``,
-            ``probe_limit``, ``seed``.
+            ``probe_limit``, ``warmup_steps``, ``max_answer_drop``, ``answer_tokens``,
+            ``distill_weight``, ``seed``.
 
     Raises:
         EmberError: ``Status.INVALID_ARGUMENT`` for bad parameters or a store of another
@@ -2015,7 +2016,8 @@ class Learner(_Handle):
                 p.lora_targets = _target_bits(v)
             elif k in ("replay_distill", "gate"):
                 setattr(p, k, _bool(v, k))
-            elif k in ("lora_alpha", "lr", "replay_ratio", "l2", "ewc", "ema", "min_new_gain", "max_retained_rise"):
+            elif k in ("lora_alpha", "lr", "replay_ratio", "l2", "ewc", "ema", "min_new_gain", "max_retained_rise",
+                       "max_answer_drop", "distill_weight"):
                 setattr(p, k, _float(v, k))
             elif k in (
                 "lora_rank",
@@ -2025,6 +2027,8 @@ class Learner(_Handle):
                 "update_every",
                 "replay_capacity",
                 "probe_limit",
+                "warmup_steps",
+                "answer_tokens",
             ):
                 setattr(p, k, _uint(v, k))
             elif k == "seed":
@@ -2051,6 +2055,29 @@ class Learner(_Handle):
         r = _jsonl(retained) if retained else None
         with self._lock:
             check(lib().ember_learner_set_probes(self._raw(), n, r))
+
+    def set_answer_probes(self, new_task: SequenceT[Dict[str, str]] = (),
+                          retained: SequenceT[Dict[str, str]] = ()) -> None:
+        """Sets exact-match probes of the gate: dicts with ``"question"`` (asked through
+        the chat template) or ``"prompt"`` (raw text), and ``"expect"``, the text the greedy
+        answer must contain. An update is kept only if no fewer new-task answers are right,
+        and the retained answers' accuracy falls by at most ``max_answer_drop``."""
+        def lines(probes: SequenceT[Dict[str, str]]) -> Optional[bytes]:
+            if not probes:
+                return None
+            return "".join(json.dumps(dict(p)) + "\n" for p in probes).encode()
+        with self._lock:
+            check(lib().ember_learner_set_answer_probes(self._raw(), lines(new_task), lines(retained)))
+
+    def retain(self, examples: "_Records") -> int:
+        """Adds anchors: records of text whose base-model behaviour must be kept (general
+        text), replayed distilled against the frozen base in every later update. Text
+        already held is skipped; returns how many were new."""
+        data = _jsonl(examples)
+        added = c_uint32()
+        with self._lock:
+            check(lib().ember_learner_retain(self._raw(), data, byref(added)))
+        return added.value
 
     def update(self) -> Dict[str, Any]:
         """Runs an update on the pending examples now; returns its report (``version``,

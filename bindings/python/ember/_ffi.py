@@ -341,6 +341,10 @@ class LearnerParamsStruct(Structure):
         ("max_retained_rise", c_double),
         ("seed", c_uint64),
         ("probe_limit", c_uint32),
+        ("warmup_steps", c_uint32),
+        ("max_answer_drop", c_double),
+        ("answer_tokens", c_uint32),
+        ("distill_weight", c_float),
     ]
 
 
@@ -476,6 +480,8 @@ _PROTOTYPES = {
     "ember_learner_free": (None, [_learner_p]),
     "ember_learner_add": (c_int, [_learner_p, c_char_p, POINTER(c_void_p)]),
     "ember_learner_set_probes": (c_int, [_learner_p, c_char_p, c_char_p]),
+    "ember_learner_retain": (c_int, [_learner_p, c_char_p, POINTER(c_uint32)]),
+    "ember_learner_set_answer_probes": (c_int, [_learner_p, c_char_p, c_char_p]),
     "ember_learner_update": (c_int, [_learner_p, POINTER(c_void_p)]),
     "ember_learner_rollback": (c_int, [_learner_p, c_uint32]),
     "ember_learner_get_adapter": (c_int, [_learner_p, POINTER(_adapter_p)]),

@@ -350,7 +350,7 @@ def test_learner_versions_gate_and_rollback(tiny, tmp_path):
     records = [{"text": f"sample {i}: abcabcabcabcabc"} for i in range(6)]
     store = tmp_path / "store"
     with ember.Learner(tiny, store, lora_rank=4, targets=["q", "v"], seq_len=32, lr=1e-2,
-                       steps_per_update=6, update_every=6) as lr:
+                       steps_per_update=6, update_every=6, warmup_steps=2) as lr:
         assert lr.add(records[:5]) is None
         report = lr.add(records[5:])
         assert report["kept"] and report["version"] == 1
@@ -364,6 +364,11 @@ def test_learner_versions_gate_and_rollback(tiny, tmp_path):
         info = lr.info
         assert info["head"] == 1 and info["replay"] == 6
         assert info["versions"][1]["note"].startswith("rejected")
+        assert lr.retain(records[:3]) == 3 and lr.retain(records[:3]) == 0
+        assert lr.info["anchors"] == 3
+        lr.set_answer_probes(retained=[{"prompt": "abc", "expect": "d"}])
+        with pytest.raises(ember.EmberError, match="line 1"):
+            lr.set_answer_probes(new_task=[{"prompt": "abc"}])
         with lr.adapter() as a, tiny.session(n_ctx=64) as s:
             s.attach_adapter(a)
         with pytest.raises(ember.EmberError, match="no version v0009"):

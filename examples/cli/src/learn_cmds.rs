@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use ember::adapters::LoraConfig;
-use ember::learn::{Gate, Learner, LearnerConfig};
+use ember::learn::{AnswerProbe, Gate, Learner, LearnerConfig};
 use ember::train::Dataset;
 use ember::{Context, Result};
 use serde_json::json;
@@ -30,31 +30,55 @@ pub struct LearnArgs {
     #[arg(long = "probe-new")]
     probe_new: Vec<PathBuf>,
     /// Probes of what must be retained (the gate refuses an update that worsens their loss
-    /// by more than --max-retained-rise).
+    /// by more than --max-retained-rise; default: a sample of the replay buffer).
     #[arg(long = "probe-retained")]
     probe_retained: Vec<PathBuf>,
+    /// Exact-match probes of the new task: JSONL of {"question", "expect"} (chat template)
+    /// or {"prompt", "expect"}; no fewer greedy answers may contain their expected text
+    /// after the update than before.
+    #[arg(long = "answers-new")]
+    answers_new: Vec<PathBuf>,
+    /// Exact-match probes of what must be retained (same format); their accuracy may fall
+    /// by at most --max-answer-drop.
+    #[arg(long = "answers-retained")]
+    answers_retained: Vec<PathBuf>,
+    /// Largest fall of the retained answers' accuracy allowed (a fraction of the probes).
+    #[arg(long = "max-answer-drop", default_value_t = 0.0)]
+    max_answer_drop: f64,
+    /// Text whose base-model behaviour must be kept (general text): added once to the
+    /// replay buffer as anchors, replayed distilled against the frozen base. Repeatable.
+    #[arg(long)]
+    retain: Vec<PathBuf>,
     #[command(flatten)]
     adapter: AdapterArgs,
     /// Optimizer steps of the update.
     #[arg(long, default_value_t = 8)]
     steps: u32,
-    /// Sequences per step (new and replayed).
+    /// New sequences per step (replayed ones come on top).
     #[arg(long = "batch-size", default_value_t = 4)]
     batch_size: usize,
-    /// Learning rate (constant: no re-warming at every update).
+    /// Learning rate (constant after the warmup: no re-warming at every update).
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
-    /// Share of each step's sequences replayed from past updates.
-    #[arg(long = "replay-ratio", default_value_t = 0.25)]
+    /// Warmup steps of the learning rate, once over the store's whole lineage.
+    #[arg(long, default_value_t = 4)]
+    warmup: u32,
+    /// Replayed sequences per new one in each step (0..=4; 0.5 with a batch of 4 adds 2).
+    #[arg(long = "replay-ratio", default_value_t = 0.5)]
     replay_ratio: f32,
     /// Examples the replay buffer keeps.
     #[arg(long = "replay-capacity", default_value_t = 512)]
     replay_capacity: usize,
-    /// Replayed examples learn the frozen base's distribution (KL) instead of their tokens.
+    /// Every replayed example learns the frozen base's distribution (KL) instead of its
+    /// tokens (anchors from --retain always do).
     #[arg(long = "replay-distill")]
     replay_distill: bool,
+    /// Weight of a distilled replayed example against a new one (per example, however
+    /// many tokens it scores).
+    #[arg(long = "distill-weight", default_value_t = 1.0)]
+    distill_weight: f32,
     /// L2 pull toward the previous version.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.01)]
     l2: f32,
     /// EWC pull toward the previous version (Fisher from replayed data; replaces --l2).
     #[arg(long, default_value_t = 0.0)]
@@ -65,8 +89,8 @@ pub struct LearnArgs {
     /// Least relative decrease of the new-task probe loss for the update to be kept.
     #[arg(long = "min-new-gain", default_value_t = 0.0)]
     min_new_gain: f64,
-    /// Largest relative rise of the retained probe loss allowed.
-    #[arg(long = "max-retained-rise", default_value_t = 0.05)]
+    /// Largest rise of the retained probes' mean loss allowed, in nats per token.
+    #[arg(long = "max-retained-rise", default_value_t = 0.25)]
     max_retained_rise: f64,
     /// Probe examples the gate scores per set (a fixed sample; 0: all).
     #[arg(long = "probe-limit", default_value_t = 32)]
@@ -102,6 +126,8 @@ pub fn run(a: LearnArgs) -> Result<()> {
     c.replay_ratio = a.replay_ratio;
     c.replay_capacity = a.replay_capacity;
     c.replay_distill = a.replay_distill;
+    c.warmup_steps = a.warmup;
+    c.distill_weight = a.distill_weight;
     c.l2 = a.l2;
     c.ewc = a.ewc;
     c.ema = a.ema;
@@ -110,6 +136,7 @@ pub fn run(a: LearnArgs) -> Result<()> {
     c.gate = (!a.no_gate).then_some(Gate {
         min_new_gain: a.min_new_gain,
         max_retained_rise: a.max_retained_rise,
+        max_answer_drop: a.max_answer_drop,
     });
     let load = |paths: &[PathBuf]| -> Result<Vec<ember::train::Example>> {
         let mut out = Vec::new();
@@ -122,6 +149,20 @@ pub fn run(a: LearnArgs) -> Result<()> {
     let (probe_new, probe_retained) = (load(&a.probe_new)?, load(&a.probe_retained)?);
     let mut learner = Learner::open(model.clone(), &a.store, c)?;
     learner.set_probes(probe_new, probe_retained)?;
+    let answers = |paths: &[PathBuf]| -> Result<Vec<AnswerProbe>> {
+        let mut out = Vec::new();
+        for p in paths {
+            let text = std::fs::read_to_string(p).map_err(|source| ember::Error::Io {
+                path: p.clone(),
+                source,
+            })?;
+            out.extend(AnswerProbe::from_jsonl(&model, &text, Some(p))?);
+        }
+        Ok(out)
+    };
+    learner.set_answer_probes(answers(&a.answers_new)?, answers(&a.answers_retained)?)?;
+    let anchors = load(&a.retain)?;
+    learner.retain(&anchors)?;
     learner.add(&data)?;
     let r = learner.update()?;
     if a.json {

@@ -592,6 +592,17 @@ fn learn_updates_a_store_and_the_gate_reports() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("\"version\":3"), "{out}");
+    // Text to retain becomes anchors of the replay buffer, recorded in the version.
+    let (ok, out, err) = learn(&["--retain", &data, "--no-gate"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\":4"), "{out}");
+    let (ok, out, err) = ember(&["adapter", "show", "--store", sp]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        meta["hyperparameters"]["anchors"].as_u64() > Some(0),
+        "{meta}"
+    );
     // Malformed data is a clear error and the store is untouched.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": 1}\n").unwrap();
@@ -609,6 +620,6 @@ fn learn_updates_a_store_and_the_gate_reports() {
     let l: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         (l["head"].as_u64(), l["versions"].as_array().unwrap().len()),
-        (Some(3), 3)
+        (Some(4), 4)
     );
 }

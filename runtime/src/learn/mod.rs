@@ -3,15 +3,17 @@
 //! with its lineage and metrics, and moves the adapter of record back on request;
 //! [`merge`] combines adapters (task arithmetic, TIES, DARE) as PEFT does; [`replay`] keeps a
 //! bounded reservoir of past examples; [`learner`] ties them to the trainer's regularizers
-//! and an evaluation gate; [`background`] runs a learner on its own thread beside the
+//! and an evaluation gate, which can also hold exact answers ([`answers`]); [`background`] runs a learner on its own thread beside the
 //! sessions that serve the same model.
 
+pub mod answers;
 pub mod background;
 pub mod learner;
 pub mod merge;
 pub mod replay;
 pub mod store;
 
+pub use answers::{answer_accuracy, AnswerProbe};
 pub use background::BackgroundLearner;
 pub use learner::{Gate, Learner, LearnerConfig, UpdateReport};
 pub use merge::{merge_adapters, MergeMethod};

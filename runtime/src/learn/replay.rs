@@ -1,5 +1,7 @@
 //! A bounded reservoir of past training examples, kept on disk beside the adapter store,
-//! mixed into later updates so that what was learned keeps being rehearsed.
+//! mixed into later updates so that what was learned keeps being rehearsed; beside it, a
+//! fixed set of anchors: text whose base-model behaviour must not change (general text),
+//! replayed distilled against the frozen base and never evicted.
 //!
 //! Reservoir sampling (Vitter's algorithm R) keeps every example seen so far with the same
 //! probability `capacity / seen`, whatever the order they came in; its random choices are a
@@ -14,10 +16,36 @@ use crate::error::{Error, Result};
 use crate::train::Example;
 use crate::util::{write_atomic, Rng};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Stored {
+/// An example as kept on disk (replay buffer, pending examples, rejected updates).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Stored {
     tokens: Vec<u32>,
     loss: Vec<bool>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    distill: bool,
+}
+
+impl Stored {
+    pub(crate) fn of(e: &Example) -> Stored {
+        Stored {
+            tokens: e.tokens.clone(),
+            loss: e.loss.clone(),
+            distill: e.distill,
+        }
+    }
+
+    pub(crate) fn example(&self) -> Example {
+        Example {
+            tokens: self.tokens.clone(),
+            loss: self.loss.clone(),
+            distill: self.distill,
+        }
+    }
+
+    /// Whether the token and loss lists agree in length.
+    pub(crate) fn is_consistent(&self) -> bool {
+        self.tokens.len() == self.loss.len()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +54,8 @@ struct File {
     seen: u64,
     seed: u64,
     examples: Vec<Stored>,
+    #[serde(default)]
+    anchors: Vec<Stored>,
 }
 
 /// The reservoir.
@@ -43,7 +73,12 @@ impl Replay {
                 let mut f: File = serde_json::from_str(&text).map_err(|e| {
                     Error::format(Some(path), format!("invalid replay buffer: {e}"))
                 })?;
-                if f.examples.iter().any(|e| e.tokens.len() != e.loss.len()) {
+                if !f
+                    .examples
+                    .iter()
+                    .chain(&f.anchors)
+                    .all(Stored::is_consistent)
+                {
                     return Err(Error::format(
                         Some(path),
                         "an example's tokens and loss mask differ in length",
@@ -59,6 +94,7 @@ impl Replay {
                 seen: 0,
                 seed,
                 examples: Vec::new(),
+                anchors: Vec::new(),
             },
             Err(source) => {
                 return Err(Error::Io {
@@ -73,14 +109,40 @@ impl Replay {
         })
     }
 
-    /// Examples held.
+    /// Examples held in the reservoir (anchors not counted).
     pub fn len(&self) -> usize {
         self.file.examples.len()
     }
 
-    /// Whether it holds none.
+    /// Anchors held.
+    pub fn anchors(&self) -> usize {
+        self.file.anchors.len()
+    }
+
+    /// Whether it holds neither examples nor anchors.
     pub fn is_empty(&self) -> bool {
-        self.file.examples.is_empty()
+        self.file.examples.is_empty() && self.file.anchors.is_empty()
+    }
+
+    /// Adds anchors: examples replayed distilled (they learn the frozen base's
+    /// distribution) and never evicted. One already held is not added twice, so offering
+    /// the same text at every update is harmless. Returns how many were new.
+    pub fn add_anchors(&mut self, examples: &[Example]) -> Result<usize> {
+        let mut added = 0;
+        for ex in examples {
+            let s = Stored {
+                distill: true,
+                ..Stored::of(ex)
+            };
+            if !self.file.anchors.contains(&s) {
+                self.file.anchors.push(s);
+                added += 1;
+            }
+        }
+        if added > 0 {
+            self.save()?;
+        }
+        Ok(added)
     }
 
     /// Examples offered so far.
@@ -93,10 +155,7 @@ impl Replay {
         let f = &mut self.file;
         for ex in examples {
             f.seen += 1;
-            let stored = Stored {
-                tokens: ex.tokens.clone(),
-                loss: ex.loss.clone(),
-            };
+            let stored = Stored::of(ex);
             if f.examples.len() < f.capacity {
                 f.examples.push(stored);
             } else if f.capacity > 0 {
@@ -109,25 +168,29 @@ impl Replay {
         self.save()
     }
 
-    /// `n` examples drawn with `rng` (with replacement).
+    /// `n` examples drawn with `rng` (with replacement) from the reservoir and the anchors
+    /// together, each equally likely.
     pub fn sample(&self, n: usize, rng: &mut Rng) -> Vec<Example> {
-        if self.file.examples.is_empty() {
+        let (e, a) = (&self.file.examples, &self.file.anchors);
+        let total = (e.len() + a.len()) as u64;
+        if total == 0 {
             return Vec::new();
         }
         (0..n)
             .map(|_| {
-                let s = &self.file.examples[rng.below(self.file.examples.len() as u64) as usize];
-                Example::new(s.tokens.clone(), s.loss.clone())
+                let i = rng.below(total) as usize;
+                if i < e.len() { &e[i] } else { &a[i - e.len()] }.example()
             })
             .collect()
     }
 
-    /// Every example held.
+    /// Every example held in the reservoir, then every anchor.
     pub fn examples(&self) -> Vec<Example> {
         self.file
             .examples
             .iter()
-            .map(|s| Example::new(s.tokens.clone(), s.loss.clone()))
+            .chain(&self.file.anchors)
+            .map(Stored::example)
             .collect()
     }
 

@@ -160,6 +160,9 @@ pub struct Trainer {
     lora: Option<(LoraConfig, Vec<(usize, Target)>)>,
     virt: Virtual,
     steps: u32,
+    /// The learning-rate schedule's clock at step `clock.1` was `clock.0` (see
+    /// [`Trainer::set_schedule_clock`]).
+    clock: (u32, u32),
     base_name: String,
     reg: regularize::RegScratch,
     anchor: Option<regularize::Anchor>,
@@ -303,6 +306,7 @@ impl Trainer {
             lora,
             virt,
             steps: 0,
+            clock: (0, 0),
             base_name,
             reg,
             anchor: None,
@@ -323,6 +327,26 @@ impl Trainer {
     /// Updates applied so far.
     pub fn steps(&self) -> u32 {
         self.steps
+    }
+
+    /// Sets the weight of distilled tokens' KL divergence (`TrainConfig::distill_weight`)
+    /// for the steps that follow: a continual learner balances each step's distilled rows
+    /// against its new ones with it.
+    pub fn set_distill_weight(&mut self, weight: f32) -> Result<()> {
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(Error::InvalidArgument(format!("distill weight {weight}")));
+        }
+        self.config.distill_weight = weight;
+        Ok(())
+    }
+
+    /// Sets where the learning-rate schedule stands: the next step uses the rate of
+    /// schedule step `clock` (and the one after, `clock + 1`). A continual learner sets it
+    /// to the steps its adapter's lineage has already taken, so a warmup happens once
+    /// over the adapter's life, not again in every process. The optimizer's own step count
+    /// (AdamW's bias correction, over its freshly zeroed moments) is not affected.
+    pub fn set_schedule_clock(&mut self, clock: u32) {
+        self.clock = (clock, self.steps);
     }
 
     /// Trainable values.
@@ -492,7 +516,8 @@ impl Trainer {
             Some((stats, _)) => stats.loss.read_f32(&ctx)?.iter().map(|&v| v as f64).sum(),
             None => 0.0,
         };
-        let lr = (self.config.adam.lr as f64 * self.config.schedule.factor(self.steps)) as f32;
+        let clock = self.clock.0.saturating_add(self.steps - self.clock.1);
+        let lr = (self.config.adam.lr as f64 * self.config.schedule.factor(clock)) as f32;
         let adam = AdamConfig {
             lr,
             ..self.config.adam
