@@ -37,6 +37,15 @@ fn task(task: u32, n: usize) -> Vec<Example> {
         .collect()
 }
 
+/// A gate with these thresholds (answers must all hold).
+fn gate(min_new_gain: f64, max_retained_rise: f64) -> Option<Gate> {
+    Some(Gate {
+        min_new_gain,
+        max_retained_rise,
+        max_answer_drop: 0.0,
+    })
+}
+
 fn config() -> LearnerConfig {
     let mut c = LearnerConfig::new(LoraConfig::new(
         4,
@@ -84,11 +93,7 @@ fn updates_become_versions_and_the_gate_rejects_forgetting() {
     // update forgets task 0 and the gate rejects it.
     let mut c2 = c.clone();
     c2.train.adam.lr = 5e-2;
-    c2.gate = Some(Gate {
-        min_new_gain: 0.0,
-        max_retained_rise: 0.05,
-        max_answer_drop: 0.0,
-    });
+    c2.gate = gate(0.0, 0.05);
     let mut l = Learner::open(m.clone(), dir.path(), c2).unwrap();
     assert_eq!(
         l.adapter().unwrap().weights,
@@ -123,11 +128,7 @@ fn updates_become_versions_and_the_gate_rejects_forgetting() {
     let mut c3 = config();
     c3.replay_ratio = 0.5;
     c3.l2 = 1.0;
-    c3.gate = Some(Gate {
-        min_new_gain: 0.0,
-        max_retained_rise: 1.0,
-        max_answer_drop: 0.0,
-    });
+    c3.gate = gate(0.0, 1.0);
     let mut l = Learner::open(m.clone(), dir.path(), c3).unwrap();
     l.set_probes(task(1, 4), task(0, 4)).unwrap();
     l.add(&task(1, 8)).unwrap();
@@ -250,11 +251,7 @@ fn anchors_default_retained_probes_and_the_lineage_clock() {
     let dir = TempDir::new("learner-anchors");
     let mut c = config();
     c.steps_per_update = 4;
-    c.gate = Some(Gate {
-        min_new_gain: -1.0,
-        max_retained_rise: 100.0,
-        max_answer_drop: 0.0,
-    });
+    c.gate = gate(-1.0, 100.0);
     let mut l = Learner::open(m.clone(), dir.path(), c.clone()).unwrap();
     assert_eq!(l.retain(&task(4, 3)).unwrap(), 3);
     assert_eq!(l.retain(&task(4, 3)).unwrap(), 0, "already held");
@@ -281,11 +278,7 @@ fn anchors_default_retained_probes_and_the_lineage_clock() {
     // A refused update does not advance the clock.
     drop(l);
     let mut strict = c;
-    strict.gate = Some(Gate {
-        min_new_gain: 10.0,
-        max_retained_rise: 0.0,
-        max_answer_drop: 0.0,
-    });
+    strict.gate = gate(10.0, 0.0);
     let mut l = Learner::open(m, dir.path(), strict).unwrap();
     l.add(&task(2, 4)).unwrap();
     assert!(!l.update().unwrap().kept);
@@ -340,11 +333,7 @@ fn answer_probes_gate_on_exact_answers() {
     let dir = TempDir::new("learner-answers");
     let mut c = config();
     c.answer_tokens = 8;
-    c.gate = Some(Gate {
-        min_new_gain: -10.0,
-        max_retained_rise: 100.0,
-        max_answer_drop: 0.0,
-    });
+    c.gate = gate(-10.0, 100.0);
     // Task 1's pattern is the bytes 53 60 67 74 ("5<CJ"): after "5<CJ5<" comes "CJ5<".
     let probe = |t: u32| {
         let b: Vec<u32> = (0..4).map(|j| t * 50 + j * 7 + 3).collect();

@@ -42,8 +42,9 @@ fn batch(seed: u64) -> Vec<Example> {
         .collect()
 }
 
-fn trainer(m: &Arc<Model>, a: &LoraAdapter, lr: f32) -> Trainer {
-    let config = TrainConfig {
+/// Rows of 64 tokens, rate `lr`, no clipping.
+fn train_config(lr: f32) -> TrainConfig {
+    TrainConfig {
         rows: 64,
         adam: AdamConfig {
             lr,
@@ -51,7 +52,14 @@ fn trainer(m: &Arc<Model>, a: &LoraAdapter, lr: f32) -> Trainer {
             ..Default::default()
         },
         ..Default::default()
-    };
+    }
+}
+
+fn trainer(m: &Arc<Model>, a: &LoraAdapter, lr: f32) -> Trainer {
+    trainer_with(m, a, train_config(lr))
+}
+
+fn trainer_with(m: &Arc<Model>, a: &LoraAdapter, config: TrainConfig) -> Trainer {
     let t = Trainables {
         lora: Some(a.clone()),
         ..Default::default()
@@ -206,19 +214,10 @@ fn the_schedule_clock_carries_a_warmup_across_trainers() {
     let a = adapter(&m, 3);
     let make = || {
         let config = TrainConfig {
-            rows: 64,
             schedule: LrSchedule::WarmupConstant { warmup: 4 },
-            adam: AdamConfig {
-                lr: 1e-3,
-                ..Default::default()
-            },
-            ..Default::default()
+            ..train_config(1e-3)
         };
-        let t = Trainables {
-            lora: Some(a.clone()),
-            ..Default::default()
-        };
-        Trainer::new(m.clone(), t, config).unwrap()
+        trainer_with(&m, &a, config)
     };
     let mut fresh = make();
     let lrs: Vec<f32> = (0..2).map(|i| fresh.step(&batch(i)).unwrap().lr).collect();
