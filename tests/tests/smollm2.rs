@@ -1,13 +1,14 @@
 //! SmolLM2-135M-Instruct Q4_1 end to end: perplexity against exact math and llama.cpp,
-//! batching, seeded sampling, the allocation-free decode loop, context overflow, and the
-//! GGUF path against the same weights exported as f32 safetensors.
+//! greedy generation against the committed lavapipe run (the cross-driver check), batching,
+//! seeded sampling, the allocation-free decode loop, context overflow, and the GGUF path
+//! against the same weights exported as f32 safetensors.
 
 use std::sync::Arc;
 
 use ember::model::{LoadOptions, Model};
 use ember::session::{SamplerConfig, Session, SessionParams};
 use ember::Context;
-use ember_tests::model::{fixture, temp_dir, test_model, text};
+use ember_tests::model::{fixture, fixture_path, temp_dir, test_model, text};
 
 fn load(path: &std::path::Path) -> (Context, Arc<Model>) {
     let ctx = Context::new().expect("GPU adapter");
@@ -91,6 +92,84 @@ fn greedy_alone(m: &Arc<Model>, prompt: &[u32], n: usize) -> Vec<u32> {
         out.push(s.decode(&[id]).unwrap()[0]);
     }
     out
+}
+
+const GREEDY_FIXTURE: &str = "smollm2_greedy.json";
+
+/// The adapter, backend, driver and enabled features, for the fixture and the failure text.
+fn driver(ctx: &Context) -> String {
+    let i = ctx.info();
+    format!(
+        "{} ({} {}; {})",
+        i.name,
+        i.backend,
+        i.driver_info,
+        i.enabled_features.join(", ")
+    )
+}
+
+/// The greedy continuation of fixed prompts, token for token, as Mesa's lavapipe produced it
+/// (`EMBER_BLESS_FIXTURES=1` rewrites the fixture from the driver at hand). Every other
+/// driver, and the restricted-limits run without f16 or subgroups, must produce the same
+/// tokens (`scripts/test-drivers.sh`).
+#[test]
+fn greedy_generation_matches_the_committed_lavapipe_run() {
+    let Some(path) = test_model() else { return };
+    let (ctx, m) = load(&path);
+    let n = 32;
+    let prompts = [
+        "The three primary colors are",
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "def fibonacci(n):",
+    ];
+    let runs: Vec<(Vec<u32>, Vec<u32>)> = prompts
+        .iter()
+        .map(|p| {
+            let prompt_ids = m.tokenizer.encode(p, false, true).unwrap();
+            let out = greedy_alone(&m, &prompt_ids, n);
+            (prompt_ids, out)
+        })
+        .collect();
+    if std::env::var_os("EMBER_BLESS_FIXTURES").is_some() {
+        let cases: Vec<_> = prompts
+            .iter()
+            .zip(&runs)
+            .map(|(p, (prompt_ids, out))| {
+                serde_json::json!({"prompt": p, "prompt_ids": prompt_ids, "greedy": out,
+                                   "text": m.tokenizer.decode(out, false).unwrap()})
+            })
+            .collect();
+        let fx = serde_json::json!({
+            "note": "ember's greedy continuations (tests/tests/smollm2.rs, EMBER_BLESS_FIXTURES=1)",
+            "driver": driver(&ctx),
+            "n": n,
+            "cases": cases,
+        });
+        let text = serde_json::to_string_pretty(&fx).unwrap() + "\n";
+        std::fs::write(fixture_path(GREEDY_FIXTURE), text).unwrap();
+        return;
+    }
+    let fx = fixture(GREEDY_FIXTURE);
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), prompts.len(), "{GREEDY_FIXTURE}: cases");
+    for (case, (prompt_ids, out)) in cases.iter().zip(&runs) {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            prompt_ids,
+            &ids(&case["prompt_ids"]),
+            "{prompt:?}: prompt tokens"
+        );
+        let want = ids(&case["greedy"]);
+        let same = out.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        assert!(
+            same == want.len(),
+            "{prompt:?} on {}: greedy tokens differ from {} from token {same}:\n got  {:?}\n want {:?}",
+            driver(&ctx),
+            fx["driver"],
+            m.tokenizer.decode(out, false).unwrap(),
+            case["text"]
+        );
+    }
 }
 
 #[test]

@@ -182,10 +182,19 @@ pub fn list_adapters(backend: BackendChoice) -> Vec<wgpu::AdapterInfo> {
 }
 
 fn make_instance(backend: BackendChoice) -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: backend.backends(),
+    wgpu::Instance::new(instance_descriptor(backend.backends()))
+}
+
+/// The instance options: the given backends, and wgpu's debugging flags from the build
+/// (validation in debug builds) overridden by `WGPU_VALIDATION` / `WGPU_DEBUG`, so that a
+/// run can hand the Vulkan validation layer's reports to the layer's own output
+/// (`WGPU_VALIDATION=0` with `VK_INSTANCE_LAYERS`) or turn validation on in a release build.
+fn instance_descriptor(backends: wgpu::Backends) -> wgpu::InstanceDescriptor {
+    wgpu::InstanceDescriptor {
+        backends,
+        flags: wgpu::InstanceFlags::from_build_config().with_env(),
         ..wgpu::InstanceDescriptor::new_without_display_handle()
-    })
+    }
 }
 
 impl Context {
@@ -205,10 +214,9 @@ impl Context {
         // With no backend named, try the primary APIs first and fall back to GL only when
         // they find nothing (GL probing is slow, and noisy on machines without a display).
         let (instance, adapters) = if opts.backend == BackendChoice::Any {
-            let primary = wgpu::Instance::new(wgpu::InstanceDescriptor {
-                backends: wgpu::Backends::all() - wgpu::Backends::GL,
-                ..wgpu::InstanceDescriptor::new_without_display_handle()
-            });
+            let primary = wgpu::Instance::new(instance_descriptor(
+                wgpu::Backends::all() - wgpu::Backends::GL,
+            ));
             let found = primary.enumerate_adapters(wgpu::Backends::all()).await;
             if found.is_empty() {
                 let gl = make_instance(BackendChoice::Gl);
