@@ -19,6 +19,11 @@
 #
 # The model-level checks need EMBER_TEST_MODEL; without it they are skipped (the kernel and
 # training tests still run). Logs: $EMBER_DRIVER_LOGS (default: a temporary directory).
+#
+#   scripts/test-drivers.sh --bench               instead of the tests: `ember bench --json`
+#                                                 (release build, no validation layer) on
+#                                                 each driver, one JSON object per line
+#                                                 on stdout (needs EMBER_TEST_MODEL)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,9 +74,13 @@ fi
 # The validation layer, loaded by the Vulkan loader and reporting on stdout. wgpu's own
 # validation is turned off so that it does not take the reports over (it would route them
 # to the `log` crate, which tests do not print).
+bench=0
+[ "${1:-}" = --bench ] && bench=1
 validation=(WGPU_VALIDATION=0 WGPU_DEBUG=0 "VK_LAYER_PATH=$work/layers"
   VK_INSTANCE_LAYERS=VK_LAYER_KHRONOS_validation
   VK_KHRONOS_VALIDATION_REPORT_FLAGS=error,warn,info)
+# Benchmarks run without the layer (it costs time on every call).
+[ "$bench" = 1 ] && validation=()
 
 # The one error the layer reports that is not Ember's: naga's SPIR-V writer decorates every
 # array type with ArrayStride, also the arrays of `var<workgroup>` variables, which the
@@ -100,6 +109,19 @@ SMOLLM2_TESTS=(perplexity_matches_exact_math_and_llama_cpp
   greedy_generation_matches_the_committed_lavapipe_run)
 
 for d in $DRIVERS; do driver_env "$d" >/dev/null; done
+
+if [ "$bench" = 1 ]; then
+  : "${EMBER_TEST_MODEL:?the benchmark needs EMBER_TEST_MODEL (scripts/fetch-model.sh prints it)}"
+  cargo build --locked -q --release -p ember-cli
+  for d in $DRIVERS; do
+    read -r -a vars <<<"$(driver_env "$d")"
+    log "bench on $d: ${vars[*]}"
+    json="$(env "${vars[@]}" "${CARGO_TARGET_DIR:-target}/release/ember" bench -m "$EMBER_TEST_MODEL" \
+      --prompt 128 --gen 32 --reps 1 --json)"
+    echo "{\"driver\": \"$d\", \"bench\": $json}"
+  done
+  exit 0
+fi
 
 cargo test --locked -q --workspace --no-run --message-format=json >"$work/build.json"
 # Prints "directory executable" for each test binary asked for (package dir, target name, kind).
