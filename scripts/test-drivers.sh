@@ -18,7 +18,7 @@
 #   EMBER_TEST_MODEL=path                         the model (scripts/fetch-model.sh prints it)
 #
 # The model-level checks need EMBER_TEST_MODEL; without it they are skipped (the kernel and
-# training tests still run). Logs: $EMBER_DRIVER_LOGS (default: a temporary directory).
+# training tests still run). Logs: $EMBER_DRIVER_LOGS (default: /tmp/ember-driver-logs).
 #
 #   scripts/test-drivers.sh --bench               instead of the tests: `ember bench --json`
 #                                                 (release build, no validation layer) on
@@ -32,10 +32,10 @@ DRIVERS="${EMBER_DRIVERS:-lavapipe swiftshader gles restricted}"
 
 log() { echo "test-drivers: $*" >&2; }
 
-need_swiftshader() { case " $DRIVERS " in *" swiftshader "* | *" lavapipe "*) return 0 ;; esac; return 1; }
+need_chromium() { case " $DRIVERS " in *" swiftshader "* | *" lavapipe "*) return 0 ;; esac; return 1; }
 
 # SwiftShader and the validation layer both come with chromium-common (no recommends: 32 MB).
-if need_swiftshader && [ ! -f "$CHROMIUM/libvk_swiftshader.so" ]; then
+if need_chromium && [ ! -f "$CHROMIUM/libvk_swiftshader.so" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${EMBER_NO_INSTALL:-0}" != 1 ]; then
     log "installing chromium-common (SwiftShader and the Khronos validation layer)"
     export DEBIAN_FRONTEND=noninteractive
@@ -50,7 +50,7 @@ fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-logs="${EMBER_DRIVER_LOGS:-$work/logs}"
+logs="${EMBER_DRIVER_LOGS:-${TMPDIR:-/tmp}/ember-driver-logs}"
 mkdir -p "$logs" "$work/icd" "$work/layers"
 
 # Chromium ships the libraries without loader manifests (or with a relative path): write them.
