@@ -559,3 +559,62 @@ fn expert_counts_match_transformers_routing() {
     let s = session(&load(dir.path()), 1, 256);
     assert_eq!(s.expert_counts().unwrap(), None);
 }
+
+/// The browser's path: a GGUF handed over as bytes loads the same model as its file, and the
+/// async generation (which the web page awaits token by token) produces the blocking one's
+/// tokens, which equal the transformers fixture's greedy continuation.
+#[test]
+fn a_gguf_in_memory_loads_and_generates_as_its_file() {
+    use ember::session::GenerateOptions;
+    let v = TinyVariant::Llama;
+    let dir = TempDir::new("from-bytes");
+    let path = dir.path().join("tiny-q8.gguf");
+    write_tiny_gguf(&path, v, Some(QuantType::Q8_0)).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let from_file = load_variant(&path, Variant::Auto);
+    let from_mem = Arc::new(
+        Model::from_gguf_bytes(ctx(), bytes.clone(), "tiny-q8.gguf", LoadOptions::default())
+            .unwrap(),
+    );
+    assert_eq!(from_file.identity, from_mem.identity);
+    assert_eq!(from_file.config.name, from_mem.config.name);
+
+    let greedy = |sampler: SamplerConfig| GenerateOptions {
+        sampler,
+        max_tokens: 8,
+        ..GenerateOptions::default()
+    };
+    let p = &fixture(v)[0];
+    let blocking = session(&from_file, 1, 64)
+        .generate(&p.ids, greedy(SamplerConfig::greedy()))
+        .unwrap();
+    let mut streamed = Vec::new();
+    let mut on_token = |t: u32, _: &str| {
+        streamed.push(t);
+        true
+    };
+    let awaited = pollster::block_on(session(&from_mem, 1, 64).generate_async(
+        &p.ids,
+        GenerateOptions {
+            on_token: Some(&mut on_token),
+            ..greedy(SamplerConfig::greedy())
+        },
+    ))
+    .unwrap();
+    assert_eq!(awaited.tokens, blocking.tokens);
+    assert_eq!(&streamed[..awaited.tokens.len()], &awaited.tokens[..]);
+    let n = blocking.tokens.len().min(p.greedy.len());
+    assert!(n > 0);
+    assert_eq!(&blocking.tokens[..n], &p.greedy[..n]);
+
+    // A cut buffer is refused with the name the caller gave.
+    let err = Model::from_gguf_bytes(
+        ctx(),
+        bytes[..1000].to_vec(),
+        "cut.gguf",
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("cut.gguf: "), "{err}");
+}

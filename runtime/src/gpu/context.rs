@@ -147,6 +147,7 @@ pub(crate) struct Inner {
     pub(crate) info: DeviceInfo,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) staging: Mutex<Option<wgpu::Buffer>>,
     pub(crate) budget: Option<u64>,
     pub(crate) allocated: AtomicU64,
@@ -331,6 +332,7 @@ impl Context {
                 info,
                 pipelines: PipelineCache::default(),
                 pool: BufferPool::default(),
+                #[cfg(not(target_arch = "wasm32"))]
                 staging: Mutex::new(None),
                 budget: opts.memory_budget,
                 allocated: AtomicU64::new(0),

@@ -9,6 +9,7 @@ use wgpu::util::DeviceExt;
 use super::context::Context;
 use super::pipeline::PipelineKey;
 use super::tensor::Tensor;
+use super::wait::scoped;
 use crate::error::{Error, Result};
 
 /// A uniform struct shared by Rust and WGSL. Implemented by the [`crate::uniform!`] macro,
@@ -136,15 +137,14 @@ impl Context {
                 })
             })
             .collect();
-        let scope = self
-            .device()
-            .push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind_group = self.device().create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(name),
-            layout: &layout,
-            entries: &entries,
+        let (bind_group, error) = scoped(self.device(), wgpu::ErrorFilter::Validation, || {
+            self.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(name),
+                layout: &layout,
+                entries: &entries,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(Error::Internal(format!("{name}: bind group: {e}")));
         }
         Ok(Dispatch {
@@ -183,7 +183,7 @@ impl Context {
     pub fn profile(&self, ops: &[Dispatch]) -> Result<Vec<(String, usize, f64)>> {
         let mut by: Vec<(String, usize, f64)> = Vec::new();
         for op in ops {
-            let t = std::time::Instant::now();
+            let t = web_time::Instant::now();
             self.run(std::slice::from_ref(op))?;
             let s = t.elapsed().as_secs_f64();
             match by.iter_mut().find(|(n, _, _)| n == op.name) {

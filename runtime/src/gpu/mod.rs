@@ -9,6 +9,7 @@ mod pool;
 mod preprocess;
 mod select;
 mod tensor;
+mod wait;
 
 pub use context::{list_adapters, Capabilities, Context, ContextOptions, DeviceInfo};
 pub use dispatch::{grid, Bind, Dispatch, Uniform};
@@ -16,6 +17,7 @@ pub use pipeline::PipelineKey;
 pub use preprocess::{preprocess, ShaderDefs};
 pub use select::{AdapterSelector, BackendChoice};
 pub use tensor::{numel, DType, DeviceBuffer, Tensor};
+pub use wait::blocking;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::preprocess::{preprocess, ShaderDefs};
+use super::wait::scoped;
 use crate::error::{Error, Result};
 
 /// Identifies one specialization of one kernel.
@@ -80,20 +81,21 @@ impl PipelineCache {
         }
         let module = self.module(device, key.shader, &key.defs)?;
         let constants = key.constant_values();
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key.entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(key.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                // Kernels initialise the workgroup memory they read.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
+        let (pipeline, error) = scoped(device, wgpu::ErrorFilter::Validation, || {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    // Kernels initialise the workgroup memory they read.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(Error::Internal(format!(
                 "creating pipeline {}::{} {:?} {:?}: {e}",
                 key.shader, key.entry, key.defs, key.constants
@@ -120,7 +122,6 @@ impl PipelineCache {
         let src = crate::shaders::source(shader)
             .ok_or_else(|| Error::Internal(format!("no shader named {shader}")))?;
         let text = preprocess(shader, src, defs)?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(shader),
             source: wgpu::ShaderSource::Wgsl(text.into()),
@@ -129,14 +130,18 @@ impl PipelineCache {
         // (see `kernels`), and each shader guards its own index arithmetic against the sizes
         // in its uniform, so naga's extra bounds-check code is redundant; dropping it made
         // tiled kernels ~1.5x faster on lavapipe. `EMBER_SHADER_CHECKS=1` keeps the checks.
-        let module = if std::env::var_os("EMBER_SHADER_CHECKS").is_some_and(|v| v != "0") {
-            device.create_shader_module(desc)
-        } else {
-            unsafe {
-                device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+        let checks = std::env::var_os("EMBER_SHADER_CHECKS").is_some_and(|v| v != "0");
+        let (module, error) = scoped(device, wgpu::ErrorFilter::Validation, || {
+            if checks {
+                device.create_shader_module(desc)
+            } else {
+                unsafe {
+                    device
+                        .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+                }
             }
-        };
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        });
+        if let Some(e) = error {
             return Err(Error::Internal(format!("compiling shader {shader}: {e}")));
         }
         let m = Arc::new(module);

@@ -6,6 +6,7 @@ use bytemuck::Pod;
 
 use super::context::{Context, Inner};
 use super::pool::{size_class, PoolHandle};
+use super::wait::{blocking, scoped};
 use crate::error::{Error, Result};
 
 /// Element type of a [`Tensor`].
@@ -121,16 +122,15 @@ impl Context {
             }
         }
         self.reserve_bytes(size, what)?;
-        let scope = self
-            .device()
-            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.device().create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage,
-            mapped_at_creation: false,
+        let (buffer, error) = scoped(self.device(), wgpu::ErrorFilter::OutOfMemory, || {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             self.release_bytes(size);
             return Err(Error::OutOfMemory(format!(
                 "allocating {size} bytes for {what}: {e}"
@@ -157,8 +157,19 @@ impl Context {
     }
 
     /// Copies `bytes` bytes at `offset` of `buffer` to the host, through one staging buffer
-    /// that is kept and reused (grown when a larger read comes).
+    /// that is kept and reused (grown when a larger read comes). Blocks until the GPU is
+    /// done; in the browser use [`Context::read_bytes_async`].
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        blocking("read_bytes", self.read_bytes_async(buffer, offset, bytes))
+    }
+
+    /// [`Context::read_bytes`] for the browser: awaits the mapping instead of blocking.
+    pub async fn read_bytes_async(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -168,27 +179,50 @@ impl Context {
                 buffer.size()
             )));
         }
+        let out = self.map_and_copy(buffer, offset, bytes).await?;
+        self.take_device_error()?;
+        Ok(out)
+    }
+
+    /// Encodes the copy of `buffer[offset..offset + bytes]` into `staging` and submits it.
+    fn submit_copy(&self, buffer: &wgpu::Buffer, offset: u64, staging: &wgpu::Buffer, bytes: u64) {
+        let mut enc = self
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(buffer, offset, staging, 0, bytes);
+        self.queue().submit([enc.finish()]);
+    }
+
+    fn staging_buffer(&self, bytes: u64) -> wgpu::Buffer {
+        self.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("ember staging"),
+            size: size_class(bytes),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Natively: one kept staging buffer, mapped with a blocking device wait (so this
+    /// future is ready when first polled).
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn map_and_copy(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
         let mut staging = self
             .inner
             .staging
             .lock()
             .map_err(|_| Error::Internal("staging lock poisoned".into()))?;
         if staging.as_ref().is_none_or(|s| s.size() < bytes) {
-            *staging = Some(self.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("ember staging"),
-                size: size_class(bytes),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
+            *staging = Some(self.staging_buffer(bytes));
         }
         let st = staging
             .as_ref()
             .ok_or_else(|| Error::Internal("no staging buffer".into()))?;
-        let mut enc = self
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        enc.copy_buffer_to_buffer(buffer, offset, st, 0, bytes);
-        self.queue().submit([enc.finish()]);
+        self.submit_copy(buffer, offset, st, bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         st.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
             let _ = tx.send(r);
@@ -199,16 +233,39 @@ impl Context {
         rx.recv()
             .map_err(|_| Error::Device("readback never completed".into()))?
             .map_err(|e| Error::Device(format!("mapping the staging buffer: {e}")))?;
-        let out = {
-            let view = st
-                .get_mapped_range(0..bytes)
-                .map_err(|e| Error::Device(format!("reading the staging buffer: {e}")))?;
-            view.to_vec()
-        };
-        st.unmap();
-        self.take_device_error()?;
-        Ok(out)
+        copy_mapped(st, bytes)
     }
+
+    /// In the browser: a staging buffer per read (two reads may be in flight, and the
+    /// mapping settles only when the page's event loop runs), awaited.
+    #[cfg(target_arch = "wasm32")]
+    async fn map_and_copy(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
+        let st = self.staging_buffer(bytes);
+        self.submit_copy(buffer, offset, &st, bytes);
+        let (tx, rx) = super::wait::map_signal();
+        st.map_async(wgpu::MapMode::Read, 0..bytes, move |r| tx.send(r));
+        rx.await?;
+        let out = copy_mapped(&st, bytes);
+        st.destroy();
+        out
+    }
+}
+
+/// Copies the mapped `0..bytes` of `st` out and unmaps it.
+fn copy_mapped(st: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    let out = {
+        let view = st
+            .get_mapped_range(0..bytes)
+            .map_err(|e| Error::Device(format!("reading the staging buffer: {e}")))?;
+        view.to_vec()
+    };
+    st.unmap();
+    Ok(out)
 }
 
 /// A typed, shaped region of a device buffer. Cloning shares the buffer.
@@ -421,14 +478,28 @@ impl Tensor {
         })
     }
 
-    /// Reads the raw bytes back.
+    /// Reads the raw bytes back (blocking; [`Tensor::read_bytes_async`] in the browser).
     pub fn read_bytes(&self, ctx: &Context) -> Result<Vec<u8>> {
         ctx.read_bytes(self.buf.raw(), self.offset, self.bytes())
     }
 
+    /// Reads the raw bytes back, awaiting the device.
+    pub async fn read_bytes_async(&self, ctx: &Context) -> Result<Vec<u8>> {
+        ctx.read_bytes_async(self.buf.raw(), self.offset, self.bytes())
+            .await
+    }
+
     /// Reads back as f32 (f16 tensors are converted).
     pub fn read_f32(&self, ctx: &Context) -> Result<Vec<f32>> {
-        let b = self.read_bytes(ctx)?;
+        self.bytes_to_f32(self.read_bytes(ctx)?)
+    }
+
+    /// [`Tensor::read_f32`], awaiting the device.
+    pub async fn read_f32_async(&self, ctx: &Context) -> Result<Vec<f32>> {
+        self.bytes_to_f32(self.read_bytes_async(ctx).await?)
+    }
+
+    fn bytes_to_f32(&self, b: Vec<u8>) -> Result<Vec<f32>> {
         Ok(match self.dtype {
             DType::F32 => bytemuck::pod_collect_to_vec(&b),
             DType::F16 => {
@@ -447,5 +518,12 @@ impl Tensor {
     /// Reads back as u32.
     pub fn read_u32(&self, ctx: &Context) -> Result<Vec<u32>> {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx)?))
+    }
+
+    /// [`Tensor::read_u32`], awaiting the device.
+    pub async fn read_u32_async(&self, ctx: &Context) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(
+            &self.read_bytes_async(ctx).await?,
+        ))
     }
 }

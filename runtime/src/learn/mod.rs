@@ -7,6 +7,8 @@
 //! sessions that serve the same model.
 
 pub mod answers;
+// Threads: not in the browser (wasm32 has one).
+#[cfg(not(target_arch = "wasm32"))]
 pub mod background;
 pub mod learner;
 pub mod merge;
@@ -14,6 +16,7 @@ pub mod replay;
 pub mod store;
 
 pub use answers::{answer_accuracy, AnswerProbe};
+#[cfg(not(target_arch = "wasm32"))]
 pub use background::BackgroundLearner;
 pub use learner::{Gate, Learner, LearnerConfig, UpdateReport};
 pub use merge::{merge_adapters, MergeMethod};

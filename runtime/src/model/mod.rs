@@ -219,15 +219,43 @@ impl Model {
             )
         } else {
             let file = GgufFile::open(path)?;
-            let config = ModelConfig::from_gguf(&file)?;
-            let tokenizer = Tokenizer::from_gguf(&file)?;
-            let src = GgufSource {
-                file: &file,
-                path: path.to_path_buf(),
-            };
-            let permuted = !config.arch.gguf_neox();
-            Self::from_source(ctx, config, tokenizer, &src, "gguf", permuted, &mut opts)
+            Self::from_gguf(ctx, &file, path, &mut opts)
         }
+    }
+
+    /// Loads a GGUF model held in memory (the browser has no files to map: the page reads
+    /// the user's file or fetches it, and hands the bytes over). `name` stands for the file
+    /// in error messages.
+    pub fn from_gguf_bytes(
+        ctx: &Context,
+        bytes: Vec<u8>,
+        name: &str,
+        mut opts: LoadOptions<'_>,
+    ) -> Result<Model> {
+        let file = GgufFile::from_bytes(bytes).map_err(|e| match e {
+            Error::Format { path: None, detail } => Error::Format {
+                path: Some(name.into()),
+                detail,
+            },
+            e => e,
+        })?;
+        Self::from_gguf(ctx, &file, Path::new(name), &mut opts)
+    }
+
+    fn from_gguf(
+        ctx: &Context,
+        file: &GgufFile,
+        path: &Path,
+        opts: &mut LoadOptions<'_>,
+    ) -> Result<Model> {
+        let config = ModelConfig::from_gguf(file)?;
+        let tokenizer = Tokenizer::from_gguf(file)?;
+        let src = GgufSource {
+            file,
+            path: path.to_path_buf(),
+        };
+        let permuted = !config.arch.gguf_neox();
+        Self::from_source(ctx, config, tokenizer, &src, "gguf", permuted, opts)
     }
 
     fn from_source(
@@ -253,7 +281,7 @@ impl Model {
         let mut counts = Vec::new();
         let tick = |done: usize, opts: &mut LoadOptions<'_>| -> Result<()> {
             if let Some(p) = opts.progress.as_mut() {
-                if !p(done as f32 / (c.n_layers + 2) as f32) {
+                if !p(done as f32 / (c.n_layers + 1) as f32) {
                     return Err(Error::Aborted);
                 }
             }

@@ -2,12 +2,13 @@
 //! end-of-generation token, a stop string, the token limit, a full context or the caller's
 //! callback, with streaming text that never splits a UTF-8 character.
 
-use std::time::Instant;
+use web_time::Instant;
 
 use serde::Serialize;
 
 use super::{SamplerConfig, Session};
 use crate::error::{Error, Result};
+use crate::gpu::blocking;
 use crate::tokenizer::StreamDecoder;
 
 /// Why a generation ended.
@@ -80,6 +81,16 @@ impl Session {
     /// Generates a continuation of `prompt` (token ids) in a new sequence of this session,
     /// which is removed afterwards.
     pub fn generate(&mut self, prompt: &[u32], opts: GenerateOptions<'_>) -> Result<Generation> {
+        blocking("Session::generate", self.generate_async(prompt, opts))
+    }
+
+    /// [`Session::generate`], awaiting the device at each token (the form the browser
+    /// needs: the page's event loop runs, and can show each token, between steps).
+    pub async fn generate_async(
+        &mut self,
+        prompt: &[u32],
+        opts: GenerateOptions<'_>,
+    ) -> Result<Generation> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt is empty".into()));
         }
@@ -88,12 +99,12 @@ impl Session {
             prompt: opts.prompt.clone(),
         };
         let seq = self.start_sequence(opts.sampler, &adapters)?;
-        let r = self.generate_in(seq, prompt, opts);
+        let r = self.generate_in(seq, prompt, opts).await;
         self.remove_sequence(seq)?;
         r
     }
 
-    fn generate_in(
+    async fn generate_in(
         &mut self,
         seq: super::SeqId,
         prompt: &[u32],
@@ -102,7 +113,7 @@ impl Session {
         let model = self.model().clone();
         let tok = &model.tokenizer;
         let t0 = Instant::now();
-        let mut t = self.prefill(seq, prompt)?;
+        let mut t = self.prefill_async(seq, prompt).await?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut dec = StreamDecoder::new(tok);
@@ -151,7 +162,7 @@ impl Session {
                 stop = StopReason::ContextFull;
                 break;
             }
-            t = self.decode(&[seq])?[0];
+            t = self.decode_async(&[seq]).await?[0];
         }
         if stop != StopReason::StopString {
             let rest = dec.finish();

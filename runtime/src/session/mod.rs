@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::adapters::lora::LoraExperts;
 use crate::adapters::{LoraAdapter, PromptAdapter, Target};
 use crate::error::{Error, Result};
-use crate::gpu::{Context, DType, Dispatch, Tensor};
+use crate::gpu::{blocking, Context, DType, Dispatch, Tensor};
 use crate::kernels::lora::{LoraPack, LoraPart};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::sample::{nll, penalize, sample, RowParams};
@@ -357,7 +357,7 @@ impl Session {
 
     /// Runs `tokens` through sequence `id` (appending them to its cache). With `logits`
     /// set to `Last` the next token is sampled and returned.
-    fn feed(&mut self, id: SeqId, tokens: &[u32], want_next: bool) -> Result<Option<u32>> {
+    async fn feed(&mut self, id: SeqId, tokens: &[u32], want_next: bool) -> Result<Option<u32>> {
         self.check_tokens(tokens)?;
         let i = self.index(id)?;
         let (slot, pos0) = {
@@ -411,7 +411,7 @@ impl Session {
             self.ctx().submit(&ops);
         }
         if want_next {
-            let id = self.sampled.first(1)?.read_u32(self.ctx())?[0];
+            let id = self.sampled.first(1)?.read_u32_async(self.ctx()).await?[0];
             next = Some(id);
         } else {
             self.ctx().sync()?;
@@ -891,21 +891,32 @@ impl Session {
 
     /// Feeds a prompt to a sequence and samples its first new token.
     pub fn prefill(&mut self, id: SeqId, tokens: &[u32]) -> Result<u32> {
+        blocking("Session::prefill", self.prefill_async(id, tokens))
+    }
+
+    /// [`Session::prefill`], awaiting the device (the form the browser needs).
+    pub async fn prefill_async(&mut self, id: SeqId, tokens: &[u32]) -> Result<u32> {
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
         }
-        self.feed(id, tokens, true)?
+        self.feed(id, tokens, true)
+            .await?
             .ok_or_else(|| Error::Internal("no token sampled".into()))
     }
 
     /// Appends tokens to a sequence's cache without sampling (e.g. a prompt prefix).
     pub fn append(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
-        self.feed(id, tokens, false).map(|_| ())
+        blocking("Session::append", self.feed(id, tokens, false)).map(|_| ())
     }
 
     /// One decode step for the given sequences, in one batch: each feeds the token it last
     /// sampled and samples the next. Returns the new tokens in the same order.
     pub fn decode(&mut self, ids: &[SeqId]) -> Result<Vec<u32>> {
+        blocking("Session::decode", self.decode_async(ids))
+    }
+
+    /// [`Session::decode`], awaiting the device (the form the browser needs).
+    pub async fn decode_async(&mut self, ids: &[SeqId]) -> Result<Vec<u32>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -992,7 +1003,7 @@ impl Session {
         let plan = &self.decode_plans[&b];
         self.last_dispatches = plan.len();
         self.model.context().submit(plan);
-        let out = self.sampled.first(b)?.read_u32(self.ctx())?;
+        let out = self.sampled.first(b)?.read_u32_async(self.ctx()).await?;
         for (k, &i) in idx.iter().enumerate() {
             if let Some(s) = self.seqs[i].as_mut() {
                 s.tokens.push(feed[k]);

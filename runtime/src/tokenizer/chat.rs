@@ -66,8 +66,8 @@ fn describe(e: &minijinja::Error) -> String {
 /// `strftime_now(fmt)` for templates that print today's date (Llama 3.x): UTC, supporting
 /// `%d %m %Y %y %b %B %H %M %S %j %%` (other directives are kept as written).
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let secs = web_time::SystemTime::now()
+        .duration_since(web_time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     format_utc(secs, fmt)
 }

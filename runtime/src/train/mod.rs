@@ -20,14 +20,14 @@ pub mod schedule;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use web_time::Instant;
 
 use serde::Serialize;
 
 use crate::adapters::lora::LoraPair;
 use crate::adapters::{LoraAdapter, LoraConfig, Prefix, SoftPrompt, Target};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Dispatch, Tensor};
+use crate::gpu::{blocking, DType, Dispatch, Tensor};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::train::{fill, grad_norm, grad_norm_scratch, AdamConfig, AdamW};
 use crate::model::export::unpermute_rows;
@@ -473,7 +473,7 @@ impl Trainer {
     }
 
     /// Runs every block (`train`: with the backward) and returns the summed loss.
-    fn replay(&self, blocks: &[batch::Packed], n: usize, train: bool) -> Result<f64> {
+    async fn replay(&self, blocks: &[batch::Packed], n: usize, train: bool) -> Result<f64> {
         let ctx = self.model.context();
         let mut loss = 0.0f64;
         let tokens: usize = blocks.iter().map(batch::Packed::n_tokens).sum();
@@ -483,7 +483,8 @@ impl Trainer {
             loss += self
                 .graph
                 .loss
-                .read_f32(ctx)?
+                .read_f32_async(ctx)
+                .await?
                 .iter()
                 .map(|&v| v as f64)
                 .sum::<f64>();
@@ -493,14 +494,24 @@ impl Trainer {
 
     /// Mean loss of `examples` with the current parameters (no update).
     pub fn evaluate(&self, examples: &[Example]) -> Result<f64> {
+        blocking("Trainer::evaluate", self.evaluate_async(examples))
+    }
+
+    /// [`Trainer::evaluate`], awaiting the device (the form the browser needs).
+    pub async fn evaluate_async(&self, examples: &[Example]) -> Result<f64> {
         let (blocks, n) = self.blocks(examples)?;
-        self.replay(&blocks, n, false)
+        self.replay(&blocks, n, false).await
     }
 
     /// One optimizer step on `examples` (packed into as many blocks as needed; their
     /// gradients accumulate into one update). A non-finite loss or gradient skips the
     /// update and leaves every parameter and moment unchanged.
     pub fn step(&mut self, examples: &[Example]) -> Result<StepStats> {
+        blocking("Trainer::step", self.step_async(examples))
+    }
+
+    /// [`Trainer::step`], awaiting the device (the form the browser needs).
+    pub async fn step_async(&mut self, examples: &[Example]) -> Result<StepStats> {
         let t0 = Instant::now();
         let ctx = self.model.context().clone();
         let (blocks, n) = self.blocks(examples)?;
@@ -508,12 +519,18 @@ impl Trainer {
         if let Some((stats, _)) = &self.graph.mix {
             stats.loss.write(&ctx, &vec![0.0f32; stats.loss.numel()])?;
         }
-        let loss = self.replay(&blocks, n, true)?;
+        let loss = self.replay(&blocks, n, true).await?;
         if let Some(a) = &self.anchor {
             ctx.submit(&a.ops);
         }
         let aux_loss = match &self.graph.mix {
-            Some((stats, _)) => stats.loss.read_f32(&ctx)?.iter().map(|&v| v as f64).sum(),
+            Some((stats, _)) => stats
+                .loss
+                .read_f32_async(&ctx)
+                .await?
+                .iter()
+                .map(|&v| v as f64)
+                .sum(),
             None => 0.0,
         };
         let clock = self.clock.0.saturating_add(self.steps - self.clock.1);
@@ -524,7 +541,7 @@ impl Trainer {
         };
         self.adam.set_step(&ctx, &adam, self.steps + 1);
         ctx.run(&self.optimizer_ops)?;
-        let grad_norm = self.norm.read_f32(&ctx)?[0];
+        let grad_norm = self.norm.read_f32_async(&ctx).await?[0];
         let skipped = !grad_norm.is_finite() || !loss.is_finite() || !aux_loss.is_finite();
         if !skipped {
             self.steps += 1;
@@ -618,7 +635,7 @@ impl Trainer {
             for b in fisher_batches {
                 let (blocks, count) = self.blocks(b)?;
                 ctx.submit(std::slice::from_ref(&self.zero_grad));
-                self.replay(&blocks, count, true)?;
+                blocking("Trainer::anchor_here", self.replay(&blocks, count, true))?;
                 ctx.run(&acc)?;
             }
             let mut host = f.read_f32(&ctx)?;
@@ -714,7 +731,12 @@ impl Trainer {
 
     /// The trained LoRA adapter (HF row order, recording the base model).
     pub fn lora(&self) -> Result<Option<LoraAdapter>> {
-        let vals = self.params.read(self.model.context())?;
+        blocking("Trainer::lora", self.lora_async())
+    }
+
+    /// [`Trainer::lora`], awaiting the device (the form the browser needs).
+    pub async fn lora_async(&self) -> Result<Option<LoraAdapter>> {
+        let vals = self.params.read_async(self.model.context()).await?;
         self.lora_from(vals)
     }
 

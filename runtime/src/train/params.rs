@@ -123,14 +123,23 @@ impl ParamStore {
         self.read_from(ctx, &self.grad)
     }
 
+    /// [`ParamStore::read`], awaiting the device.
+    pub async fn read_async(&self, ctx: &Context) -> Result<HashMap<ParamKey, Vec<f32>>> {
+        let all = self.param.read_f32_async(ctx).await?;
+        Ok(self.split(all))
+    }
+
     /// Reads every parameter's slot out of `t` (a buffer of the parameters' layout).
     pub fn read_from(&self, ctx: &Context, t: &Tensor) -> Result<HashMap<ParamKey, Vec<f32>>> {
-        let all = t.read_f32(ctx)?;
-        Ok(self
-            .slots
+        Ok(self.split(t.read_f32(ctx)?))
+    }
+
+    /// Cuts a flat buffer of the parameters' layout into the parameters.
+    fn split(&self, all: Vec<f32>) -> HashMap<ParamKey, Vec<f32>> {
+        self.slots
             .iter()
             .map(|(k, &(off, len))| (*k, all[off..off + len].to_vec()))
-            .collect())
+            .collect()
     }
 
     /// Overwrites every parameter (same keys and sizes) and resets the moments.
