@@ -137,7 +137,7 @@ fn sample(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var pe = n_greater + cnt_e[tid];
     for (var i = i0; i < i1; i++) {
         let v0 = scaled(row, i, inv_t);
-        let v = select(v0, -3.4028235e38, v0 != v0);
+        let v = select(v0, -3.4028234e38, v0 != v0);
         let key = key_of(v0);
         if (key > prefix) {
             cv[pg] = v;
@@ -155,7 +155,7 @@ fn sample(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var n = 1u;
     while (n < k) { n <<= 1u; }
     for (var i = k + tid; i < n; i += WG) {
-        cv[i] = -3.4028235e38;
+        cv[i] = -3.4028234e38;
         ci[i] = 0xFFFFFFFFu;
     }
     workgroupBarrier();
@@ -240,7 +240,7 @@ fn reduce_f(tid: u32, v: f32, is_max: bool) -> f32 {
 
 // First index of the row maximum: (max, index) reduction.
 fn row_argmax(row: u32, tid: u32) -> u32 {
-    var best = -3.4028235e38;
+    var best = -3.4028234e38;
     var bi = 0xFFFFFFFFu;
     for (var i = tid; i < p.vocab; i += WG) {
         let x = logits[row * p.ld + i];

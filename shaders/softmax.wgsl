@@ -37,7 +37,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>,
     let row = wg.x + wg.y * nwg.x;
     if (row >= p.rows) { return; }
     let base = row * p.cols;
-    var m = -3.4028235e38;
+    var m = -3.4028234e38;
     for (var c = li; c < p.cols; c += WG) { m = max(m, p.scale * x[base + c]); }
     m = reduce(li, m, true);
     var s = 0.0;

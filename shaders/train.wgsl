@@ -105,14 +105,14 @@ fn softmax_ranges(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     var mx = -3.0e38;
     for (var c = 0u; c < n4; c++) {
         let j = lane + 4u * c;
-        let keep = j >= vec4<u32>(rg.x) & j < vec4<u32>(rg.y);
+        let keep = (j >= vec4<u32>(rg.x)) & (j < vec4<u32>(rg.y));
         let v = select(vec4<f32>(-3.0e38), s4[b + c], keep);
         mx = max(mx, max(max(v.x, v.y), max(v.z, v.w)));
     }
     var sum = 0.0;
     for (var c = 0u; c < n4; c++) {
         let j = lane + 4u * c;
-        let keep = j >= vec4<u32>(rg.x) & j < vec4<u32>(rg.y);
+        let keep = (j >= vec4<u32>(rg.x)) & (j < vec4<u32>(rg.y));
         let e = select(vec4<f32>(0.0), exp(s4[b + c] - mx), keep);
         s4[b + c] = e;
         sum += (e.x + e.y) + (e.z + e.w);
