@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (kernels on the machine's GPU, or on
-# Mesa's lavapipe CPU Vulkan driver when there is none) and, as they land, the C, C++ and
-# Python binding tests.
+# Mesa's lavapipe CPU Vulkan driver when there is none), the C, C++ and Python binding
+# tests, then the portability proof: the suite on every CPU driver Debian has (lavapipe and
+# SwiftShader with the Vulkan validation layer, GLES, WebGPU's limits), the cross builds,
+# and the web page in headless Chromium.
 #
-#   scripts/test.sh            install lavapipe if no Vulkan driver is present (as root)
+#   scripts/test.sh            install what is missing (lavapipe, Chromium, cross compilers,
+#                              wasm-bindgen-cli; apt needs root)
 #   EMBER_NO_INSTALL=1 ...     never install anything
+#   EMBER_TEST_QUICK=1 ...     skip the portability part (about 35 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +39,9 @@ cargo test --workspace --locked
 scripts/test-c.sh
 scripts/test-cpp.sh
 scripts/test-python.sh
+if [ "${EMBER_TEST_QUICK:-0}" != 1 ]; then
+  scripts/test-drivers.sh
+  scripts/check-platforms.sh
+  scripts/test-web.sh
+fi
 echo "test.sh: all tests passed"
