@@ -48,7 +48,7 @@ CHROMIUM_FLAGS = [
     # WebGPU in headless Chromium on a machine without a GPU: Dawn on SwiftShader (Vulkan).
     "--enable-unsafe-webgpu",
     "--enable-features=Vulkan",
-    "--window-size=1100,1400",
+    "--window-size=1100,880",
 ]
 
 
