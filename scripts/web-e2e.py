@@ -12,7 +12,9 @@ the server, greedy generation, a short LoRA update, a question with the adapter)
 - the training losses equal, step by step, those of `ember finetune` with the same data,
   seed and settings on this machine's native driver (within LOSS_RTOL), and fall;
 - the answer with the trained adapter equals, token for token, `ember generate --json`'s
-  with the natively trained adapter.
+  with the natively trained adapter;
+- `ember selfcheck` in the page (every inference kernel family on random data against its
+  CPU reference) passes: the browser's WGSL compiler takes them and they compute right.
 
 Usage: web-e2e.py --url URL --fixture FILE --screenshot PNG
        [--native-losses JSONL] [--native-after JSON]
@@ -48,7 +50,7 @@ CHROMIUM_FLAGS = [
     # WebGPU in headless Chromium on a machine without a GPU: Dawn on SwiftShader (Vulkan).
     "--enable-unsafe-webgpu",
     "--enable-features=Vulkan",
-    "--window-size=1100,880",
+    "--window-size=1100,1040",
 ]
 
 
@@ -130,6 +132,18 @@ def check(run, fixture, native_losses, native_after):
     info = run.get("info") or {}
     print(f"web-e2e: adapter {info.get('gpu')} backend {info.get('backend')} "
           f"variant {info.get('variant')} f16 {info.get('f16')} subgroups {info.get('subgroups')}")
+
+    sc = run.get("selfcheck")
+    if sc is None:
+        problems.append("no kernel self-check")
+    else:
+        bad = [c for c in sc["checks"] if not c["ok"]]
+        if bad or len(sc["checks"]) < 20:
+            problems.append(f"kernel self-check: {len(bad)} of {len(sc['checks'])} failed: {bad}")
+        else:
+            worst = max(sc["checks"], key=lambda c: c["max_error"] / max(c["tolerance"], 1e-30))
+            print(f"web-e2e: kernel self-check: all {len(sc['checks'])} checks within tolerance "
+                  f"(closest: {worst['kernel']} {worst['max_error']:.2e} of {worst['tolerance']:.0e})")
 
     case = fixture["cases"][0]
     base = run.get("base")

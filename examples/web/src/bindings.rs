@@ -111,6 +111,12 @@ impl EmberEngine {
         Ok(out.to_string())
     }
 
+    /// Checks every inference kernel family against its CPU reference on this GPU; resolves
+    /// to the report as JSON (`checks`: kernel, variant, max_error, tolerance, ok).
+    pub async fn selfcheck(&self) -> Result<String, JsError> {
+        Ok(self.engine.selfcheck().await.map_err(js_err)?.to_string())
+    }
+
     /// Drops the trained adapter.
     pub fn forget(&mut self) -> Result<(), JsError> {
         self.engine.forget().map_err(js_err)

@@ -270,6 +270,15 @@ impl Engine {
         }))
     }
 
+    /// Runs every inference kernel family on random data against its CPU reference on this
+    /// device (`ember selfcheck`): in the browser, proof that the browser's WGSL compiler
+    /// takes the kernels and that they compute right. Returns the report (`checks`: kernel,
+    /// variant, max_error, tolerance, ok).
+    pub async fn selfcheck(&self) -> Result<Value> {
+        let r = ember::kernels::selfcheck::run_async(self.model.context()).await?;
+        serde_json::to_value(r).map_err(|e| Error::Internal(format!("selfcheck report: {e}")))
+    }
+
     /// Drops the trained adapter: generation is the base model's again.
     pub fn forget(&mut self) -> Result<()> {
         if let Some((_, id)) = self.adapter.take() {

@@ -89,6 +89,16 @@ fn generates_trains_and_forgets() {
 }
 
 #[test]
+fn selfcheck_passes() {
+    let e = engine();
+    let r = pollster::block_on(e.selfcheck()).unwrap();
+    let checks = r["checks"].as_array().unwrap();
+    assert!(checks.len() > 20, "{r}");
+    let bad: Vec<_> = checks.iter().filter(|c| c["ok"] != true).collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let mut none = Vec::new();
     let err = pollster::block_on(Engine::load(

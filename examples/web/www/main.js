@@ -18,7 +18,7 @@ function status(text, isError = false) {
 
 function setBusy(b) {
   busy = b;
-  for (const id of ['generate', 'train', 'forget']) $(id).disabled = b || !engine;
+  for (const id of ['generate', 'train', 'forget', 'selfcheck']) $(id).disabled = b || !engine;
   $('clear').disabled = b;
   $('load-url').disabled = b;
   $('file').disabled = b;
@@ -100,6 +100,22 @@ async function train({ jsonl, steps, batch, lr, rank, seq, seed }) {
   }
 }
 
+async function selfcheck() {
+  setBusy(true);
+  status('Checking every kernel family against its CPU reference…');
+  try {
+    const r = JSON.parse(await engine.selfcheck());
+    const bad = r.checks.filter((c) => !c.ok);
+    $('selfcheck-result').textContent = bad.length === 0
+      ? `all ${r.checks.length} kernel checks within tolerance`
+      : `${bad.length} of ${r.checks.length} kernel checks FAILED: ` + bad.map((c) => `${c.kernel} (${c.variant}): ${c.max_error}`).join('; ');
+    status('Done.');
+    return r;
+  } finally {
+    setBusy(false);
+  }
+}
+
 function formInputs() {
   return {
     prompt: $('prompt').value,
@@ -137,6 +153,7 @@ $('load-url').addEventListener('click', async () => {
   try { await loadModel(await fetchBytes(url), url); } catch (e) { reportError(e); }
 });
 $('generate').addEventListener('click', () => generate(formInputs()).catch(reportError));
+$('selfcheck').addEventListener('click', () => selfcheck().catch(reportError));
 $('clear').addEventListener('click', () => { $('output').textContent = ''; });
 $('train').addEventListener('click', () => train(trainInputs()).catch(reportError));
 $('forget').addEventListener('click', () => {
@@ -150,6 +167,7 @@ async function scriptedRun() {
   window.emberRun = run;
   const modelUrl = params.get('model') || 'model.gguf';
   run.info = await loadModel(await fetchBytes(modelUrl), modelUrl);
+  if (params.has('selfcheck')) run.selfcheck = await selfcheck();
   if (params.has('prompt')) {
     $('prompt').value = params.get('prompt');
     $('chat').checked = false;

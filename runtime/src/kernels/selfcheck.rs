@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::gpu::{Context, DType, Tensor};
+use crate::gpu::{blocking, Context, DType, Tensor};
 use crate::kernels::attention::{attention_decode, attention_prefill, attention_ref, AttnLayout};
 use crate::kernels::elementwise::{swiglu, UnaryOp};
 use crate::kernels::matmul::{matmul, matmul_ref, MatmulDesc};
@@ -69,6 +69,11 @@ fn push(out: &mut Vec<Check>, kernel: String, variant: &str, got: &[f32], want: 
 
 /// Runs the checks.
 pub fn run(ctx: &Context) -> Result<Report> {
+    blocking("selfcheck::run", run_async(ctx))
+}
+
+/// [`run`], awaiting the device (the form the browser needs).
+pub async fn run_async(ctx: &Context) -> Result<Report> {
     let mut rng = Rng::new(2024);
     let mut out = Vec::new();
     for variant in Variant::all(ctx) {
@@ -94,7 +99,14 @@ pub fn run(ctx: &Context) -> Result<Report> {
             let mut want = vec![0.0; m * n];
             matmul_ref(&av, &bv, &mut want, &d);
             let name = format!("matmul {m}x{n}x{k} {}", if f16 { "f16" } else { "f32" });
-            push(&mut out, name, &vname, &c.read_f32(ctx)?, &want, 1e-4);
+            push(
+                &mut out,
+                name,
+                &vname,
+                &c.read_f32_async(ctx).await?,
+                &want,
+                1e-4,
+            );
         }
         // Quantized products, decode and prefill shapes.
         for ty in QuantType::ALL {
@@ -118,7 +130,14 @@ pub fn run(ctx: &Context) -> Result<Report> {
                 let mut want = vec![0.0; m * n];
                 matmul_ref(&xv, &wf, &mut want, &MatmulDesc::new(m, n, k));
                 let name = format!("{} {m}x{n}x{k}", ty.name());
-                push(&mut out, name, &vname, &y.read_f32(ctx)?, &want, 2e-4);
+                push(
+                    &mut out,
+                    name,
+                    &vname,
+                    &y.read_f32_async(ctx).await?,
+                    &want,
+                    2e-4,
+                );
             }
         }
         // Prefill attention through the matmul kernels.
@@ -149,7 +168,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
             &mut out,
             "attention prefill 9:3 heads".into(),
             &vname,
-            &o.read_f32(ctx)?,
+            &o.read_f32_async(ctx).await?,
             &want,
             1e-5,
         );
@@ -166,7 +185,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
             &mut out,
             "attention decode 9:3 heads".into(),
             &vname,
-            &o.read_f32(ctx)?,
+            &o.read_f32_async(ctx).await?,
             &want,
             1e-5,
         );
@@ -194,7 +213,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
         &mut out,
         "rmsnorm 7x576".into(),
         "-",
-        &y.read_f32(ctx)?,
+        &y.read_f32_async(ctx).await?,
         &want,
         1e-5,
     );
@@ -219,7 +238,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
         &mut out,
         "rope neox 5x9x64".into(),
         "-",
-        &x.read_f32(ctx)?,
+        &x.read_f32_async(ctx).await?,
         &want,
         1e-5,
     );
@@ -231,7 +250,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
         &mut out,
         "softmax 3x1000".into(),
         "-",
-        &x.read_f32(ctx)?,
+        &x.read_f32_async(ctx).await?,
         &softmax_ref(&xv, 1000, 1.0),
         1e-6,
     );
@@ -250,7 +269,7 @@ pub fn run(ctx: &Context) -> Result<Report> {
         &mut out,
         "swiglu 4x1536".into(),
         "-",
-        &y.read_f32(ctx)?,
+        &y.read_f32_async(ctx).await?,
         &want,
         1e-4,
     );
@@ -260,7 +279,12 @@ pub fn run(ctx: &Context) -> Result<Report> {
     let logits = Tensor::from_f32(ctx, &[2, vocab], &lv)?;
     let ids = Tensor::zeros(ctx, &[2], DType::U32)?;
     ctx.run(&[argmax(ctx, &ids, &logits, 2, vocab, vocab)?])?;
-    let got: Vec<f32> = ids.read_u32(ctx)?.iter().map(|&i| i as f32).collect();
+    let got: Vec<f32> = ids
+        .read_u32_async(ctx)
+        .await?
+        .iter()
+        .map(|&i| i as f32)
+        .collect();
     let rp = RowParams {
         temperature: 0.8,
         top_k: 40,
@@ -289,7 +313,12 @@ pub fn run(ctx: &Context) -> Result<Report> {
         bytemuck::cast_slice::<_, u32>(&[rp, rp]),
     )?;
     ctx.run(&[sample(ctx, &ids, &logits, &params, 2, vocab, vocab)?])?;
-    let got: Vec<f32> = ids.read_u32(ctx)?.iter().map(|&i| i as f32).collect();
+    let got: Vec<f32> = ids
+        .read_u32_async(ctx)
+        .await?
+        .iter()
+        .map(|&i| i as f32)
+        .collect();
     let want: Vec<f32> = (0..2)
         .map(|r| sample_ref(&lv[r * vocab..(r + 1) * vocab], &rp) as f32)
         .collect();
