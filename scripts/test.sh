@@ -8,7 +8,7 @@
 #   scripts/test.sh            install what is missing (lavapipe, Chromium, cross compilers,
 #                              wasm-bindgen-cli; apt needs root)
 #   EMBER_NO_INSTALL=1 ...     never install anything
-#   EMBER_TEST_QUICK=1 ...     skip the portability part (about 35 minutes on 2 cores)
+#   EMBER_TEST_QUICK=1 ...     skip the portability part (about 25 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
