@@ -9,8 +9,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 // In the browser wgpu's objects are not Send (JavaScript handles; there is one thread), so
-// the Arcs that share them natively are plain reference counts there; and std's File is a
-// stub without Drop.
+// the Arcs that share them natively are plain reference counts there; and std's File has
+// no Drop impl there (no file system).
 #![cfg_attr(
     target_arch = "wasm32",
     allow(clippy::arc_with_non_send_sync, clippy::drop_non_drop)

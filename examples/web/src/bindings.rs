@@ -58,7 +58,6 @@ impl EmberEngine {
 
     /// Generates from `prompt`, calling `on_text(piece)` as text comes; resolves to JSON
     /// (`text`, `prompt_ids`, `tokens`, `stop`, timings).
-    #[allow(clippy::too_many_arguments)]
     pub async fn generate(
         &mut self,
         prompt: String,

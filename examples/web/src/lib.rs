@@ -198,10 +198,8 @@ impl Engine {
                     .into(),
             ));
         }
+        // Refuses text without records ("no training records").
         let data = Dataset::from_jsonl(&req.jsonl, &self.model.tokenizer, req.seq)?;
-        if data.examples.is_empty() {
-            return Err(Error::InvalidArgument("no training examples".into()));
-        }
         let lora = match &self.adapter {
             Some((a, _)) => (**a).clone(),
             None => {

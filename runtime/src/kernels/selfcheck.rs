@@ -67,6 +67,12 @@ fn push(out: &mut Vec<Check>, kernel: String, variant: &str, got: &[f32], want: 
     });
 }
 
+/// Token ids read back as f32, to compare through [`push`].
+async fn ids_as_f32(ctx: &Context, ids: &Tensor) -> Result<Vec<f32>> {
+    let ids = ids.read_u32_async(ctx).await?;
+    Ok(ids.iter().map(|&i| i as f32).collect())
+}
+
 /// Runs the checks.
 pub fn run(ctx: &Context) -> Result<Report> {
     blocking("selfcheck::run", run_async(ctx))
@@ -279,12 +285,7 @@ pub async fn run_async(ctx: &Context) -> Result<Report> {
     let logits = Tensor::from_f32(ctx, &[2, vocab], &lv)?;
     let ids = Tensor::zeros(ctx, &[2], DType::U32)?;
     ctx.run(&[argmax(ctx, &ids, &logits, 2, vocab, vocab)?])?;
-    let got: Vec<f32> = ids
-        .read_u32_async(ctx)
-        .await?
-        .iter()
-        .map(|&i| i as f32)
-        .collect();
+    let got = ids_as_f32(ctx, &ids).await?;
     let rp = RowParams {
         temperature: 0.8,
         top_k: 40,
@@ -313,12 +314,7 @@ pub async fn run_async(ctx: &Context) -> Result<Report> {
         bytemuck::cast_slice::<_, u32>(&[rp, rp]),
     )?;
     ctx.run(&[sample(ctx, &ids, &logits, &params, 2, vocab, vocab)?])?;
-    let got: Vec<f32> = ids
-        .read_u32_async(ctx)
-        .await?
-        .iter()
-        .map(|&i| i as f32)
-        .collect();
+    let got = ids_as_f32(ctx, &ids).await?;
     let want: Vec<f32> = (0..2)
         .map(|r| sample_ref(&lv[r * vocab..(r + 1) * vocab], &rp) as f32)
         .collect();
